@@ -1,0 +1,399 @@
+//! Configuration: the TOML schema, parsing with `${ENV}` interpolation, and validation whose
+//! errors name `file:line:col`.
+//!
+//! Parsing gives a [`Config`], which mirrors the file. Compiling it into what requests use (the
+//! route table, the upstream group) happens in [`crate::snapshot`]; errors from there are located
+//! in the same file through the spans kept here.
+
+mod error;
+pub mod values;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use error::{line_col, ConfigError, ConfigErrors, SpanError};
+pub use values::{ByteSize, Dur, EnvString};
+
+/// pingora's HTTP/1 parser refuses request heads above this size on its own.
+pub const MAX_HEADER_LIMIT: u64 = 1_048_575;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where clients connect. At least one.
+    pub listeners: Spanned<Vec<ListenerConfig>>,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Shared state (cache entries, rate counters). Without it: the in-process memory store.
+    pub store: Option<StoreConfig>,
+    /// The policy for requests no route matches; routes start from it.
+    #[serde(default)]
+    pub defaults: PolicyConfig,
+    /// Routes in order. The most specific path wins; for equal paths, the first whose methods match.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Sections of features this version does not implement, kept so they can be rejected with
+    /// a clear message instead of a generic "unknown field".
+    pub auth: Option<Spanned<toml::Value>>,
+    pub admin: Option<Spanned<toml::Value>>,
+}
+
+/// Process-level settings for the server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker threads serving requests. Default: the number of CPUs.
+    pub threads: Option<Spanned<usize>>,
+    /// On SIGTERM, how long in-flight requests may keep running after listeners close.
+    pub grace_period: Dur,
+    /// After the grace period, how long the runtime gets to finish before the process exits.
+    pub shutdown_timeout: Dur,
+    /// Unix socket for pingora's zero-downtime upgrade (SIGQUIT). Default:
+    /// `/tmp/cachegate-<first listener address>.sock`, so two gateways on one host never collide.
+    pub upgrade_sock: Option<EnvString>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            threads: None,
+            grace_period: Dur(std::time::Duration::from_secs(10)),
+            shutdown_timeout: Dur(std::time::Duration::from_secs(5)),
+            upgrade_sock: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `ip:port` to listen on, for example `"127.0.0.1:8080"` or `"[::]:443"`.
+    pub address: Spanned<EnvString>,
+    /// Terminate TLS on this listener.
+    pub tls: Option<TlsListenerConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Spanned<EnvString>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Spanned<EnvString>,
+    /// Offer HTTP/2 by ALPN (HTTP/1.1 is always offered).
+    #[serde(default = "default_true")]
+    pub http2: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The one upstream group requests are proxied to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Origin URLs, `http://host:port` or `https://host:port`, used in round robin.
+    pub addresses: Spanned<Vec<Spanned<EnvString>>>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Longest wait for any read from the upstream (headers or a body chunk); past it: `504`.
+    #[serde(default = "default_io_timeout")]
+    pub read_timeout: Dur,
+    /// Longest wait for any write to the upstream.
+    #[serde(default = "default_io_timeout")]
+    pub write_timeout: Dur,
+    /// How long an idle keep-alive connection to the upstream is kept for reuse.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// PEM file of CA certificates trusted for `https://` upstreams instead of the system roots.
+    pub tls_ca_file: Option<Spanned<EnvString>>,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(2))
+}
+fn default_io_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+fn default_idle_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+
+/// Request size limits, enforced before anything reaches the upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Request line plus headers; larger requests get `431`.
+    pub max_request_header_bytes: Spanned<ByteSize>,
+    /// Request body; larger bodies get `413`.
+    pub max_request_body_bytes: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_header_bytes: Spanned::new(0..0, ByteSize(64 * 1024)),
+            max_request_body_bytes: ByteSize(100 * 1024 * 1024),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    pub redis_url: Option<Spanned<EnvString>>,
+}
+
+/// Per-request policy sections. Later versions fill these; today each is rejected when present.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub auth: Option<Spanned<toml::Value>>,
+    pub rate_limit: Option<Spanned<toml::Value>>,
+    pub cache: Option<Spanned<toml::Value>>,
+    pub purge: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in logs and metrics. Default: the path template.
+    pub name: Option<String>,
+    /// Path template: `/products`, `/products/{id}`, `/files/{*rest}`.
+    pub path: Spanned<String>,
+    /// Methods this route applies to, upper case. Default: all methods.
+    pub methods: Option<Vec<Spanned<String>>>,
+    pub auth: Option<Spanned<toml::Value>>,
+    pub rate_limit: Option<Spanned<toml::Value>>,
+    pub cache: Option<Spanned<toml::Value>>,
+    pub purge: Option<Spanned<toml::Value>>,
+}
+
+impl RouteConfig {
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.path.get_ref())
+    }
+}
+
+/// A parsed file together with its source, so later stages can locate their errors.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub source: String,
+    pub config: Config,
+}
+
+impl LoadedConfig {
+    /// Reads and parses the file at `path`.
+    pub fn from_file(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::whole_file(path, format!("cannot read the configuration file: {e}"))
+        })?;
+        Self::from_source(path, source)
+    }
+
+    /// Parses `source` as if read from `path`; [`LoadedConfig::validate`] checks the values.
+    pub fn from_source(path: &Path, source: String) -> Result<LoadedConfig, ConfigErrors> {
+        let config: Config = match toml::from_str(&source) {
+            Ok(config) => config,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let message = e.message().trim_end().replace('\n', " ");
+                return Err(ConfigErrors::located(
+                    path,
+                    &source,
+                    vec![SpanError::new(span, message)],
+                ));
+            }
+        };
+        Ok(LoadedConfig {
+            path: path.to_owned(),
+            source,
+            config,
+        })
+    }
+
+    /// Checks that need no compilation: values in range, files present, sections supported.
+    pub fn validate(&self) -> Vec<SpanError> {
+        validate(&self.config)
+    }
+
+    /// Locates errors found by later compilation stages in this file.
+    pub fn errors(&self, errors: Vec<SpanError>) -> ConfigErrors {
+        ConfigErrors::located(&self.path, &self.source, errors)
+    }
+}
+
+/// Checks that need no compilation: values in range, files present, sections supported.
+fn validate(config: &Config) -> Vec<SpanError> {
+    let mut errors = Vec::new();
+
+    if config.listeners.get_ref().is_empty() {
+        errors.push(SpanError::new(
+            config.listeners.span(),
+            "at least one listener is needed: add [[listeners]] with address = \"127.0.0.1:8080\"",
+        ));
+    }
+    for listener in config.listeners.get_ref() {
+        let address = listener.address.get_ref().as_str();
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(SpanError::new(
+                listener.address.span(),
+                format!("invalid listener address {address:?}: write ip:port, like \"127.0.0.1:8080\" or \"[::]:8443\""),
+            ));
+        }
+        if let Some(tls) = &listener.tls {
+            check_pem(&tls.cert_file, PemKind::Certificates, &mut errors);
+            check_pem(&tls.key_file, PemKind::PrivateKey, &mut errors);
+        }
+    }
+
+    if let Some(threads) = &config.server.threads {
+        if *threads.get_ref() == 0 {
+            errors.push(SpanError::new(
+                threads.span(),
+                "server.threads must be at least 1",
+            ));
+        }
+    }
+
+    let upstream = &config.upstream;
+    for (name, value) in [
+        ("connect_timeout", upstream.connect_timeout),
+        ("read_timeout", upstream.read_timeout),
+        ("write_timeout", upstream.write_timeout),
+    ] {
+        if value.0.is_zero() {
+            errors.push(SpanError::new(
+                upstream.addresses.span(),
+                format!("upstream.{name} must be greater than zero"),
+            ));
+        }
+    }
+    if let Some(ca) = &upstream.tls_ca_file {
+        check_pem(ca, PemKind::Certificates, &mut errors);
+    }
+
+    let header_limit = &config.limits.max_request_header_bytes;
+    if header_limit.get_ref().0 < 1024 || header_limit.get_ref().0 > MAX_HEADER_LIMIT {
+        errors.push(SpanError::new(
+            header_limit.span(),
+            format!(
+                "max_request_header_bytes must be between 1KiB and {MAX_HEADER_LIMIT} bytes (the HTTP parser's own ceiling)"
+            ),
+        ));
+    }
+
+    if let Some(url) = config.store.as_ref().and_then(|s| s.redis_url.as_ref()) {
+        if let Err(e) = redis::Client::open(url.get_ref().as_str()) {
+            errors.push(SpanError::new(
+                url.span(),
+                format!(
+                    "invalid redis_url: {e}; write redis://host:port or rediss://host:port for TLS"
+                ),
+            ));
+        }
+    }
+
+    unsupported(&config.auth, "[auth]", "JWT authentication", &mut errors);
+    unsupported(&config.admin, "[admin]", "the admin listener", &mut errors);
+    policy_unsupported(
+        [
+            &config.defaults.auth,
+            &config.defaults.rate_limit,
+            &config.defaults.cache,
+            &config.defaults.purge,
+        ],
+        "defaults",
+        &mut errors,
+    );
+    for route in &config.routes {
+        policy_unsupported(
+            [&route.auth, &route.rate_limit, &route.cache, &route.purge],
+            "routes",
+            &mut errors,
+        );
+    }
+    errors
+}
+
+fn policy_unsupported(
+    sections: [&Option<Spanned<toml::Value>>; 4],
+    table: &str,
+    errors: &mut Vec<SpanError>,
+) {
+    let [auth, rate_limit, cache, purge] = sections;
+    unsupported(auth, &format!("{table}.auth"), "JWT authentication", errors);
+    unsupported(
+        rate_limit,
+        &format!("{table}.rate_limit"),
+        "rate limiting",
+        errors,
+    );
+    unsupported(cache, &format!("{table}.cache"), "response caching", errors);
+    unsupported(purge, &format!("{table}.purge"), "purge on write", errors);
+}
+
+fn unsupported(
+    section: &Option<Spanned<toml::Value>>,
+    key: &str,
+    feature: &str,
+    errors: &mut Vec<SpanError>,
+) {
+    if let Some(section) = section {
+        errors.push(SpanError::new(
+            section.span(),
+            format!(
+                "`{key}` is not supported yet: {feature} is not implemented in cachegate {}; remove this section",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ));
+    }
+}
+
+enum PemKind {
+    Certificates,
+    PrivateKey,
+}
+
+/// Checks that a PEM file exists and holds what it should, so a bad path fails `check`, not start-up.
+fn check_pem(path: &Spanned<EnvString>, kind: PemKind, errors: &mut Vec<SpanError>) {
+    let file = path.get_ref().as_str();
+    let data = match std::fs::read(file) {
+        Ok(data) => data,
+        Err(e) => {
+            errors.push(SpanError::new(
+                path.span(),
+                format!("cannot read {file:?}: {e}"),
+            ));
+            return;
+        }
+    };
+    let mut reader = std::io::BufReader::new(data.as_slice());
+    let problem = match kind {
+        PemKind::Certificates => {
+            let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut reader).collect();
+            match certs {
+                Ok(certs) if !certs.is_empty() => None,
+                Ok(_) => Some("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".to_owned()),
+                Err(e) => Some(format!("is not valid PEM: {e}")),
+            }
+        }
+        PemKind::PrivateKey => match rustls_pemfile::private_key(&mut reader) {
+            Ok(Some(_)) => None,
+            Ok(None) => Some("holds no PEM private key".to_owned()),
+            Err(e) => Some(format!("is not valid PEM: {e}")),
+        },
+    };
+    if let Some(problem) = problem {
+        errors.push(SpanError::new(path.span(), format!("{file:?} {problem}")));
+    }
+}

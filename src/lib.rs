@@ -1,0 +1,16 @@
+//! cachegate: a reverse-proxy caching gateway for HTTP CRUD APIs, built on pingora.
+//!
+//! A request flows one way through the modules: [`routes`] matches it against the
+//! [`snapshot`] of the configuration, [`proxy`] carries it through pingora's phases to the
+//! [`upstream`] group, and errors are answered by [`problem`]. State shared between requests lives
+//! behind the [`store`] boundary. [`config`] parses and validates the TOML file; [`server`]
+//! starts and stops everything.
+
+pub mod config;
+pub mod problem;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod snapshot;
+pub mod store;
+pub mod upstream;

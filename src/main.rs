@@ -1,0 +1,97 @@
+//! The `cachegate` command: `run` (the default) serves, `check` validates a configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cachegate",
+    version,
+    about = "A reverse-proxy caching gateway for HTTP CRUD APIs",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand, `cachegate --config FILE` runs the gateway.
+    #[command(flatten)]
+    run: Option<RunArgs>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve with the given configuration (the default).
+    Run(RunArgs),
+    /// Validate a configuration file and exit: 0 when valid, 1 with `file:line:col: message`
+    /// lines when not.
+    Check(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Path to the TOML configuration file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check(args)) => check(&args),
+        Some(Command::Run(args)) => run(&args),
+        None => match cli.run {
+            Some(args) => run(&args),
+            None => {
+                eprintln!("cachegate: missing --config FILE; try `cachegate run --config config/quickstart.toml` or `cachegate --help`");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn check(args: &RunArgs) -> ExitCode {
+    match cachegate::snapshot::load(&args.config) {
+        Ok((_, snapshot)) => {
+            println!(
+                "{}: configuration is valid ({} routes, {} upstream addresses)",
+                args.config.display(),
+                snapshot.routes.len(),
+                snapshot.upstream.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,cachegate=info,access=info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let (loaded, snapshot) = match cachegate::snapshot::load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cachegate::server::run(loaded, snapshot) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("cachegate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The pingora phases. Each phase is glue: it calls into `routes`, `upstream`, `forwarding` and
+//! `problem`, and holds no policy of its own. Data flows one way:
+//!
+//! `early_request_filter` (request id) → `request_filter` (limits, path normalisation, route
+//! match) → `upstream_peer` (round robin) → `upstream_request_filter` (forwarding headers) →
+//! `request_body_filter` (body limit) → `upstream_response_filter` / `response_filter` (headers
+//! back) → `logging`. Failures end in `fail_to_proxy`, which answers with problem+json.
+
+mod forwarding;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{HeaderName, CONTENT_LENGTH};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::ErrorType;
+
+use crate::problem::Problem;
+use crate::routes::{normalize_path, RouteId};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::store::Store;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest client-supplied request id passed on; longer or odd ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The gateway: one instance serves every request of every listener.
+pub struct Gateway {
+    snapshot: SharedSnapshot,
+    #[allow(dead_code)] // read by the cache and rate-limit phases as they land
+    store: Arc<dyn Store>,
+}
+
+impl Gateway {
+    pub fn new(snapshot: SharedSnapshot, store: Arc<dyn Store>) -> Gateway {
+        Gateway { snapshot, store }
+    }
+}
+
+/// What the phases of one request share.
+pub struct RequestCtx {
+    /// The configuration this request runs on, from start to end.
+    pub snapshot: Arc<Snapshot>,
+    pub request_id: String,
+    pub route: Option<RouteId>,
+    pub started: Instant,
+    /// Origin chosen for the current attempt, and how many connection attempts were made.
+    pub origin: Option<usize>,
+    pub connect_attempts: usize,
+    pub request_body_bytes: u64,
+}
+
+fn request_id_from(header: Option<&http::HeaderValue>) -> String {
+    match header.and_then(|v| v.to_str().ok()) {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_LEN
+                && id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            id.to_owned()
+        }
+        _ => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+fn header_bytes(req: &RequestHeader) -> u64 {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    let fields: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    (line + fields) as u64
+}
+
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The status for an error that ended a request: `504` for upstream timeouts, `502` for an
+/// unreachable or broken upstream, `0` when the client is gone.
+fn status_for(e: &Error) -> u16 {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(code) => *code,
+        ConnectTimedout | TLSHandshakeTimedout if e.esource() == &ErrorSource::Upstream => 504,
+        ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => 504,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+fn detail_for(status: u16, e: &Error, ctx: &RequestCtx) -> String {
+    let origin = ctx
+        .origin
+        .map(|i| ctx.snapshot.upstream.origin(i).url.as_str())
+        .unwrap_or("the upstream");
+    match status {
+        502 => format!(
+            "the gateway could not get a valid response from {origin}: {}",
+            e.etype().as_str()
+        ),
+        504 => format!("{origin} did not answer in time ({})", e.etype().as_str()),
+        413 | 431 => e
+            .context
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "the request is too large".to_owned()),
+        400 => "the request could not be read".to_owned(),
+        _ => "the gateway failed to handle the request".to_owned(),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            snapshot: self.snapshot.load_full(),
+            request_id: String::new(),
+            route: None,
+            started: Instant::now(),
+            origin: None,
+            connect_attempts: 0,
+            request_body_bytes: 0,
+        }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.request_id = request_id_from(session.req_header().headers.get(REQUEST_ID));
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let limits = &ctx.snapshot.limits;
+        let req = session.req_header();
+
+        let head = header_bytes(req);
+        if head > limits.max_request_header_bytes {
+            let problem = Problem::new(
+                431,
+                format!(
+                    "the request line and headers are {head} bytes; this gateway accepts at most {}",
+                    limits.max_request_header_bytes
+                ),
+            );
+            problem.send(session, &ctx.request_id).await?;
+            return Ok(true);
+        }
+
+        let declared = req
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(length) = declared.filter(|&l| l > limits.max_request_body_bytes) {
+            let problem = Problem::new(
+                413,
+                format!(
+                    "the request body is {length} bytes; this gateway accepts at most {}",
+                    limits.max_request_body_bytes
+                ),
+            );
+            problem.send(session, &ctx.request_id).await?;
+            return Ok(true);
+        }
+
+        if let std::borrow::Cow::Owned(normalized) = normalize_path(req.uri.path()) {
+            let target = match req.uri.query() {
+                Some(q) => format!("{normalized}?{q}"),
+                None => normalized,
+            };
+            match target.parse() {
+                Ok(uri) => session.req_header_mut().set_uri(uri),
+                Err(_) => {
+                    Problem::new(400, "the request path is not valid")
+                        .send(session, &ctx.request_id)
+                        .await?;
+                    return Ok(true);
+                }
+            }
+        }
+
+        let req = session.req_header();
+        ctx.route = ctx.snapshot.routes.find(&req.method, req.uri.path());
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let upstream = &ctx.snapshot.upstream;
+        let origin = upstream.pick();
+        ctx.origin = Some(origin);
+        ctx.connect_attempts += 1;
+        Ok(upstream.peer(origin))
+    }
+
+    /// A connection that was never established carries no request, so trying the next origin is
+    /// safe for every method; each origin is tried at most once per request.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if ctx.connect_attempts < ctx.snapshot.upstream.len() {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let fwd = forwarding::Forwarded {
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string()),
+            proto: if is_tls(session) { "https" } else { "http" },
+            request_id: &ctx.request_id,
+            upgrade: session.is_upgrade_req(),
+        };
+        forwarding::upstream_request(upstream_request, &fwd)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.request_body_bytes += chunk.len() as u64;
+            let limit = ctx.snapshot.limits.max_request_body_bytes;
+            if ctx.request_body_bytes > limit {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    format!("the request body exceeds the limit of {limit} bytes"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        forwarding::upstream_response(upstream_response);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        response.insert_header(REQUEST_ID, ctx.request_id.as_str())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let status = status_for(e);
+        if status > 0 && session.response_written().is_none() {
+            let problem = Problem::new(status, detail_for(status, e, ctx));
+            if let Err(write_error) = problem.send(session, &ctx.request_id).await {
+                tracing::debug!(request_id = %ctx.request_id, error = %write_error, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        let route = ctx
+            .route
+            .map_or("-", |id| ctx.snapshot.routes.route(id).name.as_str());
+        match e {
+            Some(e) => tracing::info!(
+                target: "access",
+                request_id = %ctx.request_id, method = %req.method, path = %req.uri.path(), route,
+                status, duration_ms = ctx.started.elapsed().as_millis() as u64, error = %e,
+            ),
+            None => tracing::info!(
+                target: "access",
+                request_id = %ctx.request_id, method = %req.method, path = %req.uri.path(), route,
+                status, duration_ms = ctx.started.elapsed().as_millis() as u64,
+            ),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Starting and stopping the gateway: listeners, the pingora server, the background runtime.
+//!
+//! pingora retries a failed bind for 30 s and then panics inside its service task, leaving a
+//! process that runs with nothing listening. We bind every listener address ourselves first and
+//! exit with a message naming the address instead.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+
+use crate::config::LoadedConfig;
+use crate::proxy::Gateway;
+use crate::snapshot::Snapshot;
+use crate::store;
+
+/// Serves until SIGTERM (graceful: stop accepting, drain for `server.grace_period`) or SIGINT
+/// (fast). Returns an error message, naming what failed, if the gateway cannot start.
+pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
+    let config = &loaded.config;
+    for listener in config.listeners.get_ref() {
+        let address = listener.address.get_ref().as_str();
+        TcpListener::bind(address).map_err(|e| {
+            format!(
+                "cannot listen on {address}: {e}; stop whatever uses that address or change `address` in [[listeners]]"
+            )
+        })?;
+    }
+
+    // Background work (store connections and health checks) runs on its own small runtime;
+    // pingora gives each service its own.
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("cachegate-control")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the background runtime: {e}"))?;
+    let redis_url = config
+        .store
+        .as_ref()
+        .and_then(|s| s.redis_url.as_ref())
+        .map(|u| u.get_ref().as_str().to_owned());
+    let store = {
+        let _guard = control.enter();
+        store::from_config(redis_url.as_deref()).map_err(|e| e.to_string())?
+    };
+    tracing::info!(store = store.kind(), "store ready");
+
+    let first_address = config.listeners.get_ref()[0].address.get_ref().as_str();
+    let server_conf = ServerConf {
+        threads: config
+            .server
+            .threads
+            .as_ref()
+            .map(|t| *t.get_ref())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        grace_period_seconds: Some(config.server.grace_period.0.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.server.shutdown_timeout.0.as_secs()),
+        upgrade_sock: config.server.upgrade_sock.as_ref().map_or_else(
+            || {
+                format!(
+                    "/tmp/cachegate-{}.sock",
+                    first_address.replace([':', '[', ']'], "_")
+                )
+            },
+            |s| s.as_str().to_owned(),
+        ),
+        ca_file: config
+            .upstream
+            .tls_ca_file
+            .as_ref()
+            .map(|f| f.get_ref().as_str().to_owned()),
+        ..ServerConf::default()
+    };
+
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let gateway = Gateway::new(shared, store);
+    let mut service = http_proxy_service_with_name(&server.configuration, gateway, "cachegate");
+    for listener in config.listeners.get_ref() {
+        let address = listener.address.get_ref().as_str();
+        match &listener.tls {
+            None => service.add_tcp(address),
+            Some(tls) => {
+                let mut settings = TlsSettings::intermediate(
+                    tls.cert_file.get_ref().as_str(),
+                    tls.key_file.get_ref().as_str(),
+                )
+                .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?;
+                if tls.http2 {
+                    settings.enable_h2();
+                }
+                service.add_tls_with_settings(address, None, settings);
+            }
+        }
+        tracing::info!(address, tls = listener.tls.is_some(), "listening");
+    }
+    server.add_service(service);
+    server.run(RunArgs::default());
+
+    control.shutdown_timeout(Duration::from_secs(1));
+    tracing::info!("stopped");
+    Ok(())
+}

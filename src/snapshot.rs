@@ -1,0 +1,61 @@
+//! The compiled configuration a request runs on: an immutable [`Snapshot`] of the route table,
+//! the upstream group and the limits.
+//!
+//! A request takes the current snapshot once, in `new_ctx`, and keeps it to the end, so a reload
+//! that swaps in a new snapshot never changes the rules under a request in flight.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{ConfigErrors, LoadedConfig};
+use crate::routes::RouteTable;
+use crate::upstream::UpstreamGroup;
+
+#[derive(Debug)]
+pub struct Limits {
+    pub max_request_header_bytes: u64,
+    pub max_request_body_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub routes: RouteTable,
+    pub upstream: UpstreamGroup,
+    pub limits: Limits,
+}
+
+impl Snapshot {
+    /// Validates and compiles a parsed configuration; every error found points into its file.
+    pub fn compile(loaded: &LoadedConfig) -> Result<Snapshot, ConfigErrors> {
+        let config = &loaded.config;
+        let mut errors = loaded.validate();
+        let routes = RouteTable::compile(&config.routes).map_err(|e| errors.extend(e));
+        let upstream = UpstreamGroup::compile(&config.upstream).map_err(|e| errors.extend(e));
+        match (routes, upstream) {
+            (Ok(routes), Ok(upstream)) if errors.is_empty() => Ok(Snapshot {
+                routes,
+                upstream,
+                limits: Limits {
+                    max_request_header_bytes: config.limits.max_request_header_bytes.get_ref().0,
+                    max_request_body_bytes: config.limits.max_request_body_bytes.0,
+                },
+            }),
+            _ => {
+                errors.sort_by_key(|e| e.span.start);
+                Err(loaded.errors(errors))
+            }
+        }
+    }
+}
+
+/// Reads, validates and compiles a configuration file: what `cachegate check` runs.
+pub fn load(path: &Path) -> Result<(LoadedConfig, Snapshot), ConfigErrors> {
+    let loaded = LoadedConfig::from_file(path)?;
+    let snapshot = Snapshot::compile(&loaded)?;
+    Ok((loaded, snapshot))
+}
+
+/// The snapshot currently in force, shared by every request.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;

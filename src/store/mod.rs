@@ -1,0 +1,63 @@
+//! The store boundary: where state shared between requests (and, with Redis, between gateway
+//! instances) lives. Features use the [`Store`] trait and never talk to Redis directly.
+//!
+//! - [`MemoryStore`]: in process, needs nothing installed; the default.
+//! - [`RedisStore`]: Redis through the `redis` crate's connection manager, chosen by
+//!   `[store] redis_url`. The gateway starts without Redis being reachable and connects in the
+//!   background.
+
+mod memory;
+mod redis;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// Why a store operation failed. Callers degrade (bypass, fall back) rather than fail requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// Not connected (yet, or any more).
+    Unavailable(String),
+    /// The store answered with an error.
+    Backend(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Backend(why) => write!(f, "store error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A key-value store with per-entry expiry.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// `"memory"` or `"redis"`, for logs and health reports.
+    fn kind(&self) -> &'static str;
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Stores `value` under `key` for `ttl`, replacing any previous value.
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError>;
+    /// Removes `key`; `true` when it existed.
+    async fn delete(&self, key: &str) -> Result<bool, StoreError>;
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Builds the configured store. A Redis store starts connecting in the background on the current
+/// tokio runtime and is returned at once.
+pub fn from_config(redis_url: Option<&str>) -> Result<Arc<dyn Store>, StoreError> {
+    match redis_url {
+        None => Ok(Arc::new(MemoryStore::new())),
+        Some(url) => Ok(RedisStore::connect(url)?),
+    }
+}
