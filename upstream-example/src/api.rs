@@ -11,7 +11,7 @@
 //! | DELETE | `/products/{id}` | `204`, then `404` |
 //! | GET | `/__stats` | requests served per route and connections accepted |
 //! | any | `/__headers` | the request's method and headers as JSON |
-//! | POST | `/__sink` | streams the body through SHA-256: `{"bytes":N,"sha256":".."}` |
+//! | POST | `/__sink` | streams the body through SHA-256: `{"bytes":N,"sha256":".."}`; counted again as `POST /__sink completed` once the whole body arrived |
 //! | GET | `/__bytes/{n}` | `n` bytes of the pattern `i % 251`, streamed |
 //!
 //! Errors are JSON `{"error": code, "message": text}`; validation errors add `"fields"`.
@@ -69,7 +69,11 @@ pub async fn handle(
         }
         (["__sink"], &Method::POST) => {
             app.stats.record("POST /__sink");
-            sink(req.into_body()).await
+            let resp = sink(req.into_body()).await;
+            if resp.status() == StatusCode::OK {
+                app.stats.record("POST /__sink completed");
+            }
+            resp
         }
         (["__bytes", n], &Method::GET) => {
             app.stats.record("GET /__bytes/{n}");

@@ -1,0 +1,424 @@
+//! Test harness: starts the real `cachegate` and `upstream-example` binaries and a real
+//! `redis-server`, each on a free loopback port; waits until they answer; stops them by PID when
+//! dropped. Also a small hyper client for talking to them.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use tempfile::TempDir;
+
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn cachegate_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cachegate"))
+}
+
+/// `upstream-example` is built by `cargo test --workspace` (its own tests need it) into the same
+/// directory as `cachegate`.
+pub fn upstream_bin() -> PathBuf {
+    let path = cachegate_bin().with_file_name("upstream-example");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p upstream-example` first)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+/// A child process killed (by PID) and reaped when dropped; its output goes to a log file.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+    _dir: Option<TempDir>,
+}
+
+impl Process {
+    pub fn spawn(name: &str, program: &Path, args: &[&str], dir: TempDir) -> Process {
+        let log = dir.path().join(format!("{name}.log"));
+        let out = File::create(&log).expect("creating a log file");
+        let err = out.try_clone().expect("cloning the log file handle");
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Process {
+            name: name.to_owned(),
+            child,
+            log,
+            _dir: Some(dir),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls until `port` accepts connections; panics with the process log if it exits first.
+    pub fn wait_for_port(&mut self, port: u16) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before listening on {port}:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            if port_open(port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{} did not listen on {port} within {READY_TIMEOUT:?}:\n{}",
+            self.name,
+            self.logs()
+        );
+    }
+
+    /// Waits for the process to exit by itself, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Sends a signal by PID (`"TERM"`, `"STOP"`, ...).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Peak resident memory so far, in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `upstream-example`.
+pub struct Upstream {
+    pub process: Process,
+    pub port: u16,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        Upstream::start_with(&["--seed", "50"])
+    }
+
+    pub fn start_with(args: &[&str]) -> Upstream {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec!["--listen", listen.as_str()];
+        all.extend_from_slice(args);
+        let dir = TempDir::new().expect("temp dir");
+        let mut process = Process::spawn("upstream-example", &upstream_bin(), &all, dir);
+        process.wait_for_port(port);
+        Upstream { process, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        let resp = Client::new().get(&format!("{}/__stats", self.url())).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        resp.json()
+    }
+
+    /// Requests the upstream served for a route label such as `"GET /products/{id}"`.
+    pub async fn served(&self, route: &str) -> u64 {
+        self.stats().await["requests"][route].as_u64().unwrap_or(0)
+    }
+
+    pub async fn total_served(&self) -> u64 {
+        self.stats().await["total"].as_u64().unwrap_or(0)
+    }
+}
+
+/// A running `cachegate`.
+pub struct Gateway {
+    pub process: Process,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+impl Gateway {
+    /// Starts cachegate with `config`, in which `{port}` is replaced by a free port.
+    pub fn start(config: &str) -> Gateway {
+        let port = free_port();
+        Gateway::start_on(port, &config.replace("{port}", &port.to_string()))
+    }
+
+    /// Starts cachegate with a config that already names its listener `port`.
+    pub fn start_on(port: u16, config: &str) -> Gateway {
+        let dir = TempDir::new().expect("temp dir");
+        let path = dir.path().join("cachegate.toml");
+        std::fs::write(&path, config).expect("writing the config");
+        let path_text = path.to_str().expect("utf-8 temp path").to_owned();
+        let mut process = Process::spawn(
+            "cachegate",
+            &cachegate_bin(),
+            &["run", "--config", &path_text],
+            dir,
+        );
+        process.wait_for_port(port);
+        Gateway {
+            process,
+            port,
+            config: path,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.process.logs()
+    }
+}
+
+/// The usual test configuration: one listener, one upstream, one worker thread, short grace.
+pub fn config_for(upstreams: &[&str], extra: &str) -> String {
+    let addresses: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        r#"
+[server]
+threads = 1
+grace_period = "1s"
+shutdown_timeout = "1s"
+
+[[listeners]]
+address = "127.0.0.1:{{port}}"
+
+[upstream]
+addresses = [{}]
+connect_timeout = "1s"
+read_timeout = "5s"
+
+{extra}
+"#,
+        addresses.join(", ")
+    )
+}
+
+/// A running `redis-server` with persistence off.
+pub struct Redis {
+    pub process: Process,
+    pub port: u16,
+}
+
+pub fn redis_server_bin() -> PathBuf {
+    let found = Command::new("sh")
+        .args(["-c", "command -v redis-server"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    found.expect(
+        "redis-server is not installed; the Redis tests never skip. Run `scripts/test` (it installs it) or `apt-get install -y redis-server`",
+    )
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = free_port();
+        Redis::start_on(port)
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let dir = TempDir::new().expect("temp dir");
+        let dir_text = dir.path().to_str().expect("utf-8 temp path").to_owned();
+        let port_text = port.to_string();
+        let mut process = Process::spawn(
+            "redis-server",
+            &redis_server_bin(),
+            &[
+                "--port",
+                &port_text,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir_text,
+            ],
+            dir,
+        );
+        process.wait_for_port(port);
+        Redis { process, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs one command with `redis-cli` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    BoxBody::new(Full::new(bytes.into()))
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: hyper::Version,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// An HTTP/1.1 client with keep-alive.
+#[derive(Clone)]
+pub struct Client {
+    inner: HyperClient<HttpConnector, Body>,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    pub fn new() -> Client {
+        Client {
+            inner: HyperClient::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> Response {
+        self.send(Method::GET, url, &[], Bytes::new()).await
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Response {
+        let mut builder = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        self.request(builder.body(full(body)).expect("valid request"))
+            .await
+    }
+
+    pub async fn request(&self, req: Request<Body>) -> Response {
+        let resp = tokio::time::timeout(Duration::from_secs(60), self.inner.request(req))
+            .await
+            .expect("the request timed out")
+            .expect("the request failed");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("reading the body").to_bytes();
+        Response {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version: parts.version,
+        }
+    }
+
+    /// Sends a request and returns the response with its body still streaming.
+    pub async fn stream(&self, req: Request<Body>) -> hyper::Response<hyper::body::Incoming> {
+        self.inner.request(req).await.expect("the request failed")
+    }
+}
+
+/// Writes a self-signed certificate for `localhost` and `127.0.0.1` into `dir`; returns
+/// (cert path, key path, cert DER).
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("generating a certificate");
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("writing the key");
+    (cert_path, key_path, certified.cert.der().to_vec())
+}
