@@ -104,7 +104,9 @@ impl RouteTable {
             if let Err(e) = router.insert(template.as_str(), ids.clone()) {
                 errors.push(SpanError::new(
                     spans[ids[0]].clone(),
-                    format!("route template `{template}` cannot be used: {e}"),
+                    format!(
+                        "route template `{template}` cannot be used: {e}. Static segments may overlap parameters, but a `{{param}}` and a `{{*catch_all}}` (or two differently named parameters) cannot share a position"
+                    ),
                 ));
             }
         }
@@ -304,17 +306,19 @@ mod tests {
     #[test]
     fn most_specific_path_wins_then_first_matching_method() {
         let table = RouteTable::compile(&[
-            route("/products/{*rest}", None),
+            route("/files/{*rest}", None),
             route("/products/{id}", Some(&["GET"])),
             route("/products/{id}", Some(&["PUT", "DELETE"])),
             route("/products/special", None),
+            route("/files/readme", None),
         ])
         .unwrap();
         assert_eq!(table.find(&Method::GET, "/products/7"), Some(1));
         assert_eq!(table.find(&Method::DELETE, "/products/7"), Some(2));
         assert_eq!(table.find(&Method::POST, "/products/7"), None);
         assert_eq!(table.find(&Method::GET, "/products/special"), Some(3));
-        assert_eq!(table.find(&Method::GET, "/products/a/b"), Some(0));
+        assert_eq!(table.find(&Method::GET, "/files/a/b"), Some(0));
+        assert_eq!(table.find(&Method::GET, "/files/readme"), Some(4));
         assert_eq!(table.find(&Method::GET, "/other"), None);
     }
 

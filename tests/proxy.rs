@@ -390,3 +390,30 @@ async fn full_body_helper_sanity() {
         .await;
     assert_eq!(resp.json()["bytes"], 3);
 }
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_cleanly() {
+    let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "1500"]);
+    let config = config_for(&[&upstream.url()], "")
+        .replace(r#"grace_period = "1s""#, r#"grace_period = "3s""#);
+    let mut gateway = Gateway::start(&config);
+    let url = gateway.url("/products/1");
+    let in_flight = tokio::spawn(async move { Client::new().get(&url).await });
+    // Wait until the request is at the origin, then ask the gateway to stop.
+    while upstream.served("GET /products/{id}").await == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    gateway.process.signal("TERM");
+    let resp = in_flight.await.unwrap();
+    assert_eq!(
+        resp.status,
+        StatusCode::OK,
+        "the in-flight request completed during the grace period"
+    );
+    let status = gateway
+        .process
+        .wait_exit(std::time::Duration::from_secs(15))
+        .expect("the gateway exits after the grace period");
+    assert!(status.success(), "exit status {status}");
+    assert!(!common::port_open(gateway.port), "the listener is closed");
+}
