@@ -1,11 +1,14 @@
 //! cachegate: a reverse-proxy caching gateway for HTTP CRUD APIs, built on pingora.
 //!
 //! A request flows one way through the modules: [`routes`] matches it against the
-//! [`snapshot`] of the configuration, [`proxy`] carries it through pingora's phases to the
+//! [`snapshot`] of the configuration, [`auth`] checks its token, [`proxy`] carries it through
+//! pingora's phases to the
 //! [`upstream`] group, and errors are answered by [`problem`]. State shared between requests lives
 //! behind the [`store`] boundary. [`config`] parses and validates the TOML file; [`server`]
-//! starts and stops everything.
+//! starts and stops everything; [`admin`] answers operators on a separate listener.
 
+pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod problem;
 pub mod proxy;

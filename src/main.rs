@@ -28,6 +28,33 @@ enum Command {
     /// Validate a configuration file and exit: 0 when valid, 1 with `file:line:col: message`
     /// lines when not.
     Check(RunArgs),
+    /// Mint an HS256 token for local use and print it.
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// Take the secret (first HMAC provider), issuer and audience from this configuration.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// HMAC secret; overrides the configuration's.
+    #[arg(long)]
+    secret: Option<String>,
+    /// Subject (`sub` claim).
+    #[arg(long, default_value = "dev-user")]
+    sub: String,
+    /// Space-separated scopes (`scope` claim), e.g. "products:write".
+    #[arg(long)]
+    scope: Option<String>,
+    /// Lifetime, e.g. "15m", "1h".
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
+    /// Audience (`aud` claim); overrides the configuration's first.
+    #[arg(long)]
+    aud: Option<String>,
+    /// Issuer (`iss` claim); overrides the configuration's first.
+    #[arg(long)]
+    iss: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -42,6 +69,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check(args)) => check(&args),
         Some(Command::Run(args)) => run(&args),
+        Some(Command::Token(args)) => token(args),
         None => match cli.run {
             Some(args) => run(&args),
             None => {
@@ -65,6 +93,41 @@ fn check(args: &RunArgs) -> ExitCode {
         }
         Err(errors) => {
             eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    let mut request = cachegate::auth::mint::TokenRequest {
+        secret: args.secret,
+        subject: args.sub,
+        scope: args.scope,
+        ttl: args.ttl,
+        audience: args.aud,
+        issuer: args.iss,
+        kid: None,
+    };
+    if let Some(path) = &args.config {
+        let loaded = match cachegate::config::LoadedConfig::from_file(path) {
+            Ok(loaded) => loaded,
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(message) = request.complete_from(&loaded) {
+            eprintln!("cachegate token: {message}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match request.mint() {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("cachegate token: {message}");
             ExitCode::FAILURE
         }
     }

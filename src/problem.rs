@@ -2,6 +2,7 @@
 //! carrying the request id so a client's report can be found in the logs.
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::StatusCode;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -16,6 +17,8 @@ pub struct Problem {
     pub status: u16,
     /// What went wrong and, where the client can act, what to do.
     pub detail: String,
+    /// Extra response headers, such as a `WWW-Authenticate` challenge.
+    pub headers: Vec<(HeaderName, String)>,
 }
 
 impl Problem {
@@ -23,7 +26,13 @@ impl Problem {
         Problem {
             status,
             detail: detail.into(),
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: impl Into<String>) -> Problem {
+        self.headers.push((name, value.into()));
+        self
     }
 
     /// The JSON body.
@@ -51,6 +60,9 @@ impl Problem {
         header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         header.insert_header(REQUEST_ID, request_id)?;
+        for (name, value) in &self.headers {
+            header.insert_header(name.clone(), value.as_str())?;
+        }
         if !session.is_body_done() {
             session.set_keepalive(None);
         }

@@ -5,14 +5,35 @@
 
 use std::borrow::Cow;
 
-use http::Method;
+use http::{HeaderName, Method};
 
-use crate::config::{RouteConfig, SpanError};
+use crate::auth::AuthPolicy;
+use crate::config::{PolicyConfig, RouteConfig, SpanError};
 
-/// A route's per-request policy. Auth, rate limits, caching and purge will live here; a request
-/// that matches no route gets the table's default policy.
+/// A route's per-request policy; a request that matches no route gets the table's default.
+/// Rate limits, caching and purge will join authentication here.
 #[derive(Debug, Default, Clone)]
-pub struct Policy {}
+pub struct Policy {
+    pub auth: AuthPolicy,
+}
+
+impl Policy {
+    /// A route's policy: each section it sets replaces the default's.
+    fn compile(
+        route: Option<&RouteConfig>,
+        defaults: &PolicyConfig,
+        auth_configured: bool,
+    ) -> Result<Policy, Vec<SpanError>> {
+        let auth = route
+            .and_then(|r| r.auth.as_ref())
+            .or(defaults.auth.as_ref());
+        let auth = match auth {
+            Some(config) => AuthPolicy::compile(config, auth_configured)?,
+            None => AuthPolicy::default(),
+        };
+        Ok(Policy { auth })
+    }
+}
 
 #[derive(Debug)]
 pub struct Route {
@@ -40,12 +61,23 @@ pub struct RouteTable {
     router: matchit::Router<Vec<RouteId>>,
     routes: Vec<Route>,
     default_policy: Policy,
+    /// Every header the gateway sets from token claims, on any route. Removed from every incoming
+    /// request so a client can never supply them itself.
+    gateway_headers: Vec<HeaderName>,
 }
 
 impl RouteTable {
     /// Compiles the routes of a configuration; every error points at the offending value.
-    pub fn compile(configs: &[RouteConfig]) -> Result<RouteTable, Vec<SpanError>> {
+    pub fn compile(
+        configs: &[RouteConfig],
+        defaults: &PolicyConfig,
+        auth_configured: bool,
+    ) -> Result<RouteTable, Vec<SpanError>> {
         let mut errors = Vec::new();
+        let default_policy = Policy::compile(None, defaults, auth_configured).unwrap_or_else(|e| {
+            errors.extend(e);
+            Policy::default()
+        });
         let mut routes: Vec<Route> = Vec::new();
         // Template → (route ids, span of the first route with it), kept in insertion order.
         let mut by_template: Vec<(String, Vec<RouteId>)> = Vec::new();
@@ -70,12 +102,19 @@ impl RouteTable {
                     Some(methods)
                 }
             };
+            let policy = match Policy::compile(Some(config), defaults, auth_configured) {
+                Ok(policy) => policy,
+                Err(e) => {
+                    errors.extend(e);
+                    continue;
+                }
+            };
             let id = routes.len();
             let route = Route {
                 name: config.display_name().to_owned(),
                 template: template.clone(),
                 methods,
-                policy: Policy::default(),
+                policy,
             };
             match by_template.iter_mut().find(|(t, _)| t == template) {
                 Some((_, ids)) => {
@@ -111,11 +150,21 @@ impl RouteTable {
             }
         }
 
+        let mut gateway_headers: Vec<HeaderName> = Vec::new();
+        for policy in routes.iter().map(|r| &r.policy).chain([&default_policy]) {
+            for (_, header) in &policy.auth.forward_claims {
+                if !gateway_headers.contains(header) {
+                    gateway_headers.push(header.clone());
+                }
+            }
+        }
+
         if errors.is_empty() {
             Ok(RouteTable {
                 router,
                 routes,
-                default_policy: Policy::default(),
+                default_policy,
+                gateway_headers,
             })
         } else {
             Err(errors)
@@ -143,6 +192,11 @@ impl RouteTable {
 
     pub fn len(&self) -> usize {
         self.routes.len()
+    }
+
+    /// Headers only the gateway may set (see [`RouteTable::compile`]).
+    pub fn gateway_headers(&self) -> &[HeaderName] {
+        &self.gateway_headers
     }
 
     pub fn is_empty(&self) -> bool {
@@ -305,13 +359,17 @@ mod tests {
 
     #[test]
     fn most_specific_path_wins_then_first_matching_method() {
-        let table = RouteTable::compile(&[
-            route("/files/{*rest}", None),
-            route("/products/{id}", Some(&["GET"])),
-            route("/products/{id}", Some(&["PUT", "DELETE"])),
-            route("/products/special", None),
-            route("/files/readme", None),
-        ])
+        let table = RouteTable::compile(
+            &[
+                route("/files/{*rest}", None),
+                route("/products/{id}", Some(&["GET"])),
+                route("/products/{id}", Some(&["PUT", "DELETE"])),
+                route("/products/special", None),
+                route("/files/readme", None),
+            ],
+            &PolicyConfig::default(),
+            false,
+        )
         .unwrap();
         assert_eq!(table.find(&Method::GET, "/products/7"), Some(1));
         assert_eq!(table.find(&Method::DELETE, "/products/7"), Some(2));
@@ -324,13 +382,17 @@ mod tests {
 
     #[test]
     fn duplicates_and_bad_templates_are_errors() {
-        let errors = RouteTable::compile(&[
-            route("/a", Some(&["GET", "PUT"])),
-            route("/a", Some(&["PUT"])),
-            route("a", None),
-            route("/b/{id", None),
-            route("/c", Some(&["get"])),
-        ])
+        let errors = RouteTable::compile(
+            &[
+                route("/a", Some(&["GET", "PUT"])),
+                route("/a", Some(&["PUT"])),
+                route("a", None),
+                route("/b/{id", None),
+                route("/c", Some(&["get"])),
+            ],
+            &PolicyConfig::default(),
+            false,
+        )
         .unwrap_err();
         let text: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
         assert!(

@@ -13,7 +13,9 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
+use pingora::services::listening::Service;
 
+use crate::admin::Admin;
 use crate::config::LoadedConfig;
 use crate::proxy::Gateway;
 use crate::snapshot::Snapshot;
@@ -23,11 +25,17 @@ use crate::store;
 /// (fast). Returns an error message, naming what failed, if the gateway cannot start.
 pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     let config = &loaded.config;
-    for listener in config.listeners.get_ref() {
-        let address = listener.address.get_ref().as_str();
+    let admin_address = config.admin.as_ref().map(|a| a.address.get_ref().as_str());
+    let addresses = config
+        .listeners
+        .get_ref()
+        .iter()
+        .map(|l| l.address.get_ref().as_str())
+        .chain(admin_address);
+    for address in addresses {
         TcpListener::bind(address).map_err(|e| {
             format!(
-                "cannot listen on {address}: {e}; stop whatever uses that address or change `address` in [[listeners]]"
+                "cannot listen on {address}: {e}; stop whatever uses that address or change it in the configuration"
             )
         })?;
     }
@@ -50,6 +58,16 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         store::from_config(redis_url.as_deref()).map_err(|e| e.to_string())?
     };
     tracing::info!(store = store.kind(), "store ready");
+    if let Some(auth) = &snapshot.auth {
+        let _guard = control.enter();
+        auth.start_background_tasks();
+        for name in auth.defaulted_secrets() {
+            tracing::warn!(
+                "auth: the JWT secret comes from the built-in default of ${{{name}:-...}} because {name} is not set; \
+                 anyone who can read the configuration can mint tokens. Set {name} before exposing this gateway"
+            );
+        }
+    }
 
     let first_address = config.listeners.get_ref()[0].address.get_ref().as_str();
     let server_conf = ServerConf {
@@ -82,6 +100,15 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     server.bootstrap();
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    if let Some(address) = admin_address {
+        let mut admin = Service::new(
+            "cachegate admin".to_owned(),
+            Admin::new(shared.clone(), store.clone()),
+        );
+        admin.add_tcp(address);
+        server.add_service(admin);
+        tracing::info!(address, "admin listening");
+    }
     let gateway = Gateway::new(shared, store);
     let mut service = http_proxy_service_with_name(&server.configuration, gateway, "cachegate");
     for listener in config.listeners.get_ref() {

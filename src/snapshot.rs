@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::Authenticator;
 use crate::config::{ConfigErrors, LoadedConfig};
 use crate::routes::RouteTable;
 use crate::upstream::UpstreamGroup;
@@ -22,6 +23,8 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Snapshot {
     pub routes: RouteTable,
+    /// Present when the configuration has an `[auth]` table.
+    pub auth: Option<Arc<Authenticator>>,
     pub upstream: UpstreamGroup,
     pub limits: Limits,
 }
@@ -31,11 +34,19 @@ impl Snapshot {
     pub fn compile(loaded: &LoadedConfig) -> Result<Snapshot, ConfigErrors> {
         let config = &loaded.config;
         let mut errors = loaded.validate();
-        let routes = RouteTable::compile(&config.routes).map_err(|e| errors.extend(e));
+        let auth = match &config.auth {
+            Some(auth) => Authenticator::compile(auth.get_ref())
+                .map(|a| Some(Arc::new(a)))
+                .map_err(|e| errors.extend(e)),
+            None => Ok(None),
+        };
+        let routes = RouteTable::compile(&config.routes, &config.defaults, config.auth.is_some())
+            .map_err(|e| errors.extend(e));
         let upstream = UpstreamGroup::compile(&config.upstream).map_err(|e| errors.extend(e));
-        match (routes, upstream) {
-            (Ok(routes), Ok(upstream)) if errors.is_empty() => Ok(Snapshot {
+        match (routes, upstream, auth) {
+            (Ok(routes), Ok(upstream), Ok(auth)) if errors.is_empty() => Ok(Snapshot {
                 routes,
+                auth,
                 upstream,
                 limits: Limits {
                     max_request_header_bytes: config.limits.max_request_header_bytes.get_ref().0,

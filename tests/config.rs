@@ -239,12 +239,6 @@ fn unsupported_sections_are_rejected_not_ignored() {
         14,
         "`defaults.rate_limit` is not supported yet",
     );
-    assert_error(
-        &format!("{VALID_BASE}[auth]\nissuer = \"x\"\n"),
-        6,
-        1,
-        "`[auth]` is not supported yet",
-    );
 }
 
 #[test]
@@ -362,4 +356,72 @@ fn no_arguments_explains_what_to_pass() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
     let _ = free_port();
+}
+
+const AUTH_BASE: &str = "[[listeners]]\naddress = \"127.0.0.1:8080\"\n[upstream]\naddresses = [\"http://127.0.0.1:3000\"]\n[auth]\n[[auth.providers]]\n";
+
+#[test]
+fn auth_algorithm_must_match_the_key() {
+    let pem = format!(
+        "{}/tests/fixtures/keys/rsa.pub.pem",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    assert_error(
+        &format!("{AUTH_BASE}algorithms = [\"RS256\", \"HS256\"]\npublic_key_file = \"{pem}\"\n"),
+        7,
+        24,
+        "HS256 cannot be verified with an RSA public key",
+    );
+    assert_error(
+        &format!("{AUTH_BASE}algorithms = [\"RS256\"]\nsecret = \"s\"\n"),
+        7,
+        15,
+        "RS256 cannot be verified with an HMAC secret",
+    );
+    assert_error(
+        &format!("{AUTH_BASE}algorithms = [\"HS256\"]\njwks_url = \"https://idp.test/jwks\"\n"),
+        7,
+        15,
+        "a JWKS (public keys only)",
+    );
+}
+
+#[test]
+fn auth_none_algorithm_is_rejected() {
+    assert_error(
+        &format!("{AUTH_BASE}algorithms = [\"none\"]\nsecret = \"s\"\n"),
+        7,
+        15,
+        "`none` is never accepted",
+    );
+}
+
+#[test]
+fn auth_provider_needs_exactly_one_key_source() {
+    assert_error(
+        &format!("{AUTH_BASE}algorithms = [\"HS256\"]\nsecret = \"s\"\njwks_url = \"https://idp.test/jwks\"\n"),
+        9,
+        12,
+        "exactly one of `secret`, `public_key_file`, `jwks_url` or `oidc_issuer`",
+    );
+}
+
+#[test]
+fn auth_policy_without_auth_table() {
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\nauth = \"required\"\n"),
+        8,
+        8,
+        "there is no [auth] table",
+    );
+}
+
+#[test]
+fn auth_unknown_mode() {
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\nauth = \"mandatory\"\n"),
+        8,
+        8,
+        "unknown auth mode \"mandatory\"",
+    );
 }

@@ -5,6 +5,7 @@
 //! route table, the upstream group) happens in [`crate::snapshot`]; errors from there are located
 //! in the same file through the spans kept here.
 
+mod auth;
 mod error;
 pub mod values;
 
@@ -13,6 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use auth::{
+    AuthConfig, AuthMode, AuthPolicyConfig, AuthPolicyConfigOrMode, OneOrMany, ProviderConfig,
+};
 pub use error::{line_col, ConfigError, ConfigErrors, SpanError};
 pub use values::{ByteSize, Dur, EnvString};
 
@@ -38,10 +42,18 @@ pub struct Config {
     /// Routes in order. The most specific path wins; for equal paths, the first whose methods match.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
-    /// Sections of features this version does not implement, kept so they can be rejected with
-    /// a clear message instead of a generic "unknown field".
-    pub auth: Option<Spanned<toml::Value>>,
-    pub admin: Option<Spanned<toml::Value>>,
+    /// Token verification for routes whose `auth` asks for it.
+    pub auth: Option<Spanned<AuthConfig>>,
+    /// The admin listener (health, readiness). Absent: no admin listener.
+    pub admin: Option<AdminConfig>,
+}
+
+/// A separate listener for operators.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port`; keep it on loopback or a private network.
+    pub address: Spanned<EnvString>,
 }
 
 /// Process-level settings for the server.
@@ -91,7 +103,7 @@ pub struct TlsListenerConfig {
     pub http2: bool,
 }
 
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
 
@@ -156,7 +168,8 @@ pub struct StoreConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
-    pub auth: Option<Spanned<toml::Value>>,
+    /// `"required"`, `"optional"`, `"none"` (the default), or a table with scopes and claims to forward.
+    pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
     pub rate_limit: Option<Spanned<toml::Value>>,
     pub cache: Option<Spanned<toml::Value>>,
     pub purge: Option<Spanned<toml::Value>>,
@@ -171,7 +184,8 @@ pub struct RouteConfig {
     pub path: Spanned<String>,
     /// Methods this route applies to, upper case. Default: all methods.
     pub methods: Option<Vec<Spanned<String>>>,
-    pub auth: Option<Spanned<toml::Value>>,
+    /// Replaces `defaults.auth` for this route.
+    pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
     pub rate_limit: Option<Spanned<toml::Value>>,
     pub cache: Option<Spanned<toml::Value>>,
     pub purge: Option<Spanned<toml::Value>>,
@@ -303,11 +317,32 @@ fn validate(config: &Config) -> Vec<SpanError> {
         }
     }
 
-    unsupported(&config.auth, "[auth]", "JWT authentication", &mut errors);
-    unsupported(&config.admin, "[admin]", "the admin listener", &mut errors);
+    if let Some(admin) = &config.admin {
+        let address = admin.address.get_ref().as_str();
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(SpanError::new(
+                admin.address.span(),
+                format!(
+                    "invalid admin address {address:?}: write ip:port, like \"127.0.0.1:9901\""
+                ),
+            ));
+        }
+        let clash = config
+            .listeners
+            .get_ref()
+            .iter()
+            .any(|l| l.address.get_ref().as_str() == address);
+        if clash {
+            errors.push(SpanError::new(
+                admin.address.span(),
+                format!(
+                    "the admin address {address} is also a listener address; give it its own port"
+                ),
+            ));
+        }
+    }
     policy_unsupported(
         [
-            &config.defaults.auth,
             &config.defaults.rate_limit,
             &config.defaults.cache,
             &config.defaults.purge,
@@ -317,7 +352,7 @@ fn validate(config: &Config) -> Vec<SpanError> {
     );
     for route in &config.routes {
         policy_unsupported(
-            [&route.auth, &route.rate_limit, &route.cache, &route.purge],
+            [&route.rate_limit, &route.cache, &route.purge],
             "routes",
             &mut errors,
         );
@@ -326,12 +361,11 @@ fn validate(config: &Config) -> Vec<SpanError> {
 }
 
 fn policy_unsupported(
-    sections: [&Option<Spanned<toml::Value>>; 4],
+    sections: [&Option<Spanned<toml::Value>>; 3],
     table: &str,
     errors: &mut Vec<SpanError>,
 ) {
-    let [auth, rate_limit, cache, purge] = sections;
-    unsupported(auth, &format!("{table}.auth"), "JWT authentication", errors);
+    let [rate_limit, cache, purge] = sections;
     unsupported(
         rate_limit,
         &format!("{table}.rate_limit"),

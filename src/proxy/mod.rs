@@ -13,12 +13,13 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH};
+use http::header::{HeaderName, CONTENT_LENGTH, WWW_AUTHENTICATE};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::ErrorType;
 
+use crate::auth::{self, Identity};
 use crate::problem::Problem;
 use crate::routes::{normalize_path, RouteId};
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -48,6 +49,10 @@ pub struct RequestCtx {
     pub snapshot: Arc<Snapshot>,
     pub request_id: String,
     pub route: Option<RouteId>,
+    /// The verified token's identity, when the route checked one and it was present.
+    pub identity: Option<Arc<Identity>>,
+    /// Why authentication refused the request, for logs.
+    pub auth_failure: Option<&'static str>,
     pub started: Instant,
     /// Origin chosen for the current attempt, and how many connection attempts were made.
     pub origin: Option<usize>,
@@ -122,6 +127,39 @@ fn detail_for(status: u16, e: &Error, ctx: &RequestCtx) -> String {
     }
 }
 
+impl Gateway {
+    /// The authentication phase: strips gateway-set headers, checks the token against the
+    /// route's policy, and either forwards the identity or answers 401/403 itself.
+    async fn authenticate(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = ctx.snapshot.clone();
+        for name in snapshot.routes.gateway_headers() {
+            session.req_header_mut().remove_header(name);
+        }
+        let Some(authenticator) = &snapshot.auth else {
+            return Ok(false);
+        };
+        let policy = &snapshot.routes.policy(ctx.route).auth;
+        match authenticator
+            .check(policy, &session.req_header().headers)
+            .await
+        {
+            Ok(identity) => {
+                auth::forward(policy, identity.as_deref(), session.req_header_mut());
+                ctx.identity = identity;
+                Ok(false)
+            }
+            Err(rejection) => {
+                ctx.auth_failure = Some(rejection.label());
+                Problem::new(rejection.status(), rejection.detail())
+                    .with_header(WWW_AUTHENTICATE, rejection.challenge(&authenticator.realm))
+                    .send(session, &ctx.request_id)
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -131,6 +169,8 @@ impl ProxyHttp for Gateway {
             snapshot: self.snapshot.load_full(),
             request_id: String::new(),
             route: None,
+            identity: None,
+            auth_failure: None,
             started: Instant::now(),
             origin: None,
             connect_attempts: 0,
@@ -199,7 +239,8 @@ impl ProxyHttp for Gateway {
 
         let req = session.req_header();
         ctx.route = ctx.snapshot.routes.find(&req.method, req.uri.path());
-        Ok(false)
+
+        self.authenticate(session, ctx).await
     }
 
     async fn upstream_peer(

@@ -51,6 +51,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The last known health, without I/O: `Err` says why the store is not usable.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Builds the configured store. A Redis store starts connecting in the background on the current

@@ -136,6 +136,14 @@ impl Store for RedisStore {
         Ok(removed > 0)
     }
 
+    fn health(&self) -> Result<(), String> {
+        if self.is_connected() {
+            Ok(())
+        } else {
+            Err(format!("Redis at {} is not reachable", self.display_url))
+        }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.connection())

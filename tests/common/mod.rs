@@ -422,3 +422,117 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
     std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("writing the key");
     (cert_path, key_path, certified.cert.der().to_vec())
 }
+
+/// A JWKS and OpenID discovery server for auth tests: serves `/jwks.json` and
+/// `/.well-known/openid-configuration` from a document the test can replace, counts requests,
+/// and can be stopped (connection refused) and started again on the same port.
+pub struct JwksServer {
+    pub port: u16,
+    pub document: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl JwksServer {
+    pub async fn start(document: serde_json::Value) -> JwksServer {
+        let mut server = JwksServer {
+            port: free_port(),
+            document: std::sync::Arc::new(std::sync::Mutex::new(document)),
+            hits: Default::default(),
+            task: None,
+        };
+        server.resume().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/jwks.json", self.port)
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set(&self, document: serde_json::Value) {
+        *self.document.lock().unwrap() = document;
+    }
+
+    /// Stops answering: the port refuses connections.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    pub async fn resume(&mut self) {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("binding the JWKS port");
+        let document = self.document.clone();
+        let hits = self.hits.clone();
+        let port = self.port;
+        self.task = Some(tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let document = document.clone();
+                let hits = hits.clone();
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = match req.uri().path() {
+                        "/.well-known/openid-configuration" => serde_json::json!({
+                            "issuer": format!("http://127.0.0.1:{port}"),
+                            "jwks_uri": format!("http://127.0.0.1:{port}/jwks.json"),
+                        }),
+                        _ => document.lock().unwrap().clone(),
+                    };
+                    async move {
+                        Ok::<_, Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body.to_string())))
+                                .unwrap(),
+                        )
+                    }
+                });
+                // No keep-alive, so stopping the accept loop really takes the server away.
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls an async condition every 50 ms for up to `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,218 @@
+//! A JWKS (RFC 7517) fetched over HTTP(S) with a hyper-util client, kept in memory, refreshed in
+//! the background and on unknown key ids — with a floor between fetches, so a flood of made-up
+//! `kid`s cannot hammer the identity provider. A failed fetch keeps the last good key set.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::JwkSet;
+
+use super::keys::VerifyKey;
+
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// While no key set was ever loaded, retry this often.
+const RETRY_UNTIL_LOADED: Duration = Duration::from_secs(2);
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+pub struct JwksSource {
+    /// The JWKS URL, or the OpenID issuer when `discover` is set.
+    url: String,
+    discover: bool,
+    client: HttpsClient,
+    keys: ArcSwap<Vec<Arc<VerifyKey>>>,
+    loaded: AtomicBool,
+    last_fetch: Mutex<Option<Instant>>,
+    /// Serialises fetches, so concurrent unknown-kid requests share one.
+    fetching: tokio::sync::Mutex<()>,
+    pub refresh_interval: Duration,
+    min_refresh_interval: Duration,
+}
+
+impl std::fmt::Debug for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksSource")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("{path:?} is not valid PEM: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{path:?} holds an unusable certificate: {e}"))?;
+            }
+        }
+        None => {
+            // Unreadable system certificates are skipped; an https JWKS then fails to fetch
+            // with a TLS error that says so.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+impl JwksSource {
+    pub fn new(
+        url: &str,
+        discover: bool,
+        ca_file: Option<&str>,
+        refresh_interval: Duration,
+        min_refresh_interval: Duration,
+    ) -> Result<JwksSource, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(format!("{url:?} must be an http:// or https:// URL"));
+        }
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(ca_file)?)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(JwksSource {
+            url: url.trim_end_matches('/').to_owned(),
+            discover,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            keys: ArcSwap::from_pointee(Vec::new()),
+            loaded: AtomicBool::new(false),
+            last_fetch: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            refresh_interval,
+            min_refresh_interval,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn keys(&self) -> Arc<Vec<Arc<VerifyKey>>> {
+        self.keys.load_full()
+    }
+
+    /// Whether a key set was ever loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        let request = async {
+            let resp = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| format!("GET {url} failed: {e}"))?;
+            if !resp.status().is_success() {
+                return Err(format!("GET {url} answered {}", resp.status()));
+            }
+            let body = Limited::new(resp.into_body(), MAX_DOCUMENT_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("reading {url} failed: {e}"))?
+                .to_bytes();
+            serde_json::from_slice(&body).map_err(|e| format!("{url} is not JSON: {e}"))
+        };
+        tokio::time::timeout(FETCH_TIMEOUT, request)
+            .await
+            .map_err(|_| format!("GET {url} timed out after {FETCH_TIMEOUT:?}"))?
+    }
+
+    /// Fetches the key set now and swaps it in; on failure the previous set stays.
+    pub async fn fetch(&self) -> Result<usize, String> {
+        let _one_at_a_time = self.fetching.lock().await;
+        *self.last_fetch.lock().expect("jwks mutex") = Some(Instant::now());
+        let jwks_url = if self.discover {
+            let discovery = format!("{}/.well-known/openid-configuration", self.url);
+            let document = self.get_json(&discovery).await?;
+            document["jwks_uri"]
+                .as_str()
+                .ok_or_else(|| format!("{discovery} names no jwks_uri"))?
+                .to_owned()
+        } else {
+            self.url.clone()
+        };
+        let document = self.get_json(&jwks_url).await?;
+        let set: JwkSet = serde_json::from_value(document)
+            .map_err(|e| format!("{jwks_url} is not a JWK set: {e}"))?;
+        let keys: Vec<Arc<VerifyKey>> = set
+            .keys
+            .iter()
+            .filter_map(VerifyKey::from_jwk)
+            .map(Arc::new)
+            .collect();
+        if keys.is_empty() {
+            return Err(format!("{jwks_url} holds no usable public key"));
+        }
+        let count = keys.len();
+        self.keys.store(Arc::new(keys));
+        if !self.loaded.swap(true, Ordering::Relaxed) {
+            tracing::info!(url = %jwks_url, keys = count, "auth: JWKS loaded");
+        }
+        Ok(count)
+    }
+
+    /// Fetches again if the last fetch is older than the floor; returns whether it did.
+    /// Called when a token names a key id the current set lacks.
+    pub async fn refresh_for_unknown_kid(&self) -> bool {
+        let due = self
+            .last_fetch
+            .lock()
+            .expect("jwks mutex")
+            .is_none_or(|at| at.elapsed() >= self.min_refresh_interval);
+        if !due {
+            return false;
+        }
+        match self.fetch().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(url = %self.url, error = %e, "auth: JWKS refresh failed; keeping the last good key set");
+                false
+            }
+        }
+    }
+
+    /// Keeps the key set fresh until the source is dropped.
+    pub async fn run(source: std::sync::Weak<JwksSource>) {
+        loop {
+            let Some(this) = source.upgrade() else { return };
+            let wait = match this.fetch().await {
+                Ok(_) => this.refresh_interval,
+                Err(e) => {
+                    tracing::warn!(url = %this.url, error = %e, "auth: JWKS fetch failed; keeping the last good key set");
+                    if this.is_loaded() {
+                        this.refresh_interval
+                            .min(this.min_refresh_interval.max(RETRY_UNTIL_LOADED))
+                    } else {
+                        RETRY_UNTIL_LOADED
+                    }
+                }
+            };
+            drop(this);
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
