@@ -687,6 +687,7 @@ address = "127.0.0.1:1"
 addresses = ["http://127.0.0.1:1"]
 [auth]
 token_cache_size = 100
+required_claims = { tenant = "acme", tier = 2 }
 [[auth.providers]]
 algorithms = ["HS256"]
 secret = "unit-test-secret"
@@ -702,7 +703,7 @@ secret = "unit-test-secret"
         let now = jsonwebtoken::get_current_timestamp();
         let token = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(Algorithm::HS256),
-            &serde_json::json!({"sub": "a", "exp": now + 60}),
+            &serde_json::json!({"sub": "a", "exp": now + 60, "tenant": "acme", "tier": 2}),
             &jsonwebtoken::EncodingKey::from_secret(b"unit-test-secret"),
         )
         .unwrap();
@@ -724,6 +725,36 @@ secret = "unit-test-secret"
             auth.verify(&expired).await.unwrap_err(),
             Reason::Expired,
             "failures are not cached as successes"
+        );
+    }
+
+    #[tokio::test]
+    async fn required_claims_must_be_present_with_their_values() {
+        let auth = hmac_authenticator();
+        let now = jsonwebtoken::get_current_timestamp();
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"unit-test-secret"),
+            )
+            .unwrap()
+        };
+        let wrong = sign(serde_json::json!({"exp": now + 60, "tenant": "globex", "tier": 2}));
+        assert_eq!(
+            auth.verify(&wrong).await.unwrap_err(),
+            Reason::ClaimMismatch("tenant".into())
+        );
+        let missing = sign(serde_json::json!({"exp": now + 60, "tenant": "acme"}));
+        assert_eq!(
+            auth.verify(&missing).await.unwrap_err(),
+            Reason::MissingClaim("tier".into())
+        );
+        let typed = sign(serde_json::json!({"exp": now + 60, "tenant": "acme", "tier": "2"}));
+        assert_eq!(
+            auth.verify(&typed).await.unwrap_err(),
+            Reason::ClaimMismatch("tier".into()),
+            "2 is not \"2\""
         );
     }
 
