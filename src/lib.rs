@@ -1,7 +1,8 @@
 //! cachegate: a reverse-proxy caching gateway for HTTP CRUD APIs, built on pingora.
 //!
 //! A request flows one way through the modules: [`routes`] matches it against the
-//! [`snapshot`] of the configuration, [`auth`] checks its token, [`proxy`] carries it through
+//! [`snapshot`] of the configuration, [`auth`] checks its token, [`ratelimit`] counts it,
+//! [`proxy`] carries it through
 //! pingora's phases to the
 //! [`upstream`] group, and errors are answered by [`problem`]. State shared between requests lives
 //! behind the [`store`] boundary. [`config`] parses and validates the TOML file; [`server`]
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod problem;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod snapshot;

@@ -9,12 +9,14 @@ use http::{HeaderName, Method};
 
 use crate::auth::AuthPolicy;
 use crate::config::{PolicyConfig, RouteConfig, SpanError};
+use crate::ratelimit::RateLimitPolicy;
 
 /// A route's per-request policy; a request that matches no route gets the table's default.
-/// Rate limits, caching and purge will join authentication here.
+/// Caching and purge will join authentication and rate limiting here.
 #[derive(Debug, Default, Clone)]
 pub struct Policy {
     pub auth: AuthPolicy,
+    pub rate_limit: Option<RateLimitPolicy>,
 }
 
 impl Policy {
@@ -24,14 +26,35 @@ impl Policy {
         defaults: &PolicyConfig,
         auth_configured: bool,
     ) -> Result<Policy, Vec<SpanError>> {
+        let mut errors = Vec::new();
         let auth = route
             .and_then(|r| r.auth.as_ref())
             .or(defaults.auth.as_ref());
         let auth = match auth {
-            Some(config) => AuthPolicy::compile(config, auth_configured)?,
+            Some(config) => AuthPolicy::compile(config, auth_configured).unwrap_or_else(|e| {
+                errors.extend(e);
+                AuthPolicy::default()
+            }),
             None => AuthPolicy::default(),
         };
-        Ok(Policy { auth })
+        // Counters are scoped by route name: routes sharing a name share counters.
+        let (rate_limit, scope) = match route.and_then(|r| r.rate_limit.as_ref()) {
+            Some(config) => (
+                Some(config),
+                route.map_or("default", RouteConfig::display_name),
+            ),
+            None => (defaults.rate_limit.as_ref(), "default"),
+        };
+        let rate_limit = rate_limit.and_then(|config| {
+            RateLimitPolicy::compile(config, scope)
+                .map_err(|e| errors.extend(e))
+                .ok()
+        });
+        if errors.is_empty() {
+            Ok(Policy { auth, rate_limit })
+        } else {
+            Err(errors)
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use pingora::services::listening::Service;
 use crate::admin::Admin;
 use crate::config::LoadedConfig;
 use crate::proxy::Gateway;
+use crate::ratelimit::{self, Limiter};
 use crate::snapshot::Snapshot;
 use crate::store;
 
@@ -48,15 +49,29 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the background runtime: {e}"))?;
-    let redis_url = config
-        .store
-        .as_ref()
-        .and_then(|s| s.redis_url.as_ref())
-        .map(|u| u.get_ref().as_str().to_owned());
     let store = {
         let _guard = control.enter();
-        store::from_config(redis_url.as_deref()).map_err(|e| e.to_string())?
+        store::from_config(config.store.as_ref()).map_err(|e| e.to_string())?
     };
+    let auth_failures = match &config.rate_limit.auth_failures {
+        Some(rate) => {
+            let (count, period) = ratelimit::parse_rate(rate.get_ref())?;
+            Some(ratelimit::Limit {
+                name: "auth-failures".to_owned(),
+                count,
+                period,
+                burst: count,
+                key: vec![ratelimit::KeyPart::Ip],
+            })
+        }
+        None => None,
+    };
+    let limiter = Limiter::new(
+        store.clone(),
+        &config.rate_limit.prefix,
+        config.rate_limit.instances,
+        auth_failures,
+    );
     tracing::info!(store = store.kind(), "store ready");
     if let Some(auth) = &snapshot.auth {
         let _guard = control.enter();
@@ -109,7 +124,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         server.add_service(admin);
         tracing::info!(address, "admin listening");
     }
-    let gateway = Gateway::new(shared, store);
+    let gateway = Gateway::new(shared, store, limiter);
     let mut service = http_proxy_service_with_name(&server.configuration, gateway, "cachegate");
     for listener in config.listeners.get_ref() {
         let address = listener.address.get_ref().as_str();

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::auth::Authenticator;
 use crate::config::{ConfigErrors, LoadedConfig};
+use crate::ratelimit::TrustedProxies;
 use crate::routes::RouteTable;
 use crate::upstream::UpstreamGroup;
 
@@ -27,6 +28,8 @@ pub struct Snapshot {
     pub auth: Option<Arc<Authenticator>>,
     pub upstream: UpstreamGroup,
     pub limits: Limits,
+    /// Who may tell us the client's address.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Snapshot {
@@ -52,6 +55,7 @@ impl Snapshot {
                     max_request_header_bytes: config.limits.max_request_header_bytes.get_ref().0,
                     max_request_body_bytes: config.limits.max_request_body_bytes.0,
                 },
+                trusted_proxies: TrustedProxies::compile(&config.server.trusted_proxies),
             }),
             _ => {
                 errors.sort_by_key(|e| e.span.start);

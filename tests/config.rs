@@ -233,12 +233,6 @@ fn unsupported_sections_are_rejected_not_ignored() {
         9,
         "`routes.cache` is not supported yet",
     );
-    assert_error(
-        &format!("{VALID_BASE}[defaults]\nrate_limit = {{ rate = \"10/s\" }}\n"),
-        7,
-        14,
-        "`defaults.rate_limit` is not supported yet",
-    );
 }
 
 #[test]
@@ -423,5 +417,45 @@ fn auth_unknown_mode() {
         8,
         8,
         "unknown auth mode \"mandatory\"",
+    );
+}
+
+#[test]
+fn bad_rate() {
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\nrate_limit = {{ limits = [ {{ rate = \"100 per minute\" }} ] }}\n"),
+        8,
+        36,
+        "invalid rate \"100 per minute\"",
+    );
+}
+
+#[test]
+fn unknown_rate_limit_key() {
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\nrate_limit = {{ limits = [ {{ rate = \"1/s\", key = \"cookie\" }} ] }}\n"),
+        8,
+        49,
+        "unknown rate-limit key \"cookie\"",
+    );
+}
+
+#[test]
+fn bad_trusted_proxy() {
+    assert_error(
+        &format!("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n{VALID_BASE}"),
+        2,
+        20,
+        "invalid trusted proxy \"10.0.0.0/33\"",
+    );
+}
+
+#[test]
+fn unknown_on_store_error() {
+    assert_error(
+        &format!("{VALID_BASE}[defaults]\nrate_limit = {{ limits = [ {{ rate = \"1/s\" }} ], on_store_error = \"panic\" }}\n"),
+        7,
+        64,
+        "unknown variant `panic`",
     );
 }

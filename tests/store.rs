@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cachegate::store::{RedisStore, Store};
+use cachegate::store::{RedisOptions, RedisStore, Store};
 use common::{config_for, free_port, Client, Gateway, Redis, Upstream};
 use hyper::StatusCode;
 
@@ -25,7 +25,7 @@ fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
 #[tokio::test]
 async fn redis_store_round_trips_values_with_expiry() {
     let redis = Redis::start();
-    let store = RedisStore::connect(&redis.url()).unwrap();
+    let store = RedisStore::connect(&redis.url(), RedisOptions::default()).unwrap();
     assert_eq!(store.kind(), "redis");
 
     store
@@ -53,7 +53,11 @@ async fn redis_store_round_trips_values_with_expiry() {
 #[tokio::test]
 async fn redis_store_reports_unavailable_instead_of_hanging() {
     let port = free_port();
-    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}")).unwrap();
+    let store = RedisStore::connect(
+        &format!("redis://127.0.0.1:{port}"),
+        RedisOptions::default(),
+    )
+    .unwrap();
     let started = Instant::now();
     let err = store.get("k").await.expect_err("nothing listens there");
     assert!(

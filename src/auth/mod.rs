@@ -448,6 +448,12 @@ impl Authenticator {
         Ok(Some(identity))
     }
 
+    /// Whether `token` was verified recently and is remembered (no signature check needed).
+    pub fn is_remembered(&self, token: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.verified.contains_key(&digest)
+    }
+
     /// Verifies a token, or answers from the cache of verified tokens.
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, Reason> {
         if token.len() > MAX_TOKEN_BYTES {

@@ -7,6 +7,7 @@
 
 mod auth;
 mod error;
+mod ratelimit;
 pub mod values;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub use auth::{
     AuthConfig, AuthMode, AuthPolicyConfig, AuthPolicyConfigOrMode, OneOrMany, ProviderConfig,
 };
 pub use error::{line_col, ConfigError, ConfigErrors, SpanError};
+pub use ratelimit::{KeyConfig, LimitConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig};
 pub use values::{ByteSize, Dur, EnvString};
 
 /// pingora's HTTP/1 parser refuses request heads above this size on its own.
@@ -44,6 +46,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Token verification for routes whose `auth` asks for it.
     pub auth: Option<Spanned<AuthConfig>>,
+    /// Settings shared by the rate-limit policies.
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
     /// The admin listener (health, readiness). Absent: no admin listener.
     pub admin: Option<AdminConfig>,
 }
@@ -69,6 +74,9 @@ pub struct ServerConfig {
     /// Unix socket for pingora's zero-downtime upgrade (SIGQUIT). Default:
     /// `/tmp/cachegate-<first listener address>.sock`, so two gateways on one host never collide.
     pub upgrade_sock: Option<EnvString>,
+    /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` headers name the real client. From
+    /// anyone else those headers are ignored when deciding the client IP.
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +86,7 @@ impl Default for ServerConfig {
             grace_period: Dur(std::time::Duration::from_secs(10)),
             shutdown_timeout: Dur(std::time::Duration::from_secs(5)),
             upgrade_sock: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -162,6 +171,27 @@ impl Default for LimitsConfig {
 pub struct StoreConfig {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     pub redis_url: Option<Spanned<EnvString>>,
+    /// Seed nodes of a Redis Cluster, instead of `redis_url`.
+    pub redis_cluster: Option<Spanned<Vec<EnvString>>>,
+    /// Longest a request waits for the store; past it the store counts as failed for that request.
+    #[serde(default = "default_store_timeout")]
+    pub timeout: Dur,
+    /// Consecutive failures that open the circuit: the store is then not asked at all...
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    /// ...for this long, after which one request tries it again.
+    #[serde(default = "default_circuit_open")]
+    pub circuit_open: Dur,
+}
+
+fn default_store_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(25))
+}
+fn default_circuit_failures() -> u32 {
+    3
+}
+fn default_circuit_open() -> Dur {
+    Dur(std::time::Duration::from_secs(2))
 }
 
 /// Per-request policy sections. Later versions fill these; today each is rejected when present.
@@ -170,7 +200,8 @@ pub struct StoreConfig {
 pub struct PolicyConfig {
     /// `"required"`, `"optional"`, `"none"` (the default), or a table with scopes and claims to forward.
     pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
-    pub rate_limit: Option<Spanned<toml::Value>>,
+    /// Limits every request of the route must fit in.
+    pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
     pub cache: Option<Spanned<toml::Value>>,
     pub purge: Option<Spanned<toml::Value>>,
 }
@@ -186,7 +217,8 @@ pub struct RouteConfig {
     pub methods: Option<Vec<Spanned<String>>>,
     /// Replaces `defaults.auth` for this route.
     pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
-    pub rate_limit: Option<Spanned<toml::Value>>,
+    /// Replaces `defaults.rate_limit` for this route.
+    pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
     pub cache: Option<Spanned<toml::Value>>,
     pub purge: Option<Spanned<toml::Value>>,
 }
@@ -306,6 +338,55 @@ fn validate(config: &Config) -> Vec<SpanError> {
         ));
     }
 
+    if let Some(store) = &config.store {
+        if let (Some(_), Some(cluster)) = (&store.redis_url, &store.redis_cluster) {
+            errors.push(SpanError::new(
+                cluster.span(),
+                "set either redis_url (one Redis) or redis_cluster (seed nodes of a cluster), not both",
+            ));
+        }
+        if let Some(cluster) = &store.redis_cluster {
+            if cluster.get_ref().is_empty() {
+                errors.push(SpanError::new(
+                    cluster.span(),
+                    "redis_cluster needs at least one seed node",
+                ));
+            }
+            for node in cluster.get_ref() {
+                if let Err(e) = redis::Client::open(node.as_str()) {
+                    errors.push(SpanError::new(
+                        cluster.span(),
+                        format!("invalid redis_cluster node {:?}: {e}", node.as_str()),
+                    ));
+                }
+            }
+        }
+        if store.timeout.0.is_zero() || store.circuit_failures == 0 {
+            errors.push(SpanError::new(
+                0..0,
+                "store.timeout must be greater than zero and store.circuit_failures at least 1",
+            ));
+        }
+    }
+    for proxy in &config.server.trusted_proxies {
+        if crate::ratelimit::parse_cidr(proxy.get_ref()).is_err() {
+            errors.push(SpanError::new(
+                proxy.span(),
+                format!("invalid trusted proxy {:?}: write an address or a CIDR, like \"10.0.0.0/8\" or \"::1\"", proxy.get_ref()),
+            ));
+        }
+    }
+    if let Some(rate) = &config.rate_limit.auth_failures {
+        if let Err(message) = crate::ratelimit::parse_rate(rate.get_ref()) {
+            errors.push(SpanError::new(rate.span(), message));
+        }
+    }
+    if config.rate_limit.instances == 0 {
+        errors.push(SpanError::new(
+            0..0,
+            "rate_limit.instances must be at least 1",
+        ));
+    }
     if let Some(url) = config.store.as_ref().and_then(|s| s.redis_url.as_ref()) {
         if let Err(e) = redis::Client::open(url.get_ref().as_str()) {
             errors.push(SpanError::new(
@@ -342,36 +423,22 @@ fn validate(config: &Config) -> Vec<SpanError> {
         }
     }
     policy_unsupported(
-        [
-            &config.defaults.rate_limit,
-            &config.defaults.cache,
-            &config.defaults.purge,
-        ],
+        [&config.defaults.cache, &config.defaults.purge],
         "defaults",
         &mut errors,
     );
     for route in &config.routes {
-        policy_unsupported(
-            [&route.rate_limit, &route.cache, &route.purge],
-            "routes",
-            &mut errors,
-        );
+        policy_unsupported([&route.cache, &route.purge], "routes", &mut errors);
     }
     errors
 }
 
 fn policy_unsupported(
-    sections: [&Option<Spanned<toml::Value>>; 3],
+    sections: [&Option<Spanned<toml::Value>>; 2],
     table: &str,
     errors: &mut Vec<SpanError>,
 ) {
-    let [rate_limit, cache, purge] = sections;
-    unsupported(
-        rate_limit,
-        &format!("{table}.rate_limit"),
-        "rate limiting",
-        errors,
-    );
+    let [cache, purge] = sections;
     unsupported(cache, &format!("{table}.cache"), "response caching", errors);
     unsupported(purge, &format!("{table}.purge"), "purge on write", errors);
 }

@@ -8,24 +8,28 @@
 
 mod forwarding;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH, WWW_AUTHENTICATE};
+use http::header::{HeaderName, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::ErrorType;
 
-use crate::auth::{self, Identity};
+use crate::auth::{self, Identity, Rejection};
 use crate::problem::Problem;
+use crate::ratelimit::{Limiter, RequestFacts, Verdict};
 use crate::routes::{normalize_path, RouteId};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::store::Store;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The longest client-supplied request id passed on; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -33,13 +37,18 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// The gateway: one instance serves every request of every listener.
 pub struct Gateway {
     snapshot: SharedSnapshot,
-    #[allow(dead_code)] // read by the cache and rate-limit phases as they land
+    #[allow(dead_code)] // read by the cache phases as they land
     store: Arc<dyn Store>,
+    limiter: Limiter,
 }
 
 impl Gateway {
-    pub fn new(snapshot: SharedSnapshot, store: Arc<dyn Store>) -> Gateway {
-        Gateway { snapshot, store }
+    pub fn new(snapshot: SharedSnapshot, store: Arc<dyn Store>, limiter: Limiter) -> Gateway {
+        Gateway {
+            snapshot,
+            store,
+            limiter,
+        }
     }
 }
 
@@ -49,6 +58,10 @@ pub struct RequestCtx {
     pub snapshot: Arc<Snapshot>,
     pub request_id: String,
     pub route: Option<RouteId>,
+    /// The client's address: the peer, or what a trusted proxy says.
+    pub client_ip: IpAddr,
+    /// The rate-limit decision, whose headers go on the response.
+    pub rate_limit: Option<Verdict>,
     /// The verified token's identity, when the route checked one and it was present.
     pub identity: Option<Arc<Identity>>,
     /// Why authentication refused the request, for logs.
@@ -139,6 +152,21 @@ impl Gateway {
             return Ok(false);
         };
         let policy = &snapshot.routes.policy(ctx.route).auth;
+        // An address that has failed too often may not try new tokens for a while.
+        let new_token = authenticator
+            .token_from(&session.req_header().headers)
+            .is_some_and(|t| !authenticator.is_remembered(t));
+        if policy.mode != crate::config::AuthMode::None && new_token {
+            if let Some(verdict) = self.limiter.auth_failures_exhausted(ctx.client_ip).await {
+                ctx.auth_failure = Some("throttled");
+                let problem = Problem::new(
+                    429,
+                    "too many failed authentication attempts from this address; try again later",
+                );
+                self.send_limited(session, ctx, problem, &verdict).await?;
+                return Ok(true);
+            }
+        }
         match authenticator
             .check(policy, &session.req_header().headers)
             .await
@@ -150,6 +178,9 @@ impl Gateway {
             }
             Err(rejection) => {
                 ctx.auth_failure = Some(rejection.label());
+                if matches!(rejection, Rejection::Invalid(_)) {
+                    self.limiter.record_auth_failure(ctx.client_ip).await;
+                }
                 Problem::new(rejection.status(), rejection.detail())
                     .with_header(WWW_AUTHENTICATE, rejection.challenge(&authenticator.realm))
                     .send(session, &ctx.request_id)
@@ -157,6 +188,50 @@ impl Gateway {
                 Ok(true)
             }
         }
+    }
+}
+
+impl Gateway {
+    /// The rate-limit phase: counts the request against its route's limits and answers `429`
+    /// itself when one is exhausted.
+    async fn rate_limit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = ctx.snapshot.clone();
+        let Some(policy) = &snapshot.routes.policy(ctx.route).rate_limit else {
+            return Ok(false);
+        };
+        let facts = RequestFacts {
+            client_ip: ctx.client_ip,
+            subject: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+            headers: &session.req_header().headers,
+        };
+        let verdict = self.limiter.check(policy, &facts).await;
+        if verdict.allowed {
+            ctx.rate_limit = Some(verdict);
+            return Ok(false);
+        }
+        let problem = Problem::new(
+            429,
+            "rate limit exceeded; retry after the time in Retry-After",
+        );
+        self.send_limited(session, ctx, problem, &verdict).await?;
+        ctx.rate_limit = Some(verdict);
+        Ok(true)
+    }
+
+    async fn send_limited(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        problem: Problem,
+        verdict: &Verdict,
+    ) -> Result<()> {
+        let mut problem = problem.with_header(RETRY_AFTER, verdict.retry_after_secs.to_string());
+        if !verdict.policy_header.is_empty() {
+            problem = problem
+                .with_header(RATELIMIT_POLICY, verdict.policy_header.clone())
+                .with_header(RATELIMIT, verdict.status_header.clone());
+        }
+        problem.send(session, &ctx.request_id).await
     }
 }
 
@@ -169,6 +244,8 @@ impl ProxyHttp for Gateway {
             snapshot: self.snapshot.load_full(),
             request_id: String::new(),
             route: None,
+            client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            rate_limit: None,
             identity: None,
             auth_failure: None,
             started: Instant::now(),
@@ -239,8 +316,17 @@ impl ProxyHttp for Gateway {
 
         let req = session.req_header();
         ctx.route = ctx.snapshot.routes.find(&req.method, req.uri.path());
+        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+            ctx.client_ip = ctx
+                .snapshot
+                .trusted_proxies
+                .client_ip(peer.ip(), &req.headers);
+        }
 
-        self.authenticate(session, ctx).await
+        if self.authenticate(session, ctx).await? {
+            return Ok(true);
+        }
+        self.rate_limit(session, ctx).await
     }
 
     async fn upstream_peer(
@@ -324,6 +410,14 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(verdict) = ctx
+            .rate_limit
+            .as_ref()
+            .filter(|v| !v.policy_header.is_empty())
+        {
+            response.insert_header(RATELIMIT_POLICY, verdict.policy_header.as_str())?;
+            response.insert_header(RATELIMIT, verdict.status_header.as_str())?;
+        }
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())
     }
 

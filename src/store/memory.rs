@@ -1,5 +1,9 @@
-//! The in-process store: a [`moka`] cache with per-entry expiry. Needs nothing installed.
+//! The in-process store: a [`moka`] cache with per-entry expiry for values, and GCRA state in
+//! sharded maps for rate limits. Needs nothing installed.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -7,7 +11,75 @@ use bytes::Bytes;
 use moka::sync::Cache;
 use moka::Expiry;
 
+use super::gcra::{decide, GcraOutcome, GcraRequest};
 use super::{Store, StoreError};
+
+const SHARDS: usize = 64;
+/// A shard holding more keys than this drops the fully replenished ones on its next write.
+const SWEEP_ABOVE: usize = 4096;
+
+/// Rate-limit state: TAT per key, in milliseconds since `epoch`. Sharded so requests for
+/// different keys rarely share a lock; a request's shards are locked in index order, so a
+/// multi-limit decision is atomic and deadlock-free.
+pub struct GcraTable {
+    shards: Vec<Mutex<HashMap<String, u64>>>,
+    hasher: RandomState,
+    epoch: Instant,
+}
+
+impl Default for GcraTable {
+    fn default() -> Self {
+        GcraTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl GcraTable {
+    fn shard_of(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    /// Decides every limit, admitting all or none, like the Redis script; counts the request
+    /// only with `consume`.
+    pub fn check(&self, limits: &[GcraRequest], consume: bool) -> Vec<GcraOutcome> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let mut shard_ids: Vec<usize> = limits.iter().map(|l| self.shard_of(&l.key)).collect();
+        let order = {
+            let mut o = shard_ids.clone();
+            o.sort_unstable();
+            o.dedup();
+            o
+        };
+        let mut guards: Vec<(usize, MutexGuard<'_, HashMap<String, u64>>)> = order
+            .iter()
+            .map(|&i| (i, self.shards[i].lock().expect("gcra shard poisoned")))
+            .collect();
+        let mut decisions = Vec::with_capacity(limits.len());
+        for (limit, shard) in limits.iter().zip(&shard_ids) {
+            let map = &guards.iter().find(|(i, _)| i == shard).expect("locked").1;
+            decisions.push(decide(map.get(&limit.key).copied(), now, limit));
+        }
+        if consume && decisions.iter().all(|(o, _)| o.allowed) {
+            for ((limit, shard), (_, new_tat)) in
+                limits.iter().zip(shard_ids.iter_mut()).zip(&decisions)
+            {
+                let map = &mut guards
+                    .iter_mut()
+                    .find(|(i, _)| i == shard)
+                    .expect("locked")
+                    .1;
+                if map.len() > SWEEP_ABOVE {
+                    map.retain(|_, tat| *tat > now);
+                }
+                map.insert(limit.key.clone(), new_tat.expect("admitted"));
+            }
+        }
+        decisions.into_iter().map(|(o, _)| o).collect()
+    }
+}
 
 #[derive(Clone)]
 struct Entry {
@@ -34,6 +106,7 @@ impl Expiry<String, Entry> for PerEntryTtl {
 
 pub struct MemoryStore {
     entries: Cache<String, Entry>,
+    limits: GcraTable,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -59,6 +132,7 @@ impl MemoryStore {
                 })
                 .expire_after(PerEntryTtl)
                 .build(),
+            limits: GcraTable::default(),
         }
     }
 }
@@ -90,6 +164,14 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn rate_limit(
+        &self,
+        limits: &[GcraRequest],
+        consume: bool,
+    ) -> Result<Vec<GcraOutcome>, StoreError> {
+        Ok(self.limits.check(limits, consume))
     }
 }
 

@@ -6,6 +6,7 @@
 //!   `[store] redis_url`. The gateway starts without Redis being reachable and connects in the
 //!   background.
 
+pub mod gcra;
 mod memory;
 mod redis;
 
@@ -16,8 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::gcra::{GcraOutcome, GcraRequest};
+pub use self::memory::{GcraTable, MemoryStore};
+pub use self::redis::{RedisOptions, RedisStore};
 
 /// Why a store operation failed. Callers degrade (bypass, fall back) rather than fail requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Checks one request against every limit in `limits`, atomically (see [`gcra`]), and with
+    /// `consume` counts it when all admit it; the outcomes are in the same order.
+    async fn rate_limit(
+        &self,
+        limits: &[GcraRequest],
+        consume: bool,
+    ) -> Result<Vec<GcraOutcome>, StoreError>;
     /// The last known health, without I/O: `Err` says why the store is not usable.
     fn health(&self) -> Result<(), String> {
         Ok(())
@@ -59,9 +68,27 @@ pub trait Store: Send + Sync + fmt::Debug {
 
 /// Builds the configured store. A Redis store starts connecting in the background on the current
 /// tokio runtime and is returned at once.
-pub fn from_config(redis_url: Option<&str>) -> Result<Arc<dyn Store>, StoreError> {
-    match redis_url {
-        None => Ok(Arc::new(MemoryStore::new())),
-        Some(url) => Ok(RedisStore::connect(url)?),
+pub fn from_config(
+    config: Option<&crate::config::StoreConfig>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let Some(config) = config else {
+        return Ok(Arc::new(MemoryStore::new()));
+    };
+    let options = RedisOptions {
+        budget: config.timeout.0,
+        circuit_failures: config.circuit_failures,
+        circuit_open: config.circuit_open.0,
+    };
+    match (&config.redis_url, &config.redis_cluster) {
+        (Some(url), _) => Ok(RedisStore::connect(url.get_ref().as_str(), options)?),
+        (None, Some(nodes)) => {
+            let nodes: Vec<String> = nodes
+                .get_ref()
+                .iter()
+                .map(|n| n.as_str().to_owned())
+                .collect();
+            Ok(RedisStore::connect_cluster(&nodes, options)?)
+        }
+        (None, None) => Ok(Arc::new(MemoryStore::new())),
     }
 }

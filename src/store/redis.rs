@@ -1,15 +1,21 @@
-//! The Redis store: one multiplexed connection per gateway, managed (and re-established after
-//! failures) by the `redis` crate's `ConnectionManager`.
+//! The Redis store: one multiplexed connection per gateway (the `redis` crate's connection
+//! manager, or its cluster connection for Redis Cluster), behind a per-request time budget and a
+//! circuit breaker, so a slow or dead Redis costs a request at most the budget, and nothing at
+//! all once the circuit is open.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncCommands, RedisError, Script};
 
+use super::gcra::{GcraOutcome, GcraRequest, REFUND_SCRIPT, SCRIPT};
 use super::{Store, StoreError};
 
 /// How often the background task checks that Redis answers.
@@ -17,11 +23,97 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Limits on how long the request path waits for Redis.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisOptions {
+    /// Longest a request waits for one store operation.
+    pub budget: Duration,
+    /// Consecutive failures that open the circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit refuses calls before one is tried again.
+    pub circuit_open: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            budget: Duration::from_millis(25),
+            circuit_failures: 3,
+            circuit_open: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Closed: calls go through. After `threshold` consecutive failures: open for `open_for`, calls
+/// fail at once. Then half-open: a single call is let through; its result closes or reopens it.
+struct Circuit {
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` until which the circuit is open; 0 when closed.
+    open_until: AtomicU64,
+    threshold: u32,
+    open_for: Duration,
+    epoch: Instant,
+}
+
+impl Circuit {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn allow(&self) -> bool {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now();
+        // Half-open: the caller that moves the deadline forward gets the one trial.
+        now >= until
+            && self
+                .open_until
+                .compare_exchange(
+                    until,
+                    now + self.open_for.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    fn record(&self, ok: bool) {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            self.open_until.store(0, Ordering::Release);
+        } else if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold {
+            self.open_until.store(
+                self.now() + self.open_for.as_millis() as u64,
+                Ordering::Release,
+            );
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.load(Ordering::Acquire) != 0
+    }
+}
+
+enum Backend {
+    Single(ConnectionManager),
+    /// Connected in the background; `None` until the first connection succeeds.
+    Cluster {
+        nodes: Vec<String>,
+        connection: ArcSwapOption<ClusterConnection>,
+    },
+}
+
 pub struct RedisStore {
-    /// The URL without credentials, for logs.
+    /// Where Redis is, without credentials, for logs.
     display_url: String,
-    connection: ConnectionManager,
+    backend: Backend,
     connected: AtomicBool,
+    options: RedisOptions,
+    circuit: Circuit,
+    gcra: Script,
+    refund: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -30,39 +122,6 @@ impl std::fmt::Debug for RedisStore {
             .field("url", &self.display_url)
             .field("connected", &self.connected.load(Ordering::Relaxed))
             .finish()
-    }
-}
-
-impl RedisStore {
-    /// Creates the store without waiting for Redis, and starts a task on the current tokio
-    /// runtime that connects, then keeps checking the connection.
-    pub fn connect(url: &str) -> Result<Arc<RedisStore>, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Backend(format!("invalid redis_url: {e}")))?;
-        let display_url = redact(url);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let store = Arc::new(RedisStore {
-            display_url,
-            connection,
-            connected: AtomicBool::new(false),
-        });
-        tokio::spawn(watch_health(Arc::downgrade(&store)));
-        Ok(store)
-    }
-
-    /// Whether the last health check reached Redis.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    fn connection(&self) -> ConnectionManager {
-        self.connection.clone()
     }
 }
 
@@ -75,7 +134,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn backend_error(e: redis::RedisError) -> StoreError {
+fn backend_error(e: RedisError) -> StoreError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::Unavailable(e.to_string())
     } else {
@@ -83,13 +142,184 @@ fn backend_error(e: redis::RedisError) -> StoreError {
     }
 }
 
-/// Pings Redis every [`HEALTH_INTERVAL`], logging each change between reachable and not.
+impl RedisStore {
+    fn new(display_url: String, backend: Backend, options: RedisOptions) -> Arc<RedisStore> {
+        let store = Arc::new(RedisStore {
+            display_url,
+            backend,
+            connected: AtomicBool::new(false),
+            options,
+            circuit: Circuit {
+                failures: AtomicU32::new(0),
+                open_until: AtomicU64::new(0),
+                threshold: options.circuit_failures.max(1),
+                open_for: options.circuit_open,
+                epoch: Instant::now(),
+            },
+            gcra: Script::new(SCRIPT),
+            refund: Script::new(REFUND_SCRIPT),
+        });
+        tokio::spawn(watch_health(Arc::downgrade(&store)));
+        store
+    }
+
+    /// A store on one Redis server. Returns at once; a task on the current tokio runtime
+    /// connects, then keeps checking the connection.
+    pub fn connect(url: &str, options: RedisOptions) -> Result<Arc<RedisStore>, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Backend(format!("invalid redis_url: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(RedisStore::new(
+            redact(url),
+            Backend::Single(connection),
+            options,
+        ))
+    }
+
+    /// A store on a Redis Cluster, from its seed nodes. Returns at once, like [`RedisStore::connect`].
+    pub fn connect_cluster(
+        nodes: &[String],
+        options: RedisOptions,
+    ) -> Result<Arc<RedisStore>, StoreError> {
+        redis::cluster::ClusterClient::new(nodes.to_vec())
+            .map_err(|e| StoreError::Backend(format!("invalid redis_cluster: {e}")))?;
+        let display = format!(
+            "cluster[{}]",
+            nodes
+                .iter()
+                .map(|n| redact(n))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let backend = Backend::Cluster {
+            nodes: nodes.to_vec(),
+            connection: ArcSwapOption::empty(),
+        };
+        Ok(RedisStore::new(display, backend, options))
+    }
+
+    /// Whether the last health check reached Redis.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Whether failures opened the circuit (the store is being bypassed).
+    pub fn circuit_open(&self) -> bool {
+        self.circuit.is_open()
+    }
+
+    /// Runs `op` on a connection within the budget, through the circuit breaker.
+    async fn guarded<T, F, Fut>(&self, budget: Duration, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        if !self.circuit.allow() {
+            return Err(StoreError::Unavailable(
+                "circuit open after repeated failures".to_owned(),
+            ));
+        }
+        let Some(connection) = self.connection() else {
+            self.circuit.record(false);
+            return Err(StoreError::Unavailable("not connected yet".to_owned()));
+        };
+        let result = match tokio::time::timeout(budget, op(connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(backend_error(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {budget:?}"
+            ))),
+        };
+        self.circuit
+            .record(!matches!(result, Err(StoreError::Unavailable(_))));
+        result
+    }
+
+    fn connection(&self) -> Option<Connection> {
+        match &self.backend {
+            Backend::Single(c) => Some(Connection::Single(c.clone())),
+            Backend::Cluster { connection, .. } => connection
+                .load_full()
+                .map(|c| Connection::Cluster((*c).clone())),
+        }
+    }
+
+    async fn ensure_cluster_connection(&self) -> Result<(), StoreError> {
+        let Backend::Cluster { nodes, connection } = &self.backend else {
+            return Ok(());
+        };
+        if connection.load().is_some() {
+            return Ok(());
+        }
+        let client = redis::cluster::ClusterClient::builder(nodes.clone())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()
+            .map_err(backend_error)?;
+        let conn = client.get_async_connection().await.map_err(backend_error)?;
+        connection.store(Some(Arc::new(conn)));
+        Ok(())
+    }
+}
+
+/// A connection of either kind; both speak the same commands.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Pings Redis every [`HEALTH_INTERVAL`], logging each change between reachable and not. A
+/// successful ping also closes the circuit, so recovery does not wait for traffic.
 async fn watch_health(store: Weak<RedisStore>) {
     loop {
         let Some(strong) = store.upgrade() else {
             return;
         };
-        let reachable = strong.ping().await;
+        let reachable = match strong.ensure_cluster_connection().await {
+            Ok(()) => strong.ping().await,
+            Err(e) => Err(e),
+        };
+        if reachable.is_ok() {
+            strong.circuit.record(true);
+        }
         let was = strong.connected.swap(reachable.is_ok(), Ordering::Relaxed);
         match (&reachable, was) {
             (Ok(()), false) => {
@@ -108,6 +338,18 @@ async fn watch_health(store: Weak<RedisStore>) {
     }
 }
 
+fn outcomes_from(values: &[i64]) -> Vec<GcraOutcome> {
+    values
+        .chunks_exact(4)
+        .map(|v| GcraOutcome {
+            allowed: v[0] == 1,
+            remaining: u32::try_from(v[1].max(0)).unwrap_or(u32::MAX),
+            reset_ms: v[2].max(0) as u64,
+            retry_after_ms: v[3].max(0) as u64,
+        })
+        .collect()
+}
+
 #[async_trait]
 impl Store for RedisStore {
     fn kind(&self) -> &'static str {
@@ -115,25 +357,47 @@ impl Store for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let value: Option<Vec<u8>> = self.connection().get(key).await.map_err(backend_error)?;
+        let value: Option<Vec<u8>> = self
+            .guarded(self.options.budget, |mut c| async move { c.get(key).await })
+            .await?;
         Ok(value.map(Bytes::from))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError> {
         let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value.as_ref())
-            .arg("PX")
-            .arg(millis)
-            .query_async::<()>(&mut self.connection())
-            .await
-            .map_err(backend_error)
+        self.guarded(self.options.budget, |mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value.as_ref())
+                .arg("PX")
+                .arg(millis)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let removed: u64 = self.connection().del(key).await.map_err(backend_error)?;
+        let removed: u64 = self
+            .guarded(self.options.budget, |mut c| async move { c.del(key).await })
+            .await?;
         Ok(removed > 0)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self
+            .connection()
+            .ok_or_else(|| StoreError::Unavailable("not connected yet".to_owned()))?;
+        let reply = tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut connection),
+        )
+        .await;
+        match reply {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(backend_error(e)),
+            Err(_) => Err(StoreError::Unavailable("PING timed out".to_owned())),
+        }
     }
 
     fn health(&self) -> Result<(), String> {
@@ -144,22 +408,115 @@ impl Store for RedisStore {
         }
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        redis::cmd("PING")
-            .query_async::<String>(&mut self.connection())
-            .await
-            .map(drop)
-            .map_err(backend_error)
+    /// One `EVALSHA` (reloading on `NOSCRIPT`) for all limits on a single Redis. On a cluster the
+    /// limits' keys live in different slots, so each limit is one `EVALSHA`, all sent at once
+    /// (still one round trip of waiting, each limit exact); when one refuses, the units the
+    /// others took are given back in a second round trip, so a refused request counts nowhere.
+    async fn rate_limit(
+        &self,
+        limits: &[GcraRequest],
+        consume: bool,
+    ) -> Result<Vec<GcraOutcome>, StoreError> {
+        let script = &self.gcra;
+        let budget = self.options.budget;
+        match &self.backend {
+            Backend::Single(_) => {
+                let values: Vec<i64> = self
+                    .guarded(budget, |mut c| async move {
+                        let mut invocation = script.prepare_invoke();
+                        invocation.arg(u8::from(consume));
+                        for limit in limits {
+                            invocation
+                                .key(&limit.key)
+                                .arg(limit.interval_ms)
+                                .arg(limit.burst);
+                        }
+                        invocation.invoke_async(&mut c).await
+                    })
+                    .await?;
+                Ok(outcomes_from(&values))
+            }
+            Backend::Cluster { .. } => {
+                let values: Vec<Vec<i64>> = self
+                    .guarded(budget, |c| async move {
+                        let calls = limits.iter().map(|limit| {
+                            let mut c = c.clone();
+                            async move {
+                                script
+                                    .key(&limit.key)
+                                    .arg(u8::from(consume))
+                                    .arg(limit.interval_ms)
+                                    .arg(limit.burst)
+                                    .invoke_async::<Vec<i64>>(&mut c)
+                                    .await
+                            }
+                        });
+                        futures_util::future::try_join_all(calls).await
+                    })
+                    .await?;
+                let outcomes: Vec<GcraOutcome> =
+                    values.iter().flat_map(|v| outcomes_from(v)).collect();
+                if consume && outcomes.iter().any(|o| !o.allowed) {
+                    // All or nothing, as on a single Redis: give back what the admitting limits took.
+                    let refund = &self.refund;
+                    let admitted: Vec<&GcraRequest> = limits
+                        .iter()
+                        .zip(&outcomes)
+                        .filter(|(_, o)| o.allowed)
+                        .map(|(l, _)| l)
+                        .collect();
+                    let refunded = self
+                        .guarded(budget, |c| async move {
+                            let calls = admitted.into_iter().map(|limit| {
+                                let mut c = c.clone();
+                                async move {
+                                    refund
+                                        .key(&limit.key)
+                                        .arg(limit.interval_ms)
+                                        .invoke_async::<i64>(&mut c)
+                                        .await
+                                }
+                            });
+                            futures_util::future::try_join_all(calls).await
+                        })
+                        .await;
+                    if let Err(e) = refunded {
+                        tracing::debug!(error = %e, "rate limit: refund after a refusal failed");
+                    }
+                }
+                Ok(outcomes)
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
 
     #[test]
     fn credentials_never_reach_logs() {
         assert_eq!(redact("redis://user:pw@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn circuit_opens_after_failures_and_lets_one_trial_through() {
+        let circuit = Circuit {
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            threshold: 2,
+            open_for: Duration::from_millis(30),
+            epoch: Instant::now(),
+        };
+        circuit.record(false);
+        assert!(circuit.allow(), "one failure is below the threshold");
+        circuit.record(false);
+        assert!(!circuit.allow(), "open");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(circuit.allow(), "half-open: one trial");
+        assert!(!circuit.allow(), "only one");
+        circuit.record(true);
+        assert!(circuit.allow() && !circuit.is_open(), "closed again");
     }
 }

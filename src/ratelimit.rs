@@ -1,0 +1,516 @@
+//! Rate limiting: per-route policies of one or more GCRA limits, counted in the store (so every
+//! gateway instance on one Redis shares them), with the IETF `RateLimit` / `RateLimit-Policy`
+//! headers, and a per-policy answer for when the store fails: limit in process, allow, or deny.
+//!
+//! Also the client IP: the socket peer, unless the peer is a configured trusted proxy, in which
+//! case `X-Forwarded-For` (or `Forwarded`) is read from the right, skipping trusted hops.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName};
+use ipnet::IpNet;
+use toml::Spanned;
+
+use crate::config::{KeyConfig, OnStoreError, RateLimitPolicyConfig, SpanError};
+use crate::store::gcra::{GcraOutcome, GcraRequest};
+use crate::store::{GcraTable, Store};
+
+/// An address or CIDR: `"10.0.0.0/8"`, `"127.0.0.1"`, `"::1"`.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|e| e.to_string())
+}
+
+/// Peers allowed to tell us who the client is.
+#[derive(Debug, Default, Clone)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn compile(entries: &[Spanned<String>]) -> TrustedProxies {
+        // Validated with the configuration.
+        TrustedProxies(
+            entries
+                .iter()
+                .filter_map(|e| parse_cidr(e.get_ref()).ok())
+                .collect(),
+        )
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address for a request from `peer`.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let mut hops: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        if hops.is_empty() {
+            hops = headers
+                .get_all("forwarded")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split([',', ';']))
+                .filter_map(|p| {
+                    p.trim()
+                        .strip_prefix("for=")
+                        .or_else(|| p.trim().strip_prefix("For="))
+                })
+                .filter_map(|v| {
+                    let v = v.trim_matches('"');
+                    let v = v
+                        .strip_prefix('[')
+                        .map_or(v, |v| v.split(']').next().unwrap_or(v));
+                    v.parse::<IpAddr>()
+                        .ok()
+                        .or_else(|| v.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok()))
+                })
+                .collect();
+        }
+        // The rightmost address not added by one of our own proxies is the client.
+        hops.into_iter()
+            .rev()
+            .find(|ip| !self.trusts(*ip))
+            .unwrap_or(peer)
+    }
+}
+
+/// What a limit counts by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    Ip,
+    /// The JWT subject; the client IP for anonymous requests.
+    User,
+    Header(HeaderName),
+    Route,
+}
+
+/// One limit: `count` requests per `period`, `burst` at once.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub name: String,
+    pub count: u32,
+    pub period: Duration,
+    pub burst: u32,
+    pub key: Vec<KeyPart>,
+}
+
+impl Limit {
+    fn interval_ms(&self) -> u64 {
+        ((self.period.as_millis() as u64) / u64::from(self.count.max(1))).max(1)
+    }
+}
+
+/// `"100/minute"`, `"10/second"`, `"1000/hour"`, `"5/day"`, `"50/10s"`.
+pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let hint = "write a count and a period, like \"100/minute\", \"10/second\" or \"50/10s\"";
+    let (count, period) = text
+        .split_once('/')
+        .ok_or_else(|| format!("invalid rate {text:?}: {hint}"))?;
+    let count: u32 = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|c| *c > 0)
+        .ok_or_else(|| {
+            format!("invalid rate {text:?}: the count must be a whole number above 0")
+        })?;
+    let period = match period.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        other => humantime::parse_duration(other)
+            .map_err(|_| format!("invalid rate {text:?}: {hint}"))?,
+    };
+    if period.as_millis() < u128::from(count) {
+        return Err(format!(
+            "invalid rate {text:?}: more than one request per millisecond"
+        ));
+    }
+    Ok((count, period))
+}
+
+fn parse_key_part(text: &str) -> Result<KeyPart, String> {
+    match text {
+        "ip" => Ok(KeyPart::Ip),
+        "user" => Ok(KeyPart::User),
+        "route" => Ok(KeyPart::Route),
+        other => match other.strip_prefix("header:") {
+            Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                .map(KeyPart::Header)
+                .map_err(|_| format!("invalid header name in key {other:?}")),
+            None => Err(format!(
+                "unknown rate-limit key {other:?}: use \"ip\", \"user\", \"route\" or \"header:<name>\""
+            )),
+        },
+    }
+}
+
+/// A route's rate-limit policy, compiled.
+#[derive(Debug, Clone)]
+pub struct RateLimitPolicy {
+    /// Scope of the counters: the route's name, or `default`.
+    pub scope: String,
+    pub limits: Vec<Limit>,
+    pub on_store_error: OnStoreError,
+}
+
+impl RateLimitPolicy {
+    pub fn compile(
+        config: &Spanned<RateLimitPolicyConfig>,
+        scope: &str,
+    ) -> Result<RateLimitPolicy, Vec<SpanError>> {
+        let mut errors = Vec::new();
+        let mut limits = Vec::new();
+        if config.get_ref().limits.is_empty() {
+            errors.push(SpanError::new(
+                config.span(),
+                "rate_limit needs at least one entry in `limits`",
+            ));
+        }
+        for limit in &config.get_ref().limits {
+            let (count, period) = match parse_rate(limit.rate.get_ref()) {
+                Ok(rate) => rate,
+                Err(message) => {
+                    errors.push(SpanError::new(limit.rate.span(), message));
+                    continue;
+                }
+            };
+            let (texts, key_span) = match &limit.key {
+                None => (vec!["ip".to_owned()], limit.rate.span()),
+                Some(k) => match k.get_ref() {
+                    KeyConfig::One(one) => (vec![one.clone()], k.span()),
+                    KeyConfig::Combined(many) => (many.clone(), k.span()),
+                },
+            };
+            let mut key = Vec::new();
+            for text in &texts {
+                match parse_key_part(text) {
+                    Ok(part) => key.push(part),
+                    Err(message) => errors.push(SpanError::new(key_span.clone(), message)),
+                }
+            }
+            let burst = limit.burst.unwrap_or(count);
+            if burst == 0 {
+                errors.push(SpanError::new(
+                    limit.rate.span(),
+                    "burst must be at least 1",
+                ));
+            }
+            let name = limit.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{}-{}-per-{}",
+                    texts.join("+"),
+                    count,
+                    humantime::format_duration(period)
+                )
+            });
+            limits.push(Limit {
+                name,
+                count,
+                period,
+                burst,
+                key,
+            });
+        }
+        if errors.is_empty() {
+            Ok(RateLimitPolicy {
+                scope: scope.to_owned(),
+                limits,
+                on_store_error: config.get_ref().on_store_error,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// What the rate-limit phase knows about a request.
+pub struct RequestFacts<'a> {
+    pub client_ip: IpAddr,
+    pub subject: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// How a request fared, with the headers to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// Whole seconds to wait, for `Retry-After` on a refusal.
+    pub retry_after_secs: u64,
+    /// `RateLimit-Policy` and `RateLimit` values; empty when unknown (store failed, `allow`).
+    pub policy_header: String,
+    pub status_header: String,
+    /// `store`, `local` (fallback), `allow` or `deny` (store failed), for logs.
+    pub decided_by: &'static str,
+}
+
+/// Decides rate limits against the store, falling back per policy when it fails.
+pub struct Limiter {
+    store: Arc<dyn Store>,
+    /// The in-process fallback, used when the store fails and a policy says `local`.
+    local: GcraTable,
+    prefix: String,
+    instances: u32,
+    auth_failures: Option<Limit>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Limiter {
+    pub fn new(
+        store: Arc<dyn Store>,
+        prefix: &str,
+        instances: u32,
+        auth_failures: Option<Limit>,
+    ) -> Limiter {
+        Limiter {
+            store,
+            local: GcraTable::default(),
+            prefix: prefix.to_owned(),
+            instances: instances.max(1),
+            auth_failures,
+        }
+    }
+
+    /// The store key of a limit for one request. The braces are a Redis Cluster hash tag: one
+    /// counter, one slot.
+    fn key(&self, scope: &str, limit: &Limit, facts: &RequestFacts<'_>) -> String {
+        let mut identity = String::new();
+        for (i, part) in limit.key.iter().enumerate() {
+            if i > 0 {
+                identity.push('|');
+            }
+            match part {
+                KeyPart::Ip => identity.push_str(&facts.client_ip.to_string()),
+                KeyPart::User => match facts.subject {
+                    Some(sub) => {
+                        identity.push_str("sub:");
+                        identity.push_str(sub);
+                    }
+                    None => {
+                        identity.push_str("ip:");
+                        identity.push_str(&facts.client_ip.to_string());
+                    }
+                },
+                KeyPart::Route => identity.push_str(scope),
+                KeyPart::Header(name) => {
+                    let value = facts
+                        .headers
+                        .get(name)
+                        .map(|v| v.as_bytes())
+                        .unwrap_or_default();
+                    identity.push_str(&String::from_utf8_lossy(value));
+                }
+            }
+        }
+        // `{` and `}` inside the identity would break the hash tag.
+        let identity = identity.replace(['{', '}'], "_");
+        format!("{}:{{{}:{}:{}}}", self.prefix, scope, limit.name, identity)
+    }
+
+    fn requests(
+        &self,
+        scope: &str,
+        limits: &[Limit],
+        facts: &RequestFacts<'_>,
+        share: u32,
+    ) -> Vec<GcraRequest> {
+        limits
+            .iter()
+            .map(|limit| GcraRequest {
+                key: self.key(scope, limit, facts),
+                interval_ms: limit.interval_ms() * u64::from(share),
+                burst: (limit.burst / share).max(1),
+            })
+            .collect()
+    }
+
+    /// Checks and counts a request against a policy.
+    pub async fn check(&self, policy: &RateLimitPolicy, facts: &RequestFacts<'_>) -> Verdict {
+        let requests = self.requests(&policy.scope, &policy.limits, facts, 1);
+        match self.store.rate_limit(&requests, true).await {
+            Ok(outcomes) => verdict(&policy.limits, &outcomes, 1, "store"),
+            Err(e) => {
+                tracing::debug!(error = %e, "rate limit: store failed; applying on_store_error");
+                match policy.on_store_error {
+                    OnStoreError::Local => {
+                        let share = self.instances;
+                        let requests = self.requests(&policy.scope, &policy.limits, facts, share);
+                        let outcomes = self.local.check(&requests, true);
+                        verdict(&policy.limits, &outcomes, share, "local")
+                    }
+                    OnStoreError::Allow => Verdict {
+                        allowed: true,
+                        retry_after_secs: 0,
+                        policy_header: String::new(),
+                        status_header: String::new(),
+                        decided_by: "allow",
+                    },
+                    OnStoreError::Deny => Verdict {
+                        allowed: false,
+                        retry_after_secs: 1,
+                        policy_header: String::new(),
+                        status_header: String::new(),
+                        decided_by: "deny",
+                    },
+                }
+            }
+        }
+    }
+
+    fn auth_failure_request(&self, ip: IpAddr) -> Option<(Limit, Vec<GcraRequest>)> {
+        let limit = self.auth_failures.clone()?;
+        let facts = RequestFacts {
+            client_ip: ip,
+            subject: None,
+            headers: &HeaderMap::new(),
+        };
+        let requests = self.requests("auth-failures", std::slice::from_ref(&limit), &facts, 1);
+        Some((limit, requests))
+    }
+
+    /// Whether `ip` has used up its failed authentication attempts (looks, counts nothing).
+    /// `None` when it has not, or when there is no such limit or the store cannot tell.
+    pub async fn auth_failures_exhausted(&self, ip: IpAddr) -> Option<Verdict> {
+        let (limit, requests) = self.auth_failure_request(ip)?;
+        let outcomes = self.store.rate_limit(&requests, false).await.ok()?;
+        let verdict = verdict(std::slice::from_ref(&limit), &outcomes, 1, "store");
+        (!verdict.allowed).then_some(verdict)
+    }
+
+    /// Counts one failed authentication attempt from `ip`.
+    pub async fn record_auth_failure(&self, ip: IpAddr) {
+        if let Some((_, requests)) = self.auth_failure_request(ip) {
+            if let Err(e) = self.store.rate_limit(&requests, true).await {
+                tracing::debug!(error = %e, "rate limit: could not count a failed authentication attempt");
+            }
+        }
+    }
+}
+
+/// Builds the verdict and its headers (draft-ietf-httpapi-ratelimit-headers): every limit in
+/// `RateLimit-Policy` (`q` quota, `w` window in seconds) and `RateLimit` (`r` remaining, `t`
+/// seconds until the quota is whole again).
+fn verdict(
+    limits: &[Limit],
+    outcomes: &[GcraOutcome],
+    share: u32,
+    decided_by: &'static str,
+) -> Verdict {
+    let mut policy_header = String::new();
+    let mut status_header = String::new();
+    let allowed = outcomes.iter().all(|o| o.allowed);
+    let mut retry_after_ms = 0;
+    for (limit, outcome) in limits.iter().zip(outcomes) {
+        // A refused request is counted by no limit, so those that would have admitted it still
+        // have the unit it would have used.
+        let (remaining, reset_ms) = if !allowed && outcome.allowed {
+            let interval = limit.interval_ms() * u64::from(share);
+            (
+                outcome.remaining + 1,
+                outcome.reset_ms.saturating_sub(interval),
+            )
+        } else {
+            (outcome.remaining, outcome.reset_ms)
+        };
+        if !policy_header.is_empty() {
+            policy_header.push_str(", ");
+            status_header.push_str(", ");
+        }
+        let quota = (limit.burst / share).max(1);
+        policy_header.push_str(&format!(
+            "\"{}\";q={};w={}",
+            limit.name,
+            quota,
+            limit.period.as_secs().max(1)
+        ));
+        status_header.push_str(&format!(
+            "\"{}\";r={};t={}",
+            limit.name,
+            remaining,
+            reset_ms.div_ceil(1000)
+        ));
+        if !outcome.allowed {
+            retry_after_ms = retry_after_ms.max(outcome.retry_after_ms);
+        }
+    }
+    Verdict {
+        allowed,
+        retry_after_secs: retry_after_ms.div_ceil(1000).max(u64::from(!allowed)),
+        policy_header,
+        status_header,
+        decided_by,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_words_and_durations() {
+        assert_eq!(
+            parse_rate("100/minute").unwrap(),
+            (100, Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_rate("10/second").unwrap(),
+            (10, Duration::from_secs(1))
+        );
+        assert_eq!(parse_rate("50/10s").unwrap(), (50, Duration::from_secs(10)));
+        assert!(parse_rate("0/minute").is_err());
+        assert!(parse_rate("ten/minute").is_err());
+        assert!(parse_rate("100 per minute").is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_read_only_from_trusted_peers() {
+        let trusted = TrustedProxies(vec![parse_cidr("10.0.0.0/8").unwrap()]);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "203.0.113.9, 198.51.100.1, 10.0.0.5".parse().unwrap(),
+        );
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            trusted.client_ip(proxy, &headers),
+            "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            trusted.client_ip(stranger, &headers),
+            stranger,
+            "untrusted peers cannot claim an address"
+        );
+
+        let mut forwarded = HeaderMap::new();
+        forwarded.insert(
+            "forwarded",
+            "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\""
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            trusted.client_ip(proxy, &forwarded),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+}
