@@ -106,8 +106,8 @@ pub struct Limit {
 }
 
 impl Limit {
-    fn interval_ms(&self) -> u64 {
-        ((self.period.as_millis() as u64) / u64::from(self.count.max(1))).max(1)
+    fn interval_us(&self) -> u64 {
+        ((self.period.as_micros() as u64) / u64::from(self.count.max(1))).max(1)
     }
 }
 
@@ -133,9 +133,9 @@ pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
         other => humantime::parse_duration(other)
             .map_err(|_| format!("invalid rate {text:?}: {hint}"))?,
     };
-    if period.as_millis() < u128::from(count) {
+    if period.as_micros() < u128::from(count) {
         return Err(format!(
-            "invalid rate {text:?}: more than one request per millisecond"
+            "invalid rate {text:?}: more than a million requests a second"
         ));
     }
     Ok((count, period))
@@ -337,7 +337,7 @@ impl Limiter {
             .iter()
             .map(|limit| GcraRequest {
                 key: self.key(scope, limit, facts),
-                interval_ms: limit.interval_ms() * u64::from(share),
+                interval_us: limit.interval_us() * u64::from(share),
                 burst: (limit.burst / share).max(1),
             })
             .collect()
@@ -418,18 +418,18 @@ fn verdict(
     let mut policy_header = String::new();
     let mut status_header = String::new();
     let allowed = outcomes.iter().all(|o| o.allowed);
-    let mut retry_after_ms = 0;
+    let mut retry_after_us = 0;
     for (limit, outcome) in limits.iter().zip(outcomes) {
         // A refused request is counted by no limit, so those that would have admitted it still
         // have the unit it would have used.
-        let (remaining, reset_ms) = if !allowed && outcome.allowed {
-            let interval = limit.interval_ms() * u64::from(share);
+        let (remaining, reset_us) = if !allowed && outcome.allowed {
+            let interval = limit.interval_us() * u64::from(share);
             (
                 outcome.remaining + 1,
-                outcome.reset_ms.saturating_sub(interval),
+                outcome.reset_us.saturating_sub(interval),
             )
         } else {
-            (outcome.remaining, outcome.reset_ms)
+            (outcome.remaining, outcome.reset_us)
         };
         if !policy_header.is_empty() {
             policy_header.push_str(", ");
@@ -446,15 +446,15 @@ fn verdict(
             "\"{}\";r={};t={}",
             limit.name,
             remaining,
-            reset_ms.div_ceil(1000)
+            reset_us.div_ceil(1_000_000)
         ));
         if !outcome.allowed {
-            retry_after_ms = retry_after_ms.max(outcome.retry_after_ms);
+            retry_after_us = retry_after_us.max(outcome.retry_after_us);
         }
     }
     Verdict {
         allowed,
-        retry_after_secs: retry_after_ms.div_ceil(1000).max(u64::from(!allowed)),
+        retry_after_secs: retry_after_us.div_ceil(1_000_000).max(u64::from(!allowed)),
         policy_header,
         status_header,
         decided_by,

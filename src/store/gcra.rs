@@ -6,12 +6,13 @@
 //! when `now >= max(TAT, now) + T - B·T`; admitting it moves TAT forward by `T`. So `B` requests
 //! may arrive at once, then one every `T`.
 
-/// One limit to check for a request.
+/// One limit to check for a request. Times are in microseconds, so rates up to a million a
+/// second are exact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcraRequest {
     pub key: String,
-    /// Emission interval `T`, in milliseconds (at least 1).
-    pub interval_ms: u64,
+    /// Emission interval `T`, in microseconds (at least 1).
+    pub interval_us: u64,
     /// Burst `B` (at least 1).
     pub burst: u32,
 }
@@ -22,16 +23,16 @@ pub struct GcraOutcome {
     pub allowed: bool,
     /// Requests still admissible right now after this one.
     pub remaining: u32,
-    /// Milliseconds until the limit is fully replenished.
-    pub reset_ms: u64,
-    /// For a refusal: milliseconds until a request would be admitted.
-    pub retry_after_ms: u64,
+    /// Microseconds until the limit is fully replenished.
+    pub reset_us: u64,
+    /// For a refusal: microseconds until a request would be admitted.
+    pub retry_after_us: u64,
 }
 
 /// Decides one limit given its stored TAT; returns the outcome and the TAT to store if the
 /// request is admitted.
 pub fn decide(stored_tat: Option<u64>, now: u64, req: &GcraRequest) -> (GcraOutcome, Option<u64>) {
-    let interval = req.interval_ms.max(1);
+    let interval = req.interval_us.max(1);
     let capacity = interval * u64::from(req.burst.max(1));
     let tat = stored_tat.unwrap_or(now).max(now);
     let new_tat = tat + interval;
@@ -42,8 +43,8 @@ pub fn decide(stored_tat: Option<u64>, now: u64, req: &GcraRequest) -> (GcraOutc
             GcraOutcome {
                 allowed: true,
                 remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-                reset_ms: new_tat - now,
-                retry_after_ms: 0,
+                reset_us: new_tat - now,
+                retry_after_us: 0,
             },
             Some(new_tat),
         )
@@ -52,8 +53,8 @@ pub fn decide(stored_tat: Option<u64>, now: u64, req: &GcraRequest) -> (GcraOutc
             GcraOutcome {
                 allowed: false,
                 remaining: 0,
-                reset_ms: tat - now,
-                retry_after_ms: new_tat - now - capacity,
+                reset_us: tat - now,
+                retry_after_us: new_tat - now - capacity,
             },
             None,
         )
@@ -61,13 +62,14 @@ pub fn decide(stored_tat: Option<u64>, now: u64, req: &GcraRequest) -> (GcraOutc
 }
 
 /// KEYS: one per limit. ARGV: `1` to count the request or `0` to only look, then per limit the
-/// interval in ms and the burst. Uses Redis's own clock, so every gateway instance agrees on
+/// interval in µs and the burst. Uses Redis's own clock, so every gateway instance agrees on
 /// time. Admits all limits or none: a request refused by one limit consumes nothing from the
-/// others. Returns, per limit, `allowed, remaining, reset_ms, retry_after_ms`.
+/// others. Returns, per limit, `allowed, remaining, reset_us, retry_after_us`. (Microsecond
+/// timestamps, about 1.8e15, are exact in Lua's doubles.)
 pub const SCRIPT: &str = r#"
 local consume = ARGV[1] == '1'
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 local new_tats = {}
 local all = true
@@ -94,22 +96,22 @@ for i, key in ipairs(KEYS) do
 end
 if all and consume then
   for i, key in ipairs(KEYS) do
-    redis.call('SET', key, new_tats[i], 'PX', math.max(1, new_tats[i] - now))
+    redis.call('SET', key, new_tats[i], 'PX', math.max(1, math.ceil((new_tats[i] - now) / 1000)))
   end
 end
 return out
 "#;
 
-/// KEYS: one limit's key. ARGV: its interval in ms. Gives back the unit a request took, for a
+/// KEYS: one limit's key. ARGV: its interval in µs. Gives back the unit a request took, for a
 /// request that another limit refused (on Redis Cluster, where limits are counted one by one).
 pub const REFUND_SCRIPT: &str = r#"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat then
   local back = tat - tonumber(ARGV[1])
   if back > now then
-    redis.call('SET', KEYS[1], back, 'PX', back - now)
+    redis.call('SET', KEYS[1], back, 'PX', math.max(1, math.ceil((back - now) / 1000)))
   else
     redis.call('DEL', KEYS[1])
   end
@@ -121,10 +123,10 @@ return 1
 mod tests {
     use super::*;
 
-    fn req(interval_ms: u64, burst: u32) -> GcraRequest {
+    fn req(interval_us: u64, burst: u32) -> GcraRequest {
         GcraRequest {
             key: "k".into(),
-            interval_ms,
+            interval_us,
             burst,
         }
     }
@@ -144,8 +146,8 @@ mod tests {
         assert_eq!(remaining, [2, 1, 0]);
         let (refused, none) = decide(tat, now, &r);
         assert!(!refused.allowed && none.is_none());
-        assert_eq!(refused.retry_after_ms, 1000);
-        assert_eq!(refused.reset_ms, 3000);
+        assert_eq!(refused.retry_after_us, 1000);
+        assert_eq!(refused.reset_us, 3000);
         now += 1000;
         assert!(
             decide(tat, now, &r).0.allowed,

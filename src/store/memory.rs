@@ -18,7 +18,7 @@ const SHARDS: usize = 64;
 /// A shard holding more keys than this drops the fully replenished ones on its next write.
 const SWEEP_ABOVE: usize = 4096;
 
-/// Rate-limit state: TAT per key, in milliseconds since `epoch`. Sharded so requests for
+/// Rate-limit state: TAT per key, in microseconds since `epoch`. Sharded so requests for
 /// different keys rarely share a lock; a request's shards are locked in index order, so a
 /// multi-limit decision is atomic and deadlock-free.
 pub struct GcraTable {
@@ -45,7 +45,7 @@ impl GcraTable {
     /// Decides every limit, admitting all or none, like the Redis script; counts the request
     /// only with `consume`.
     pub fn check(&self, limits: &[GcraRequest], consume: bool) -> Vec<GcraOutcome> {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.epoch.elapsed().as_micros() as u64;
         let mut shard_ids: Vec<usize> = limits.iter().map(|l| self.shard_of(&l.key)).collect();
         let order = {
             let mut o = shard_ids.clone();

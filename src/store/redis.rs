@@ -344,8 +344,8 @@ fn outcomes_from(values: &[i64]) -> Vec<GcraOutcome> {
         .map(|v| GcraOutcome {
             allowed: v[0] == 1,
             remaining: u32::try_from(v[1].max(0)).unwrap_or(u32::MAX),
-            reset_ms: v[2].max(0) as u64,
-            retry_after_ms: v[3].max(0) as u64,
+            reset_us: v[2].max(0) as u64,
+            retry_after_us: v[3].max(0) as u64,
         })
         .collect()
 }
@@ -428,7 +428,7 @@ impl Store for RedisStore {
                         for limit in limits {
                             invocation
                                 .key(&limit.key)
-                                .arg(limit.interval_ms)
+                                .arg(limit.interval_us)
                                 .arg(limit.burst);
                         }
                         invocation.invoke_async(&mut c).await
@@ -445,7 +445,7 @@ impl Store for RedisStore {
                                 script
                                     .key(&limit.key)
                                     .arg(u8::from(consume))
-                                    .arg(limit.interval_ms)
+                                    .arg(limit.interval_us)
                                     .arg(limit.burst)
                                     .invoke_async::<Vec<i64>>(&mut c)
                                     .await
@@ -472,7 +472,7 @@ impl Store for RedisStore {
                                 async move {
                                     refund
                                         .key(&limit.key)
-                                        .arg(limit.interval_ms)
+                                        .arg(limit.interval_us)
                                         .invoke_async::<i64>(&mut c)
                                         .await
                                 }
