@@ -1,11 +1,16 @@
 //! The admin listener: a separate address (loopback by default) for operators and
 //! orchestrators, never for clients.
 //!
-//! - `GET /healthz`: the process is alive.
-//! - `GET /readyz`: `200` when every configured dependency is usable, else `503` with a JSON
-//!   body that names what is not ready (a JWKS never loaded, Redis unreachable).
+//! - `GET /healthz`: the process is alive. Always open.
+//! - `GET /readyz`: `200` when every configured dependency is usable (configuration loaded, an
+//!   upstream origin accepting connections, Redis reachable, JWKS loaded), else `503` with a JSON
+//!   body naming what is not ready. Always open.
+//! - `GET /metrics`: Prometheus text format. Needs the admin token when one is configured.
+//! - `POST /reload`: re-reads the configuration (like SIGHUP). Always needs the admin token;
+//!   without a configured token it is refused.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -13,56 +18,124 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use crate::metrics::metrics;
+use crate::reload::Reloader;
 use crate::snapshot::SharedSnapshot;
 use crate::store::Store;
+
+/// How long `/readyz` waits for an origin to accept a connection.
+const ORIGIN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct Admin {
     snapshot: SharedSnapshot,
     store: Arc<dyn Store>,
+    reloader: Arc<Reloader>,
+    token: Option<String>,
 }
 
 impl Admin {
-    pub fn new(snapshot: SharedSnapshot, store: Arc<dyn Store>) -> Admin {
-        Admin { snapshot, store }
+    pub fn new(
+        snapshot: SharedSnapshot,
+        store: Arc<dyn Store>,
+        reloader: Arc<Reloader>,
+        token: Option<String>,
+    ) -> Admin {
+        Admin {
+            snapshot,
+            store,
+            reloader,
+            token: token.filter(|t| !t.is_empty()),
+        }
     }
 
     /// Each readiness check by name, with `None` when it passes or the reason it does not.
-    fn readiness(&self) -> Vec<(&'static str, Option<String>)> {
-        let snapshot = self.snapshot.load();
+    async fn readiness(&self) -> Vec<(&'static str, Option<String>)> {
+        let snapshot = self.snapshot.load_full();
         let mut checks = vec![("config", None)];
+
+        let upstream = &snapshot.upstream;
+        let mut reachable = false;
+        for i in 0..upstream.len() {
+            let addr = upstream.origin(i).addr;
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(ORIGIN_PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                    .await
+            {
+                reachable = true;
+                break;
+            }
+        }
+        let origins: Vec<&str> = (0..upstream.len())
+            .map(|i| upstream.origin(i).url.as_str())
+            .collect();
+        checks.push((
+            "upstream",
+            (!reachable).then(|| format!("no origin accepts connections: {}", origins.join(", "))),
+        ));
         checks.push(("store", self.store.health().err()));
         if let Some(auth) = &snapshot.auth {
             checks.push(("auth", auth.ready().err()));
         }
         checks
     }
+
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+    }
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
-    let body = serde_json::to_vec(&body).expect("JSON values serialize");
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_TYPE, content_type)
         .header(http::header::CONTENT_LENGTH, body.len())
         .header(http::header::CACHE_CONTROL, "no-store")
         .body(body)
         .expect("a valid response")
 }
 
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
+    response(
+        status,
+        "application/json",
+        serde_json::to_vec(&body).expect("JSON values serialize"),
+    )
+}
+
+fn unauthorized(why: &str) -> Response<Vec<u8>> {
+    let mut resp = json_response(StatusCode::UNAUTHORIZED, json!({"error": why}));
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"cachegate-admin\""),
+    );
+    resp
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let req = session.req_header();
-        if req.method != http::Method::GET && req.method != http::Method::HEAD {
-            return json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": "the admin endpoints here answer GET"}),
-            );
-        }
-        match req.uri.path() {
-            "/healthz" => json_response(StatusCode::OK, json!({"status": "alive"})),
-            "/readyz" => {
-                let checks = self.readiness();
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_owned();
+        match (method.as_str(), path.as_str()) {
+            ("GET" | "HEAD", "/healthz") => {
+                json_response(StatusCode::OK, json!({"status": "alive"}))
+            }
+            ("GET" | "HEAD", "/readyz") => {
+                let checks = self.readiness().await;
                 let ready = checks.iter().all(|(_, problem)| problem.is_none());
                 let detail: serde_json::Map<String, serde_json::Value> = checks
                     .into_iter()
@@ -80,9 +153,52 @@ impl ServeHttp for Admin {
                 };
                 json_response(status, json!({"ready": ready, "checks": detail}))
             }
-            other => json_response(
+            ("GET", "/metrics") => {
+                if self.token.is_some() && !self.authorized(session) {
+                    return unauthorized("/metrics needs the admin token as a bearer token");
+                }
+                response(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    metrics().render().into_bytes(),
+                )
+            }
+            ("POST", "/reload") => {
+                if self.token.is_none() {
+                    return json_response(
+                        StatusCode::FORBIDDEN,
+                        json!({"error": "state-changing admin endpoints are off: set [admin] token to enable them"}),
+                    );
+                }
+                if !self.authorized(session) {
+                    return unauthorized("POST /reload needs the admin token as a bearer token");
+                }
+                let reloader = self.reloader.clone();
+                match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                    Ok(Ok(done)) => json_response(
+                        StatusCode::OK,
+                        json!({"reloaded": true, "routes": done.routes, "needs_restart": done.needs_restart}),
+                    ),
+                    Ok(Err(errors)) => json_response(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({
+                            "reloaded": false,
+                            "errors": errors.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        }),
+                    ),
+                    Err(e) => json_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({"error": e.to_string()}),
+                    ),
+                }
+            }
+            (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "use GET for /healthz, /readyz and /metrics, POST for /reload"}),
+            ),
+            (_, other) => json_response(
                 StatusCode::NOT_FOUND,
-                json!({"error": format!("no admin endpoint at {other}; try /healthz or /readyz")}),
+                json!({"error": format!("no admin endpoint at {other}; try /healthz, /readyz, /metrics or POST /reload")}),
             ),
         }
     }

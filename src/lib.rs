@@ -11,9 +11,11 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod snapshot;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cachegate::config::LogFormat;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -62,6 +63,9 @@ struct RunArgs {
     /// Path to the TOML configuration file.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: PathBuf,
+    /// Log as human-readable text or one JSON object per line; overrides `[server] log_format`.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 fn main() -> ExitCode {
@@ -134,15 +138,6 @@ fn token(args: TokenArgs) -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,cachegate=info,access=info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-
     let (loaded, snapshot) = match cachegate::snapshot::load(&args.config) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -150,11 +145,36 @@ fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let format = args
+        .log_format
+        .or(loaded.config.server.log_format)
+        .unwrap_or(LogFormat::Text);
+    init_logging(format);
     match cachegate::server::run(loaded, snapshot) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("cachegate: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: warnings, plus cachegate's own info events
+/// and the access log).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,cachegate=info,access=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }

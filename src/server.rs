@@ -19,6 +19,7 @@ use crate::admin::Admin;
 use crate::config::LoadedConfig;
 use crate::proxy::Gateway;
 use crate::ratelimit::{self, Limiter};
+use crate::reload::{reload_on_sighup, Reloader};
 use crate::snapshot::Snapshot;
 use crate::store;
 
@@ -115,10 +116,22 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     server.bootstrap();
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let reloader = Arc::new(Reloader::new(
+        loaded.path.clone(),
+        loaded.source.clone(),
+        shared.clone(),
+        control.handle().clone(),
+    ));
+    control.spawn(reload_on_sighup(reloader.clone()));
     if let Some(address) = admin_address {
+        let token = config
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.as_ref())
+            .map(|t| t.as_str().to_owned());
         let mut admin = Service::new(
             "cachegate admin".to_owned(),
-            Admin::new(shared.clone(), store.clone()),
+            Admin::new(shared.clone(), store.clone(), reloader, token),
         );
         admin.add_tcp(address);
         server.add_service(admin);

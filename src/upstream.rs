@@ -15,6 +15,8 @@ use crate::config::{SpanError, UpstreamConfig};
 pub struct Origin {
     /// As written in the configuration, for logs: `http://127.0.0.1:3000`.
     pub url: String,
+    /// Where it was resolved to.
+    pub addr: SocketAddr,
     peer: HttpPeer,
 }
 
@@ -51,6 +53,7 @@ impl UpstreamGroup {
                         Some(config.connect_timeout.0 + Duration::from_secs(5));
                     origins.push(Origin {
                         url: url.to_owned(),
+                        addr,
                         peer,
                     });
                 }

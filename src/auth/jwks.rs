@@ -111,6 +111,17 @@ impl JwksSource {
         self.keys.load_full()
     }
 
+    /// Takes over another source's key set (same URL, previous configuration), so a reload
+    /// does not have to fetch before it can verify.
+    pub fn adopt(&self, previous: &JwksSource) {
+        if previous.is_loaded() {
+            self.keys.store(previous.keys());
+            self.loaded.store(true, Ordering::Relaxed);
+            *self.last_fetch.lock().expect("jwks mutex") =
+                *previous.last_fetch.lock().expect("jwks mutex");
+        }
+    }
+
     /// Whether a key set was ever loaded.
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Relaxed)

@@ -375,6 +375,22 @@ impl Authenticator {
         }
     }
 
+    /// Reuses the key sets the previous configuration's JWKS providers already loaded.
+    pub fn adopt_keys_from(&self, previous: &Authenticator) {
+        for provider in &self.providers {
+            let KeySource::Jwks(fresh) = &provider.source else {
+                continue;
+            };
+            for old in &previous.providers {
+                if let KeySource::Jwks(old) = &old.source {
+                    if old.url() == fresh.url() {
+                        fresh.adopt(old);
+                    }
+                }
+            }
+        }
+    }
+
     /// Environment variables whose built-in fallback is serving as an HMAC secret.
     pub fn defaulted_secrets(&self) -> Vec<String> {
         self.providers

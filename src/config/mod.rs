@@ -59,6 +59,9 @@ pub struct Config {
 pub struct AdminConfig {
     /// `ip:port`; keep it on loopback or a private network.
     pub address: Spanned<EnvString>,
+    /// Bearer token for `/metrics` and for anything that changes state (`POST /reload`).
+    /// Without it, state-changing endpoints are refused. `/healthz` and `/readyz` stay open.
+    pub token: Option<EnvString>,
 }
 
 /// Process-level settings for the server.
@@ -74,6 +77,8 @@ pub struct ServerConfig {
     /// Unix socket for pingora's zero-downtime upgrade (SIGQUIT). Default:
     /// `/tmp/cachegate-<first listener address>.sock`, so two gateways on one host never collide.
     pub upgrade_sock: Option<EnvString>,
+    /// `"text"` (the default) or `"json"`; `--log-format` overrides it.
+    pub log_format: Option<LogFormat>,
     /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` headers name the real client. From
     /// anyone else those headers are ignored when deciding the client IP.
     pub trusted_proxies: Vec<Spanned<String>>,
@@ -86,9 +91,17 @@ impl Default for ServerConfig {
             grace_period: Dur(std::time::Duration::from_secs(10)),
             shutdown_timeout: Dur(std::time::Duration::from_secs(5)),
             upgrade_sock: None,
+            log_format: None,
             trusted_proxies: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,6 +21,7 @@ use pingora::proxy::FailToProxy;
 use pingora::ErrorType;
 
 use crate::auth::{self, Identity, Rejection};
+use crate::metrics::{method_label, metrics};
 use crate::problem::Problem;
 use crate::ratelimit::{Limiter, RequestFacts, Verdict};
 use crate::routes::{normalize_path, RouteId};
@@ -67,6 +68,9 @@ pub struct RequestCtx {
     /// Why authentication refused the request, for logs.
     pub auth_failure: Option<&'static str>,
     pub started: Instant,
+    /// When the first origin was chosen, and how long until its response header arrived.
+    pub upstream_started: Option<Instant>,
+    pub upstream_elapsed: Option<std::time::Duration>,
     /// Origin chosen for the current attempt, and how many connection attempts were made.
     pub origin: Option<usize>,
     pub connect_attempts: usize,
@@ -249,6 +253,8 @@ impl ProxyHttp for Gateway {
             identity: None,
             auth_failure: None,
             started: Instant::now(),
+            upstream_started: None,
+            upstream_elapsed: None,
             origin: None,
             connect_attempts: 0,
             request_body_bytes: 0,
@@ -338,6 +344,7 @@ impl ProxyHttp for Gateway {
         let origin = upstream.pick();
         ctx.origin = Some(origin);
         ctx.connect_attempts += 1;
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(upstream.peer(origin))
     }
 
@@ -398,8 +405,9 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         forwarding::upstream_response(upstream_response);
         Ok(())
     }
@@ -449,23 +457,63 @@ impl ProxyHttp for Gateway {
             )
     }
 
+    /// One access-log event and the request's metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
         let route = ctx
             .route
             .map_or("-", |id| ctx.snapshot.routes.route(id).name.as_str());
-        match e {
-            Some(e) => tracing::info!(
-                target: "access",
-                request_id = %ctx.request_id, method = %req.method, path = %req.uri.path(), route,
-                status, duration_ms = ctx.started.elapsed().as_millis() as u64, error = %e,
-            ),
-            None => tracing::info!(
-                target: "access",
-                request_id = %ctx.request_id, method = %req.method, path = %req.uri.path(), route,
-                status, duration_ms = ctx.started.elapsed().as_millis() as u64,
-            ),
+        let duration = ctx.started.elapsed();
+
+        let m = metrics();
+        let status_text = status.to_string();
+        m.requests
+            .with_label_values(&[route, method_label(&req.method), &status_text])
+            .inc();
+        m.request_duration
+            .with_label_values(&[route])
+            .observe(duration.as_secs_f64());
+        if let Some(upstream) = ctx.upstream_elapsed {
+            m.upstream_duration
+                .with_label_values(&[route])
+                .observe(upstream.as_secs_f64());
         }
+        if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Upstream) {
+            m.upstream_errors
+                .with_label_values(&[e.etype().as_str()])
+                .inc();
+        }
+        if let Some(reason) = ctx.auth_failure {
+            m.auth_failures.with_label_values(&[reason]).inc();
+        }
+        let rate_limit = match &ctx.rate_limit {
+            Some(v) => {
+                let outcome = if v.allowed { "allowed" } else { "limited" };
+                m.rate_limit_decisions
+                    .with_label_values(&[route, outcome, v.decided_by])
+                    .inc();
+                outcome
+            }
+            None => "-",
+        };
+
+        tracing::info!(
+            target: "access",
+            request_id = %ctx.request_id,
+            client_ip = %ctx.client_ip,
+            method = %req.method,
+            path = %req.uri.path(),
+            route,
+            status,
+            bytes = session.body_bytes_sent(),
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+            cache = "-",
+            rate_limit,
+            subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+            auth_failure = ctx.auth_failure,
+            error = e.map(|e| e.etype().as_str()),
+        );
     }
 }

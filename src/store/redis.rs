@@ -15,6 +15,8 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, RedisError, Script};
 
+use crate::metrics::metrics;
+
 use super::gcra::{GcraOutcome, GcraRequest, REFUND_SCRIPT, SCRIPT};
 use super::{Store, StoreError};
 
@@ -82,12 +84,16 @@ impl Circuit {
     fn record(&self, ok: bool) {
         if ok {
             self.failures.store(0, Ordering::Relaxed);
-            self.open_until.store(0, Ordering::Release);
+            if self.open_until.swap(0, Ordering::AcqRel) != 0 {
+                metrics().store_circuit_open.set(0);
+                tracing::info!("store: circuit closed; using the store again");
+            }
         } else if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold {
-            self.open_until.store(
-                self.now() + self.open_for.as_millis() as u64,
-                Ordering::Release,
-            );
+            let until = self.now() + self.open_for.as_millis() as u64;
+            if self.open_until.swap(until, Ordering::AcqRel) == 0 {
+                metrics().store_circuit_open.set(1);
+                tracing::warn!(open_for = ?self.open_for, "store: circuit open after repeated failures; bypassing the store");
+            }
         }
     }
 
@@ -214,28 +220,49 @@ impl RedisStore {
         self.circuit.is_open()
     }
 
-    /// Runs `op` on a connection within the budget, through the circuit breaker.
-    async fn guarded<T, F, Fut>(&self, budget: Duration, op: F) -> Result<T, StoreError>
+    /// Runs `op` (named for metrics) on a connection within the budget, through the circuit
+    /// breaker.
+    async fn guarded<T, F, Fut>(
+        &self,
+        name: &'static str,
+        budget: Duration,
+        op: F,
+    ) -> Result<T, StoreError>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        let m = metrics();
         if !self.circuit.allow() {
+            m.store_operations
+                .with_label_values(&[name, "circuit_open"])
+                .inc();
             return Err(StoreError::Unavailable(
                 "circuit open after repeated failures".to_owned(),
             ));
         }
         let Some(connection) = self.connection() else {
             self.circuit.record(false);
+            m.store_operations
+                .with_label_values(&[name, "not_connected"])
+                .inc();
             return Err(StoreError::Unavailable("not connected yet".to_owned()));
         };
-        let result = match tokio::time::timeout(budget, op(connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(backend_error(e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {budget:?}"
-            ))),
+        let started = Instant::now();
+        let (result, label) = match tokio::time::timeout(budget, op(connection)).await {
+            Ok(Ok(value)) => (Ok(value), "ok"),
+            Ok(Err(e)) => (Err(backend_error(e)), "error"),
+            Err(_) => (
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {budget:?}"
+                ))),
+                "timeout",
+            ),
         };
+        m.store_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        m.store_operations.with_label_values(&[name, label]).inc();
         self.circuit
             .record(!matches!(result, Err(StoreError::Unavailable(_))));
         result
@@ -358,14 +385,16 @@ impl Store for RedisStore {
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let value: Option<Vec<u8>> = self
-            .guarded(self.options.budget, |mut c| async move { c.get(key).await })
+            .guarded("get", self.options.budget, |mut c| async move {
+                c.get(key).await
+            })
             .await?;
         Ok(value.map(Bytes::from))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError> {
         let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.guarded(self.options.budget, |mut c| async move {
+        self.guarded("set", self.options.budget, |mut c| async move {
             redis::cmd("SET")
                 .arg(key)
                 .arg(value.as_ref())
@@ -379,7 +408,9 @@ impl Store for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let removed: u64 = self
-            .guarded(self.options.budget, |mut c| async move { c.del(key).await })
+            .guarded("delete", self.options.budget, |mut c| async move {
+                c.del(key).await
+            })
             .await?;
         Ok(removed > 0)
     }
@@ -422,7 +453,7 @@ impl Store for RedisStore {
         match &self.backend {
             Backend::Single(_) => {
                 let values: Vec<i64> = self
-                    .guarded(budget, |mut c| async move {
+                    .guarded("rate_limit", budget, |mut c| async move {
                         let mut invocation = script.prepare_invoke();
                         invocation.arg(u8::from(consume));
                         for limit in limits {
@@ -438,7 +469,7 @@ impl Store for RedisStore {
             }
             Backend::Cluster { .. } => {
                 let values: Vec<Vec<i64>> = self
-                    .guarded(budget, |c| async move {
+                    .guarded("rate_limit", budget, |c| async move {
                         let calls = limits.iter().map(|limit| {
                             let mut c = c.clone();
                             async move {
@@ -466,7 +497,7 @@ impl Store for RedisStore {
                         .map(|(l, _)| l)
                         .collect();
                     let refunded = self
-                        .guarded(budget, |c| async move {
+                        .guarded("rate_limit_refund", budget, |c| async move {
                             let calls = admitted.into_iter().map(|limit| {
                                 let mut c = c.clone();
                                 async move {

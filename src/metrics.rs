@@ -1,0 +1,186 @@
+//! Prometheus metrics: one registry per process, served as text by the admin listener at
+//! `/metrics`. Names follow Prometheus conventions (`_total` counters, `_seconds` histograms).
+//! Label values are bounded: routes are configured names (`-` for none), methods outside the
+//! standard set are `OTHER`.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// `cachegate_requests_total{route, method, status}`
+    pub requests: IntCounterVec,
+    /// `cachegate_request_duration_seconds{route}`: first byte in to last byte out.
+    pub request_duration: HistogramVec,
+    /// `cachegate_upstream_duration_seconds{route}`: upstream chosen to its response header.
+    pub upstream_duration: HistogramVec,
+    /// `cachegate_upstream_errors_total{kind}`: connect refused, timeouts, broken responses...
+    pub upstream_errors: IntCounterVec,
+    /// `cachegate_auth_failures_total{reason}`
+    pub auth_failures: IntCounterVec,
+    /// `cachegate_rate_limit_decisions_total{route, outcome, decided_by}`
+    pub rate_limit_decisions: IntCounterVec,
+    /// `cachegate_store_operations_total{op, result}`
+    pub store_operations: IntCounterVec,
+    /// `cachegate_store_operation_duration_seconds{op}`
+    pub store_duration: HistogramVec,
+    /// `cachegate_store_circuit_open`: 1 while failures keep the store bypassed.
+    pub store_circuit_open: IntGauge,
+    /// `cachegate_config_reloads_total{result}`
+    pub config_reloads: IntCounterVec,
+    /// `cachegate_build_info{version}`: always 1.
+    pub build_info: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let store_circuit_open = IntGauge::new(
+            "cachegate_store_circuit_open",
+            "1 while repeated store failures keep the store bypassed",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(store_circuit_open.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("cachegate_build_info", "Build information"),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Metrics {
+            requests: counter(
+                &registry,
+                "cachegate_requests_total",
+                "Requests answered",
+                &["route", "method", "status"],
+            ),
+            request_duration: histogram(
+                &registry,
+                "cachegate_request_duration_seconds",
+                "Time from request start to response end",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            upstream_duration: histogram(
+                &registry,
+                "cachegate_upstream_duration_seconds",
+                "Time from choosing an origin to its response header",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            upstream_errors: counter(
+                &registry,
+                "cachegate_upstream_errors_total",
+                "Upstream failures by kind",
+                &["kind"],
+            ),
+            auth_failures: counter(
+                &registry,
+                "cachegate_auth_failures_total",
+                "Refused authentications by reason",
+                &["reason"],
+            ),
+            rate_limit_decisions: counter(
+                &registry,
+                "cachegate_rate_limit_decisions_total",
+                "Rate-limit decisions",
+                &["route", "outcome", "decided_by"],
+            ),
+            store_operations: counter(
+                &registry,
+                "cachegate_store_operations_total",
+                "Store calls by result",
+                &["op", "result"],
+            ),
+            store_duration: histogram(
+                &registry,
+                "cachegate_store_operation_duration_seconds",
+                "Store call latency",
+                &["op"],
+                STORE_BUCKETS,
+            ),
+            store_circuit_open,
+            config_reloads: counter(
+                &registry,
+                "cachegate_config_reloads_total",
+                "Configuration reloads by result",
+                &["result"],
+            ),
+            build_info,
+            registry,
+        }
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("encoding metrics to memory");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// A method as a bounded label value.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
