@@ -11,7 +11,7 @@ RUN cargo build --release --workspace --bins
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cachegate
 COPY --from=build /src/target/release/cachegate /usr/local/bin/cachegate
@@ -19,6 +19,9 @@ COPY --from=build /src/target/release/upstream-example /usr/local/bin/upstream-e
 # A default configuration; mount your own over it.
 COPY config/docker.toml /etc/cachegate/cachegate.toml
 USER cachegate
-EXPOSE 8080
+# 8080: clients. 9901: the admin listener (health, readiness, metrics, reload).
+EXPOSE 8080 9901
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:9901/healthz || exit 1
 ENTRYPOINT ["cachegate"]
 CMD ["run", "--config", "/etc/cachegate/cachegate.toml"]

@@ -347,12 +347,16 @@ async fn access_log_is_one_json_event_per_request() {
         "the token never reaches the log"
     );
 
-    let item = gateway
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|e| e["target"] == "access" && e["path"] == "/products/3")
-        .expect("an access event for /products/3");
+    // The event is written after the response is sent: poll for it.
+    let item_event = || {
+        gateway
+            .logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["target"] == "access" && e["path"] == "/products/3")
+    };
+    assert!(eventually(Duration::from_secs(5), || async { item_event().is_some() }).await);
+    let item = item_event().unwrap();
     assert_eq!(item["rate_limit"], "allowed");
     assert_eq!(item["route"], "item");
 }
