@@ -42,6 +42,10 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         })?;
     }
 
+    // One TLS crypto provider for every rustls user in the process (pingora, the JWKS client,
+    // rediss://). Installing fails only if one is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
     // Background work (store connections and health checks) runs on its own small runtime;
     // pingora gives each service its own.
     let control = tokio::runtime::Builder::new_multi_thread()

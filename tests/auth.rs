@@ -806,3 +806,45 @@ addresses = ["{}"]
     );
     assert!(jwks.hits() >= 1);
 }
+
+#[tokio::test]
+async fn jwks_is_refreshed_on_its_interval() {
+    let upstream = Upstream::start();
+    let jwks = JwksServer::start(json!({"keys": [rsa_jwk("rsa.jwk.json", "k1")]})).await;
+    let admin_port = free_port();
+    // Unknown kids may not trigger a fetch (floor of an hour): only the interval refreshes.
+    let config = jwks_config(
+        &upstream,
+        admin_port,
+        &format!("jwks_url = \"{}\"", jwks.url()),
+    )
+    .replace("refresh_interval = \"1h\"", "refresh_interval = \"1s\"")
+    .replace(
+        "min_refresh_interval = \"1s\"",
+        "min_refresh_interval = \"1h\"",
+    );
+    let gateway = Gateway::start(&config);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ready(admin_port).await.0 == StatusCode::OK
+        })
+        .await
+    );
+    jwks.set(json!({"keys": [rsa_jwk("rsa2.jwk.json", "k2")]}));
+    let mut attempt = 0;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            attempt += 1;
+            let token = sign_kid("rsa2.key.pem", "k2", &format!("interval-{attempt}"));
+            let gateway = &gateway;
+            async move {
+                call(gateway, Method::GET, "/__headers", Some(&token), &[])
+                    .await
+                    .status
+                    == StatusCode::OK
+            }
+        })
+        .await,
+        "the rotated key was never picked up by the periodic refresh"
+    );
+}

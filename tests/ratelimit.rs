@@ -487,3 +487,117 @@ rate_limit = { limits = [ { rate = "6/minute", key = "route", name = "route" }, 
         "route, alice and bob counters spread over the cluster: {keys:?}"
     );
 }
+
+#[tokio::test]
+async fn a_password_protected_redis_is_used_through_its_url() {
+    let port = free_port();
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut process = common::Process::spawn(
+        "redis-server",
+        &common::redis_server_bin(),
+        &[
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--requirepass",
+            "s3cret-pw",
+        ],
+        dir,
+    );
+    process.wait_for_port(port);
+    let upstream = Upstream::start();
+    let store = format!(
+        "[store]\nredis_url = \"redis://:s3cret-pw@127.0.0.1:{port}\"\ntimeout = \"200ms\"\n"
+    );
+    let gateway = Gateway::start(&config(&upstream, "", &store, PER_IP_5));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            gateway.logs().contains("store: connected to Redis")
+        })
+        .await
+    );
+    assert!(
+        !gateway.logs().contains("s3cret-pw"),
+        "the password never reaches the log"
+    );
+    assert_eq!(admitted(&gateway, "/products/1", &[], 7).await, 5);
+    let keys = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-a",
+            "s3cret-pw",
+            "--no-auth-warning",
+            "KEYS",
+            "cachegate:rl:*",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&keys.stdout).contains("per-ip"),
+        "counted in the protected Redis"
+    );
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_and_an_acl_user() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let (cert, key, _) = common::self_signed_cert(dir.path());
+    let port = free_port();
+    let mut process = common::Process::spawn(
+        "redis-server-tls",
+        &common::redis_server_bin(),
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "gateway",
+            "on",
+            ">gw-pass",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+        tempfile::TempDir::new().unwrap(),
+    );
+    process.wait_for_port(port);
+    let upstream = Upstream::start();
+    let store = format!(
+        "[store]\nredis_url = \"rediss://gateway:gw-pass@127.0.0.1:{port}\"\ntls_ca_file = \"{}\"\ntimeout = \"300ms\"\n",
+        cert.display()
+    );
+    let gateway = Gateway::start(&config(&upstream, "", &store, PER_IP_5));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            gateway.logs().contains("store: connected to Redis")
+        })
+        .await,
+        "{}",
+        gateway.logs()
+    );
+    assert_eq!(
+        admitted(&gateway, "/products/1", &[], 7).await,
+        5,
+        "the limit is counted in the TLS Redis"
+    );
+}

@@ -186,6 +186,8 @@ pub struct StoreConfig {
     pub redis_url: Option<Spanned<EnvString>>,
     /// Seed nodes of a Redis Cluster, instead of `redis_url`.
     pub redis_cluster: Option<Spanned<Vec<EnvString>>>,
+    /// PEM CA certificates trusted for `rediss://` instead of the system roots.
+    pub tls_ca_file: Option<Spanned<EnvString>>,
     /// Longest a request waits for the store; past it the store counts as failed for that request.
     #[serde(default = "default_store_timeout")]
     pub timeout: Dur,
@@ -373,6 +375,9 @@ fn validate(config: &Config) -> Vec<SpanError> {
                     ));
                 }
             }
+        }
+        if let Some(ca) = &store.tls_ca_file {
+            check_pem(ca, PemKind::Certificates, &mut errors);
         }
         if store.timeout.0.is_zero() || store.circuit_failures == 0 {
             errors.push(SpanError::new(

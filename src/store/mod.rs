@@ -74,10 +74,21 @@ pub fn from_config(
     let Some(config) = config else {
         return Ok(Arc::new(MemoryStore::new()));
     };
+    let tls_ca_pem = match &config.tls_ca_file {
+        Some(path) => {
+            let path = path.get_ref().as_str();
+            Some(
+                std::fs::read(path)
+                    .map_err(|e| StoreError::Backend(format!("cannot read {path:?}: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let options = RedisOptions {
         budget: config.timeout.0,
         circuit_failures: config.circuit_failures,
         circuit_open: config.circuit_open.0,
+        tls_ca_pem,
     };
     match (&config.redis_url, &config.redis_cluster) {
         (Some(url), _) => Ok(RedisStore::connect(url.get_ref().as_str(), options)?),

@@ -26,7 +26,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Limits on how long the request path waits for Redis.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RedisOptions {
     /// Longest a request waits for one store operation.
     pub budget: Duration,
@@ -34,6 +34,8 @@ pub struct RedisOptions {
     pub circuit_failures: u32,
     /// How long an open circuit refuses calls before one is tried again.
     pub circuit_open: Duration,
+    /// PEM CA certificates trusted for `rediss://`, instead of the system roots.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -42,6 +44,7 @@ impl Default for RedisOptions {
             budget: Duration::from_millis(25),
             circuit_failures: 3,
             circuit_open: Duration::from_secs(2),
+            tls_ca_pem: None,
         }
     }
 }
@@ -131,6 +134,13 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+fn tls_certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca_pem.to_vec()),
+    }
+}
+
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
@@ -154,7 +164,6 @@ impl RedisStore {
             display_url,
             backend,
             connected: AtomicBool::new(false),
-            options,
             circuit: Circuit {
                 failures: AtomicU32::new(0),
                 open_until: AtomicU64::new(0),
@@ -162,6 +171,7 @@ impl RedisStore {
                 open_for: options.circuit_open,
                 epoch: Instant::now(),
             },
+            options,
             gcra: Script::new(SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
         });
@@ -172,8 +182,11 @@ impl RedisStore {
     /// A store on one Redis server. Returns at once; a task on the current tokio runtime
     /// connects, then keeps checking the connection.
     pub fn connect(url: &str, options: RedisOptions) -> Result<Arc<RedisStore>, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Backend(format!("invalid redis_url: {e}")))?;
+        let client = match &options.tls_ca_pem {
+            Some(pem) => redis::Client::build_with_tls(url, tls_certificates(pem)),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| StoreError::Backend(format!("invalid redis_url: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -284,7 +297,11 @@ impl RedisStore {
         if connection.load().is_some() {
             return Ok(());
         }
-        let client = redis::cluster::ClusterClient::builder(nodes.clone())
+        let mut builder = redis::cluster::ClusterClient::builder(nodes.clone());
+        if let Some(pem) = &self.options.tls_ca_pem {
+            builder = builder.certs(tls_certificates(pem));
+        }
+        let client = builder
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
             .build()
