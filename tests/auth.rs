@@ -559,6 +559,15 @@ fn sign_kid(key_file: &str, kid: &str, sub: &str) -> String {
     sign_with_header(&header, &claims(sub, "read"), &key)
 }
 
+/// Waits up to 10 s for `/readyz` to answer 200.
+async fn assert_becomes_ready(admin_port: u16, gateway: &Gateway) {
+    let became_ready = eventually(Duration::from_secs(10), || async {
+        ready(admin_port).await.0 == StatusCode::OK
+    })
+    .await;
+    assert!(became_ready, "never ready:\n{}", gateway.logs());
+}
+
 async fn ready(admin_port: u16) -> (StatusCode, Value) {
     let resp = Client::new()
         .get(&format!("http://127.0.0.1:{admin_port}/readyz"))
@@ -576,12 +585,7 @@ async fn jwks_rotation_is_followed_and_an_outage_keeps_the_last_keys() {
         admin_port,
         &format!("jwks_url = \"{}\"", jwks.url()),
     ));
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            ready(admin_port).await.0 == StatusCode::OK
-        })
-        .await
-    );
+    assert_becomes_ready(admin_port, &gateway).await;
 
     let old = sign_kid("rsa.key.pem", "k1", "alice");
     assert_eq!(
@@ -668,14 +672,7 @@ async fn gateway_starts_without_its_jwks_and_is_not_ready_until_it_loads() {
     assert_eq!(upstream.total_served().await, 0);
 
     jwks.resume().await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            ready(admin_port).await.0 == StatusCode::OK
-        })
-        .await,
-        "ready once the JWKS loads:\n{}",
-        gateway.logs()
-    );
+    assert_becomes_ready(admin_port, &gateway).await;
     let token = sign_kid("rsa.key.pem", "k1", "dave");
     assert_eq!(
         call(&gateway, Method::GET, "/__headers", Some(&token), &[])
@@ -789,14 +786,7 @@ addresses = ["{}"]
         cert.display()
     );
     let gateway = Gateway::start(&jwks_config(&upstream, admin_port, &provider));
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            ready(admin_port).await.0 == StatusCode::OK
-        })
-        .await,
-        "{}",
-        gateway.logs()
-    );
+    assert_becomes_ready(admin_port, &gateway).await;
     let token = sign_kid("rsa.key.pem", "k1", "tls-user");
     assert_eq!(
         call(&gateway, Method::GET, "/__headers", Some(&token), &[])
@@ -824,12 +814,7 @@ async fn jwks_is_refreshed_on_its_interval() {
         "min_refresh_interval = \"1h\"",
     );
     let gateway = Gateway::start(&config);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            ready(admin_port).await.0 == StatusCode::OK
-        })
-        .await
-    );
+    assert_becomes_ready(admin_port, &gateway).await;
     jwks.set(json!({"keys": [rsa_jwk("rsa2.jwk.json", "k2")]}));
     let mut attempt = 0;
     assert!(

@@ -491,23 +491,10 @@ rate_limit = { limits = [ { rate = "6/minute", key = "route", name = "route" }, 
 #[tokio::test]
 async fn a_password_protected_redis_is_used_through_its_url() {
     let port = free_port();
-    let dir = tempfile::TempDir::new().unwrap();
-    let mut process = common::Process::spawn(
-        "redis-server",
-        &common::redis_server_bin(),
-        &[
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            "s3cret-pw",
-        ],
-        dir,
+    let _redis = Redis::start_with(
+        port,
+        &["--port", &port.to_string(), "--requirepass", "s3cret-pw"],
     );
-    process.wait_for_port(port);
     let upstream = Upstream::start();
     let store = format!(
         "[store]\nredis_url = \"redis://:s3cret-pw@127.0.0.1:{port}\"\ntimeout = \"200ms\"\n"
@@ -547,18 +534,14 @@ async fn rediss_with_a_private_ca_and_an_acl_user() {
     let dir = tempfile::TempDir::new().unwrap();
     let (cert, key, _) = common::self_signed_cert(dir.path());
     let port = free_port();
-    let mut process = common::Process::spawn(
-        "redis-server-tls",
-        &common::redis_server_bin(),
+    let port_text = port.to_string();
+    let _redis = Redis::start_with(
+        port,
         &[
             "--port",
             "0",
             "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
+            &port_text,
             "--tls-cert-file",
             cert.to_str().unwrap(),
             "--tls-key-file",
@@ -578,9 +561,7 @@ async fn rediss_with_a_private_ca_and_an_acl_user() {
             "&*",
             "+@all",
         ],
-        tempfile::TempDir::new().unwrap(),
     );
-    process.wait_for_port(port);
     let upstream = Upstream::start();
     let store = format!(
         "[store]\nredis_url = \"rediss://gateway:gw-pass@127.0.0.1:{port}\"\ntls_ca_file = \"{}\"\ntimeout = \"300ms\"\n",

@@ -217,6 +217,10 @@ impl Gateway {
             dir,
         );
         process.wait_for_port(port);
+        // The admin listener is a separate service that may come up a moment later.
+        if let Some(admin_port) = admin_port(config) {
+            process.wait_for_port(admin_port);
+        }
         Gateway {
             process,
             port,
@@ -231,6 +235,13 @@ impl Gateway {
     pub fn logs(&self) -> String {
         self.process.logs()
     }
+}
+
+/// The admin listener's port in a configuration, if it has one.
+fn admin_port(config: &str) -> Option<u16> {
+    let table: toml::Table = toml::from_str(config).ok()?;
+    let address = table.get("admin")?.get("address")?.as_str()?;
+    address.rsplit(':').next()?.parse().ok()
 }
 
 /// The usual test configuration: one listener, one upstream, one worker thread, short grace.
@@ -282,26 +293,26 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Redis {
+        Redis::start_with(port, &["--port", &port.to_string()])
+    }
+
+    /// Starts redis-server with persistence off plus `args`, which must make it listen on
+    /// `port` (`--port`, or `--port 0 --tls-port`), and waits until it accepts connections.
+    pub fn start_with(port: u16, args: &[&str]) -> Redis {
         let dir = TempDir::new().expect("temp dir");
         let dir_text = dir.path().to_str().expect("utf-8 temp path").to_owned();
-        let port_text = port.to_string();
-        let mut process = Process::spawn(
-            "redis-server",
-            &redis_server_bin(),
-            &[
-                "--port",
-                &port_text,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &dir_text,
-            ],
-            dir,
-        );
+        let mut all = vec![
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_text,
+        ];
+        all.extend_from_slice(args);
+        let mut process = Process::spawn("redis-server", &redis_server_bin(), &all, dir);
         process.wait_for_port(port);
         Redis { process, port }
     }
@@ -544,38 +555,23 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let mut nodes = Vec::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let dir = TempDir::new().expect("temp dir");
-            let dir_text = dir.path().to_str().expect("utf-8 temp path").to_owned();
-            let port_text = port.to_string();
-            let mut process = Process::spawn(
-                "redis-cluster-node",
-                &redis_server_bin(),
-                &[
+        let nodes: Vec<Redis> = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let port_text = port.to_string();
+                let args = [
                     "--port",
                     &port_text,
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    &dir_text,
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
-                ],
-                dir,
-            );
-            process.wait_for_port(port);
-            nodes.push(Redis { process, port });
-        }
+                ];
+                Redis::start_with(port, &args)
+            })
+            .collect();
         let addresses: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
