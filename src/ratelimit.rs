@@ -387,6 +387,11 @@ impl Limiter {
         Some((limit, requests))
     }
 
+    /// Whether failed authentication attempts are limited at all.
+    pub fn limits_auth_failures(&self) -> bool {
+        self.auth_failures.is_some()
+    }
+
     /// Whether `ip` has used up its failed authentication attempts (looks, counts nothing).
     /// `None` when it has not, or when there is no such limit or the store cannot tell.
     pub async fn auth_failures_exhausted(&self, ip: IpAddr) -> Option<Verdict> {

@@ -91,7 +91,10 @@ fn request_id_from(header: Option<&http::HeaderValue>) -> String {
 }
 
 fn header_bytes(req: &RequestHeader) -> u64 {
-    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    // "METHOD target HTTP/1.1\r\n", without formatting the target.
+    let target = req.uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
     let fields: usize = req
         .headers
         .iter()
@@ -157,10 +160,13 @@ impl Gateway {
         };
         let policy = &snapshot.routes.policy(ctx.route).auth;
         // An address that has failed too often may not try new tokens for a while.
-        let new_token = authenticator
-            .token_from(&session.req_header().headers)
-            .is_some_and(|t| !authenticator.is_remembered(t));
-        if policy.mode != crate::config::AuthMode::None && new_token {
+        let guarded =
+            policy.mode != crate::config::AuthMode::None && self.limiter.limits_auth_failures();
+        let new_token = guarded
+            && authenticator
+                .token_from(&session.req_header().headers)
+                .is_some_and(|t| !authenticator.is_remembered(t));
+        if new_token {
             if let Some(verdict) = self.limiter.auth_failures_exhausted(ctx.client_ip).await {
                 ctx.auth_failure = Some("throttled");
                 let problem = Problem::new(
