@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod metrics;
 pub mod problem;

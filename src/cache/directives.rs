@@ -1,0 +1,170 @@
+//! `Cache-Control` directives (RFC 9111 §5.2), parsed once from a header map.
+
+use std::time::Duration;
+
+use http::header::{HeaderMap, CACHE_CONTROL, PRAGMA};
+
+/// The directives cachegate acts on. Unknown directives are ignored, as §5.2.3 requires.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheControl {
+    pub max_age: Option<Duration>,
+    pub s_maxage: Option<Duration>,
+    pub no_store: bool,
+    /// `no-cache` without field names: store, but revalidate before every reuse.
+    pub no_cache: bool,
+    /// `private` without field names: never stored by a shared cache.
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    /// Request only: `max-stale` (with no value: any staleness).
+    pub max_stale: Option<Option<Duration>>,
+    /// Request only.
+    pub min_fresh: Option<Duration>,
+    /// Request only.
+    pub only_if_cached: bool,
+}
+
+/// A delta-seconds value (§1.2.2): a non-negative integer; too large saturates, anything else
+/// is invalid and the directive is ignored.
+fn delta_seconds(value: &str) -> Option<Duration> {
+    let value = value.trim().trim_matches('"');
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Duration::from_secs(
+        value.parse::<u64>().unwrap_or(u64::MAX / 1_000_000_000),
+    ))
+}
+
+impl CacheControl {
+    /// Parses every `Cache-Control` field of `headers`. `Pragma: no-cache` counts as `no-cache`
+    /// when there is no `Cache-Control` (§5.4).
+    pub fn parse(headers: &HeaderMap) -> CacheControl {
+        let mut cc = CacheControl::default();
+        let mut any = false;
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else { continue };
+            any = true;
+            for directive in split_directives(value) {
+                let (name, argument) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim())),
+                    None => (directive.trim(), None),
+                };
+                match name.to_ascii_lowercase().as_str() {
+                    "max-age" => cc.max_age = argument.and_then(delta_seconds),
+                    "s-maxage" => cc.s_maxage = argument.and_then(delta_seconds),
+                    "no-store" => cc.no_store = true,
+                    // With field names, only those fields need revalidation (or must not be
+                    // stored); treating them as whole-response directives would be stricter
+                    // than needed, so the qualified forms are left to the field handling.
+                    "no-cache" => cc.no_cache |= argument.is_none(),
+                    "private" => cc.private |= argument.is_none(),
+                    "public" => cc.public = true,
+                    "must-revalidate" => cc.must_revalidate = true,
+                    "proxy-revalidate" => cc.proxy_revalidate = true,
+                    "stale-while-revalidate" => {
+                        cc.stale_while_revalidate = argument.and_then(delta_seconds)
+                    }
+                    "stale-if-error" => cc.stale_if_error = argument.and_then(delta_seconds),
+                    "max-stale" => cc.max_stale = Some(argument.and_then(delta_seconds)),
+                    "min-fresh" => cc.min_fresh = argument.and_then(delta_seconds),
+                    "only-if-cached" => cc.only_if_cached = true,
+                    _ => {}
+                }
+            }
+        }
+        if !any {
+            let pragma_no_cache = headers
+                .get_all(PRAGMA)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| {
+                    v.split(',')
+                        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+                });
+            cc.no_cache = pragma_no_cache;
+        }
+        cc
+    }
+}
+
+/// Splits a directive list on commas that are not inside a quoted string
+/// (`no-cache="a, b", max-age=5` is two directives).
+fn split_directives(value: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    for (i, c) in value.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                parts.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&value[start..]);
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cc(values: &[&str]) -> CacheControl {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(CACHE_CONTROL, v.parse().unwrap());
+        }
+        CacheControl::parse(&headers)
+    }
+
+    #[test]
+    fn directives_parse_across_fields_case_insensitively() {
+        let parsed = cc(&[
+            "Max-Age=60, s-maxage=\"120\"",
+            "must-revalidate, stale-while-revalidate=30",
+        ]);
+        assert_eq!(parsed.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(parsed.s_maxage, Some(Duration::from_secs(120)));
+        assert!(parsed.must_revalidate);
+        assert_eq!(parsed.stale_while_revalidate, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn qualified_forms_and_bad_values() {
+        let parsed =
+            cc(&["private=\"set-cookie, x-a\", no-cache=\"x-b\", max-age=-1, max-age=abc"]);
+        assert!(
+            !parsed.private && !parsed.no_cache,
+            "field-qualified forms are not whole-response"
+        );
+        assert_eq!(parsed.max_age, None, "invalid delta-seconds are ignored");
+        assert!(cc(&["no-store"]).no_store);
+        assert!(cc(&["private"]).private);
+        assert_eq!(cc(&["max-stale"]).max_stale, Some(None));
+        assert_eq!(
+            cc(&["max-age=99999999999999999999"])
+                .max_age
+                .map(|d| d.as_secs() > 0),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn pragma_counts_only_without_cache_control() {
+        let mut headers = HeaderMap::new();
+        headers.insert(PRAGMA, "no-cache".parse().unwrap());
+        assert!(CacheControl::parse(&headers).no_cache);
+        headers.insert(CACHE_CONTROL, "max-age=5".parse().unwrap());
+        assert!(!CacheControl::parse(&headers).no_cache);
+    }
+}

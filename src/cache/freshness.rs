@@ -1,0 +1,358 @@
+//! RFC 9111 for a shared cache: whether a response may be stored (§3), how long it stays fresh
+//! (§4.2.1) and how old it already is (§4.2.3).
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{HeaderMap, AGE, AUTHORIZATION, DATE, EXPIRES, SET_COOKIE, VARY};
+use http::Method;
+
+use super::directives::CacheControl;
+
+/// What a route's cache rule says about storing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreRule {
+    /// Freshness when the origin gives none. `None`: pure RFC 9111 mode, store only what the
+    /// origin marks fresh.
+    pub ttl: Option<Duration>,
+    /// Upper bound on any freshness lifetime, the origin's included.
+    pub max_ttl: Option<Duration>,
+    /// Statuses that may be stored.
+    pub statuses: Vec<u16>,
+    /// Let the origin's `Cache-Control` / `Expires` decide freshness (else only `ttl` does).
+    pub honor_origin: bool,
+    /// Entries are per user (keyed by the token's subject), so `private` responses and
+    /// requests carrying `Authorization` may be stored.
+    pub per_user: bool,
+    /// Shared entries may come from requests carrying `Authorization` (content the gateway
+    /// itself authorised).
+    pub allow_authorized: bool,
+    /// Store responses with `Set-Cookie` after removing it (else they are not stored).
+    pub strip_set_cookie: bool,
+}
+
+/// Why a response is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStorable {
+    Method,
+    Status(u16),
+    NoStore,
+    Private,
+    Authorized,
+    VaryStar,
+    SetCookie,
+    /// Neither the origin nor the rule gives it a freshness lifetime.
+    NoFreshness,
+}
+
+/// A request and the response to it, as the storing decision sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange<'a> {
+    pub method: &'a Method,
+    pub request: &'a HeaderMap,
+    pub request_cc: &'a CacheControl,
+    pub status: u16,
+    pub response: &'a HeaderMap,
+    pub response_cc: &'a CacheControl,
+}
+
+/// Decides whether a response may be stored under `rule`, and for how long it is fresh if so.
+pub fn storable(
+    exchange: &Exchange<'_>,
+    rule: &StoreRule,
+    now: SystemTime,
+) -> Result<Duration, NotStorable> {
+    let Exchange {
+        method,
+        request,
+        request_cc,
+        status,
+        response,
+        response_cc,
+    } = *exchange;
+    // HEAD is answered from a stored GET; only GET responses carry the body to store.
+    if *method != Method::GET {
+        return Err(NotStorable::Method);
+    }
+    if !rule.statuses.contains(&status) {
+        return Err(NotStorable::Status(status));
+    }
+    if response_cc.no_store || request_cc.no_store {
+        return Err(NotStorable::NoStore);
+    }
+    if response_cc.private && !rule.per_user {
+        return Err(NotStorable::Private);
+    }
+    // §3.5: a shared cache stores an authorised response only when the origin explicitly allows
+    // it, or when the gateway's own rule says the content is shared (it did the authorising).
+    let origin_allows =
+        response_cc.public || response_cc.s_maxage.is_some() || response_cc.must_revalidate;
+    if request.contains_key(AUTHORIZATION)
+        && !(rule.per_user || rule.allow_authorized || origin_allows)
+    {
+        return Err(NotStorable::Authorized);
+    }
+    let vary_star = response
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|f| f.trim() == "*"));
+    if vary_star {
+        return Err(NotStorable::VaryStar);
+    }
+    if response.contains_key(SET_COOKIE) && !rule.strip_set_cookie {
+        return Err(NotStorable::SetCookie);
+    }
+    let lifetime =
+        freshness_lifetime(response, response_cc, rule, now).ok_or(NotStorable::NoFreshness)?;
+    // A zero lifetime is still worth storing when it can be revalidated (`no-cache`, or
+    // validators) — the entry then serves conditional revalidations.
+    if lifetime.is_zero() && !(response_cc.no_cache || has_validator(response)) {
+        return Err(NotStorable::NoFreshness);
+    }
+    Ok(lifetime)
+}
+
+fn has_validator(response: &HeaderMap) -> bool {
+    response.contains_key(http::header::ETAG) || response.contains_key(http::header::LAST_MODIFIED)
+}
+
+fn http_date(headers: &HeaderMap, name: http::header::HeaderName) -> Option<SystemTime> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+}
+
+/// §4.2.1 for a shared cache: `s-maxage`, then `max-age`, then `Expires - Date`; the rule's
+/// `ttl` when the origin says nothing (or is not honoured); capped by `max_ttl`.
+pub fn freshness_lifetime(
+    response: &HeaderMap,
+    cc: &CacheControl,
+    rule: &StoreRule,
+    now: SystemTime,
+) -> Option<Duration> {
+    let from_origin = if rule.honor_origin {
+        cc.s_maxage.or(cc.max_age).or_else(|| {
+            response.get(EXPIRES).map(|_| {
+                // An invalid Expires (like "0") means already expired (§5.3).
+                let expires = http_date(response, EXPIRES).unwrap_or(SystemTime::UNIX_EPOCH);
+                let date = http_date(response, DATE).unwrap_or(now);
+                expires.duration_since(date).unwrap_or(Duration::ZERO)
+            })
+        })
+    } else {
+        None
+    };
+    let lifetime = from_origin.or(rule.ttl)?;
+    Some(match rule.max_ttl {
+        Some(max) => lifetime.min(max),
+        None => lifetime,
+    })
+}
+
+/// §4.2.3: the age of a response when it arrived, from its `Age` and `Date` headers and the
+/// times the request was sent and the response received.
+pub fn initial_age(
+    response: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Duration {
+    let date = http_date(response, DATE).unwrap_or(response_time);
+    let apparent_age = response_time.duration_since(date).unwrap_or(Duration::ZERO);
+    let age_value = response
+        .get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs);
+    let response_delay = response_time
+        .duration_since(request_time)
+        .unwrap_or(Duration::ZERO);
+    apparent_age.max(age_value + response_delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn rule() -> StoreRule {
+        StoreRule {
+            ttl: Some(Duration::from_secs(60)),
+            max_ttl: Some(Duration::from_secs(3600)),
+            statuses: vec![200, 404],
+            honor_origin: true,
+            per_user: false,
+            allow_authorized: false,
+            strip_set_cookie: false,
+        }
+    }
+
+    fn check(
+        req: &[(&str, &str)],
+        status: u16,
+        resp: &[(&str, &str)],
+        rule: &StoreRule,
+    ) -> Result<Duration, NotStorable> {
+        let (req, resp) = (headers(req), headers(resp));
+        let exchange = Exchange {
+            method: &Method::GET,
+            request: &req,
+            request_cc: &CacheControl::parse(&req),
+            status,
+            response: &resp,
+            response_cc: &CacheControl::parse(&resp),
+        };
+        storable(&exchange, rule, SystemTime::now())
+    }
+
+    #[test]
+    fn origin_freshness_wins_then_rule_ttl_then_the_cap() {
+        let r = rule();
+        assert_eq!(
+            check(
+                &[],
+                200,
+                &[("cache-control", "max-age=10, s-maxage=20")],
+                &r
+            ),
+            Ok(Duration::from_secs(20))
+        );
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "max-age=10")], &r),
+            Ok(Duration::from_secs(10))
+        );
+        assert_eq!(
+            check(&[], 200, &[], &r),
+            Ok(Duration::from_secs(60)),
+            "rule ttl when the origin is silent"
+        );
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "max-age=999999")], &r),
+            Ok(Duration::from_secs(3600))
+        );
+        let date = httpdate::fmt_http_date(SystemTime::now());
+        let expires = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let lifetime = check(&[], 200, &[("date", &date), ("expires", &expires)], &r).unwrap();
+        assert!((119..=121).contains(&lifetime.as_secs()), "{lifetime:?}");
+        assert_eq!(
+            check(&[], 200, &[("expires", "0")], &r),
+            Err(NotStorable::NoFreshness),
+            "an invalid Expires is already expired"
+        );
+        let pure = StoreRule {
+            ttl: None,
+            ..rule()
+        };
+        assert_eq!(
+            check(&[], 200, &[], &pure),
+            Err(NotStorable::NoFreshness),
+            "pure RFC mode stores only what is marked fresh"
+        );
+        let ignoring = StoreRule {
+            honor_origin: false,
+            ..rule()
+        };
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "max-age=5")], &ignoring),
+            Ok(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn what_a_shared_cache_never_stores() {
+        let r = rule();
+        assert_eq!(check(&[], 500, &[], &r), Err(NotStorable::Status(500)));
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "no-store")], &r),
+            Err(NotStorable::NoStore)
+        );
+        assert_eq!(
+            check(&[("cache-control", "no-store")], 200, &[], &r),
+            Err(NotStorable::NoStore)
+        );
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "private, max-age=60")], &r),
+            Err(NotStorable::Private)
+        );
+        assert_eq!(
+            check(&[], 200, &[("vary", "accept, *")], &r),
+            Err(NotStorable::VaryStar)
+        );
+        assert_eq!(
+            check(&[], 200, &[("set-cookie", "a=1")], &r),
+            Err(NotStorable::SetCookie)
+        );
+        assert_eq!(
+            check(&[("authorization", "Bearer x")], 200, &[], &r),
+            Err(NotStorable::Authorized)
+        );
+        assert!(check(
+            &[("authorization", "Bearer x")],
+            200,
+            &[("cache-control", "public, max-age=5")],
+            &r
+        )
+        .is_ok());
+        let per_user = StoreRule {
+            per_user: true,
+            ..rule()
+        };
+        assert!(check(
+            &[("authorization", "Bearer x")],
+            200,
+            &[("cache-control", "private, max-age=5")],
+            &per_user
+        )
+        .is_ok());
+        let stripping = StoreRule {
+            strip_set_cookie: true,
+            ..rule()
+        };
+        assert!(check(&[], 200, &[("set-cookie", "a=1")], &stripping).is_ok());
+        assert_eq!(
+            check(
+                &[],
+                200,
+                &[("cache-control", "no-cache, max-age=0"), ("etag", "\"v1\"")],
+                &r
+            ),
+            Ok(Duration::ZERO),
+            "no-cache is stored, to be revalidated before each reuse"
+        );
+        let empty = HeaderMap::new();
+        let none = CacheControl::default();
+        let exchange = Exchange {
+            method: &Method::HEAD,
+            request: &empty,
+            request_cc: &none,
+            status: 200,
+            response: &empty,
+            response_cc: &none,
+        };
+        let head = storable(&exchange, &r, SystemTime::now());
+        assert_eq!(head, Err(NotStorable::Method));
+    }
+
+    #[test]
+    fn age_counts_the_origin_age_and_the_trip() {
+        let sent = SystemTime::now();
+        let received = sent + Duration::from_secs(2);
+        let resp = headers(&[("age", "30"), ("date", &httpdate::fmt_http_date(received))]);
+        assert_eq!(initial_age(&resp, sent, received), Duration::from_secs(32));
+        let old_date = headers(&[(
+            "date",
+            &httpdate::fmt_http_date(received - Duration::from_secs(100)),
+        )]);
+        assert_eq!(initial_age(&old_date, sent, received).as_secs(), 100);
+    }
+}

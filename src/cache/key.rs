@@ -1,0 +1,189 @@
+//! Cache keys: what makes two requests "the same" for the cache. GET and HEAD share entries
+//! (HEAD is answered from a stored GET); the host, the normalised path, the query (sorted, or
+//! dropped, or reduced to named parameters), the values of the varying request headers and, for
+//! per-user rules, the user all take part.
+
+use http::header::{HeaderMap, HeaderName};
+use sha2::{Digest, Sha256};
+
+/// What of the query string takes part in the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryRule {
+    /// Every parameter, sorted, so `?b=2&a=1` and `?a=1&b=2` share an entry.
+    All,
+    /// None: the query never splits entries.
+    Ignore,
+    /// Only these parameters, sorted.
+    Only(Vec<String>),
+}
+
+/// The query string as it counts for the key.
+pub fn normalized_query(query: Option<&str>, rule: &QueryRule) -> String {
+    let Some(query) = query else {
+        return String::new();
+    };
+    let mut pairs: Vec<&str> = match rule {
+        QueryRule::Ignore => return String::new(),
+        QueryRule::All => query.split('&').filter(|p| !p.is_empty()).collect(),
+        QueryRule::Only(names) => query
+            .split('&')
+            .filter(|p| {
+                let name = p.split('=').next().unwrap_or_default();
+                !p.is_empty() && names.iter().any(|n| n == name)
+            })
+            .collect(),
+    };
+    // Sorting whole pairs keeps repeated parameters in a stable order.
+    pairs.sort_unstable();
+    pairs.join("&")
+}
+
+/// The parts of a request that identify a cache entry.
+#[derive(Debug, Clone)]
+pub struct KeyParts<'a> {
+    /// `None` when the rule does not separate hosts.
+    pub host: Option<&'a str>,
+    /// Already normalised by the route table.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub query_rule: &'a QueryRule,
+    /// The user an entry belongs to, for per-user rules.
+    pub user: Option<&'a str>,
+}
+
+/// A primary key (one resource) and, from it, variant keys (one per combination of the values of
+/// the headers the response varies on).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    pub fn primary(parts: &KeyParts<'_>) -> CacheKey {
+        let mut hasher = Sha256::new();
+        // Length-prefixed fields, so no two different inputs can concatenate alike.
+        for field in [
+            "GET",
+            parts.host.unwrap_or(""),
+            parts.path,
+            &normalized_query(parts.query, parts.query_rule),
+            parts.user.unwrap_or(""),
+        ] {
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field.as_bytes());
+        }
+        hasher.update([u8::from(parts.user.is_some())]);
+        CacheKey(hex(&hasher.finalize()))
+    }
+
+    /// The key of the variant selected by `request` for the headers in `vary` (lower-case names,
+    /// as stored with the primary entry). Values are compared after trimming and collapsing
+    /// whitespace, so trivially different spellings share a variant.
+    pub fn variant(&self, vary: &[HeaderName], request: &HeaderMap) -> CacheKey {
+        if vary.is_empty() {
+            return self.clone();
+        }
+        let mut names: Vec<&HeaderName> = vary.iter().collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        let mut hasher = Sha256::new();
+        hasher.update(self.0.as_bytes());
+        for name in names {
+            let values: Vec<String> = request
+                .get_all(name)
+                .iter()
+                .map(|v| {
+                    String::from_utf8_lossy(v.as_bytes())
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            let joined = values.join(",");
+            hasher.update((name.as_str().len() as u64).to_be_bytes());
+            hasher.update(name.as_str().as_bytes());
+            hasher.update([u8::from(!values.is_empty())]);
+            hasher.update((joined.len() as u64).to_be_bytes());
+            hasher.update(joined.as_bytes());
+        }
+        CacheKey(hex(&hasher.finalize()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(path: &str, query: Option<&str>, rule: &QueryRule, user: Option<&str>) -> CacheKey {
+        CacheKey::primary(&KeyParts {
+            host: Some("api.test"),
+            path,
+            query,
+            query_rule: rule,
+            user,
+        })
+    }
+
+    #[test]
+    fn queries_are_sorted_dropped_or_filtered() {
+        assert_eq!(
+            normalized_query(Some("b=2&a=1&&a=0"), &QueryRule::All),
+            "a=0&a=1&b=2"
+        );
+        assert_eq!(normalized_query(Some("b=2&a=1"), &QueryRule::Ignore), "");
+        let only = QueryRule::Only(vec!["page".into()]);
+        assert_eq!(
+            normalized_query(Some("utm=x&page=2&pager=9"), &only),
+            "page=2"
+        );
+        assert_eq!(
+            key("/p", Some("b=2&a=1"), &QueryRule::All, None),
+            key("/p", Some("a=1&b=2"), &QueryRule::All, None)
+        );
+        assert_ne!(
+            key("/p", Some("a=1"), &QueryRule::All, None),
+            key("/p", Some("a=2"), &QueryRule::All, None)
+        );
+    }
+
+    #[test]
+    fn users_never_share_entries_with_each_other_or_with_anonymous_requests() {
+        let all = QueryRule::All;
+        let alice = key("/me", None, &all, Some("alice"));
+        assert_ne!(alice, key("/me", None, &all, Some("bob")));
+        assert_ne!(alice, key("/me", None, &all, None));
+        assert_ne!(
+            key("/me", None, &all, Some("")),
+            key("/me", None, &all, None),
+            "an empty subject is still a user"
+        );
+        assert_ne!(
+            key("/a", Some("b"), &all, None),
+            key("/ab", None, &all, None),
+            "fields cannot run together"
+        );
+    }
+
+    #[test]
+    fn variants_follow_the_vary_headers() {
+        let base = key("/p", None, &QueryRule::All, None);
+        let vary = [HeaderName::from_static("accept-encoding")];
+        let mut gzip = HeaderMap::new();
+        gzip.insert("accept-encoding", "gzip,  br".parse().unwrap());
+        let mut gzip_spaced = HeaderMap::new();
+        gzip_spaced.insert("accept-encoding", " gzip, br ".parse().unwrap());
+        let none = HeaderMap::new();
+        assert_eq!(
+            base.variant(&vary, &gzip),
+            base.variant(&vary, &gzip_spaced)
+        );
+        assert_ne!(base.variant(&vary, &gzip), base.variant(&vary, &none));
+        assert_eq!(base.variant(&[], &gzip), base, "no Vary, one variant");
+    }
+}
