@@ -582,3 +582,33 @@ async fn rediss_with_a_private_ca_and_an_acl_user() {
         "the limit is counted in the TLS Redis"
     );
 }
+
+#[tokio::test]
+async fn the_memory_store_is_exact_under_concurrency() {
+    let upstream = Upstream::start();
+    let config = config(
+        &upstream,
+        "",
+        "",
+        r#"
+[[routes]]
+name = "item"
+path = "/products/{id}"
+rate_limit = { limits = [ { rate = "10/minute", key = "route" }, { rate = "1000/minute", key = "ip" } ] }
+"#,
+    )
+    .replace("threads = 1", "threads = 2");
+    let gateway = Gateway::start(&config);
+    let client = Client::new();
+    let calls = (0..60).map(|_| {
+        let (client, url) = (client.clone(), gateway.url("/products/1"));
+        async move { client.get(&url).await.status }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(
+        ok, 10,
+        "two worker threads, one in-process limit: exactly 10 admitted"
+    );
+    assert_eq!(upstream.served("GET /products/{id}").await, 10);
+}
