@@ -106,7 +106,13 @@ impl Circuit {
 }
 
 enum Backend {
-    Single(ConnectionManager),
+    /// Two connections to one server. The request path's is first used by a request, so its
+    /// I/O driver runs on the proxy's runtime and a command does not hop threads; the health
+    /// check's lives on the background runtime.
+    Single {
+        requests: ConnectionManager,
+        health: ConnectionManager,
+    },
     /// Connected in the background; `None` until the first connection succeeds.
     Cluster {
         nodes: Vec<String>,
@@ -192,13 +198,15 @@ impl RedisStore {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        Ok(RedisStore::new(
-            redact(url),
-            Backend::Single(connection),
-            options,
-        ))
+        let manager = || {
+            ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                .map_err(|e| StoreError::Backend(e.to_string()))
+        };
+        let backend = Backend::Single {
+            requests: manager()?,
+            health: manager()?,
+        };
+        Ok(RedisStore::new(redact(url), backend, options))
     }
 
     /// A store on a Redis Cluster, from its seed nodes. Returns at once, like [`RedisStore::connect`].
@@ -283,10 +291,17 @@ impl RedisStore {
 
     fn connection(&self) -> Option<Connection> {
         match &self.backend {
-            Backend::Single(c) => Some(Connection::Single(c.clone())),
+            Backend::Single { requests, .. } => Some(Connection::Single(requests.clone())),
             Backend::Cluster { connection, .. } => connection
                 .load_full()
                 .map(|c| Connection::Cluster((*c).clone())),
+        }
+    }
+
+    fn health_connection(&self) -> Option<Connection> {
+        match &self.backend {
+            Backend::Single { health, .. } => Some(Connection::Single(health.clone())),
+            Backend::Cluster { .. } => self.connection(),
         }
     }
 
@@ -434,7 +449,7 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut connection = self
-            .connection()
+            .health_connection()
             .ok_or_else(|| StoreError::Unavailable("not connected yet".to_owned()))?;
         let reply = tokio::time::timeout(
             RESPONSE_TIMEOUT,
@@ -468,7 +483,7 @@ impl Store for RedisStore {
         let script = &self.gcra;
         let budget = self.options.budget;
         match &self.backend {
-            Backend::Single(_) => {
+            Backend::Single { .. } => {
                 let values: Vec<i64> = self
                     .guarded("rate_limit", budget, |mut c| async move {
                         let mut invocation = script.prepare_invoke();
