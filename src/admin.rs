@@ -18,10 +18,12 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use crate::cache::Cache;
 use crate::metrics::metrics;
 use crate::reload::Reloader;
 use crate::snapshot::SharedSnapshot;
 use crate::store::Store;
+use prometheus::core::Collector;
 
 /// How long `/readyz` waits for an origin to accept a connection.
 const ORIGIN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -29,6 +31,7 @@ const ORIGIN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Admin {
     snapshot: SharedSnapshot,
     store: Arc<dyn Store>,
+    cache: Arc<Cache>,
     reloader: Arc<Reloader>,
     token: Option<String>,
 }
@@ -37,12 +40,14 @@ impl Admin {
     pub fn new(
         snapshot: SharedSnapshot,
         store: Arc<dyn Store>,
+        cache: Arc<Cache>,
         reloader: Arc<Reloader>,
         token: Option<String>,
     ) -> Admin {
         Admin {
             snapshot,
             store,
+            cache,
             reloader,
             token: token.filter(|t| !t.is_empty()),
         }
@@ -153,10 +158,46 @@ impl ServeHttp for Admin {
                 };
                 json_response(status, json!({"ready": ready, "checks": detail}))
             }
+            ("GET", "/cache/stats") => {
+                let (entries, bytes) = self.cache.memory_stats();
+                let count = |result: &str| -> u64 {
+                    metrics()
+                        .cache_results
+                        .collect()
+                        .iter()
+                        .flat_map(|family| family.get_metric())
+                        .filter(|m| {
+                            m.get_label()
+                                .iter()
+                                .any(|l| l.name() == "result" && l.value() == result)
+                        })
+                        .map(|m| m.get_counter().get_value() as u64)
+                        .sum()
+                };
+                let (hits, misses) = (count("hit"), count("miss"));
+                let ratio = if hits + misses == 0 {
+                    0.0
+                } else {
+                    hits as f64 / (hits + misses) as f64
+                };
+                json_response(
+                    StatusCode::OK,
+                    json!({
+                        "tiers": {"memory": {"entries": entries, "bytes": bytes}},
+                        "hits": hits,
+                        "misses": misses,
+                        "bypasses": count("bypass"),
+                        "hit_ratio": ratio,
+                    }),
+                )
+            }
             ("GET", "/metrics") => {
                 if self.token.is_some() && !self.authorized(session) {
                     return unauthorized("/metrics needs the admin token as a bearer token");
                 }
+                let (entries, bytes) = self.cache.memory_stats();
+                metrics().cache_memory_entries.set(entries as i64);
+                metrics().cache_memory_bytes.set(bytes as i64);
                 response(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

@@ -22,6 +22,13 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// `cachegate_auth_failures_total{reason}`
     pub auth_failures: IntCounterVec,
+    /// `cachegate_cache_results_total{route, result, tier}`: hit, miss or bypass.
+    pub cache_results: IntCounterVec,
+    /// `cachegate_cache_memory_entries` and `_bytes`: the in-process tier, read at scrape time.
+    pub cache_memory_entries: IntGauge,
+    pub cache_memory_bytes: IntGauge,
+    /// `cachegate_cache_memory_evictions_total`: entries pushed out for room.
+    pub cache_memory_evictions: prometheus::IntCounter,
     /// `cachegate_rate_limit_decisions_total{route, outcome, decided_by}`
     pub rate_limit_decisions: IntCounterVec,
     /// `cachegate_store_operations_total{op, result}`
@@ -80,6 +87,29 @@ impl Metrics {
         registry
             .register(Box::new(store_circuit_open.clone()))
             .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let cache_memory_entries = gauge(
+            "cachegate_cache_memory_entries",
+            "Entries in the in-process cache tier",
+        );
+        let cache_memory_bytes = gauge(
+            "cachegate_cache_memory_bytes",
+            "Bytes in the in-process cache tier",
+        );
+        let cache_memory_evictions = prometheus::IntCounter::new(
+            "cachegate_cache_memory_evictions_total",
+            "Entries evicted from the in-process cache tier for room",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cache_memory_evictions.clone()))
+            .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new("cachegate_build_info", "Build information"),
             &["version"],
@@ -124,6 +154,12 @@ impl Metrics {
                 "Refused authentications by reason",
                 &["reason"],
             ),
+            cache_results: counter(
+                &registry,
+                "cachegate_cache_results_total",
+                "Cache lookups by result and tier",
+                &["route", "result", "tier"],
+            ),
             rate_limit_decisions: counter(
                 &registry,
                 "cachegate_rate_limit_decisions_total",
@@ -144,6 +180,9 @@ impl Metrics {
                 STORE_BUCKETS,
             ),
             store_circuit_open,
+            cache_memory_entries,
+            cache_memory_bytes,
+            cache_memory_evictions,
             config_reloads: counter(
                 &registry,
                 "cachegate_config_reloads_total",

@@ -8,15 +8,17 @@ use std::borrow::Cow;
 use http::{HeaderName, Method};
 
 use crate::auth::AuthPolicy;
+use crate::cache::policy::CachePolicy;
 use crate::config::{PolicyConfig, RouteConfig, SpanError};
 use crate::ratelimit::RateLimitPolicy;
 
 /// A route's per-request policy; a request that matches no route gets the table's default.
-/// Caching and purge will join authentication and rate limiting here.
+/// Purge will join authentication, rate limiting and caching here.
 #[derive(Debug, Default, Clone)]
 pub struct Policy {
     pub auth: AuthPolicy,
     pub rate_limit: Option<RateLimitPolicy>,
+    pub cache: Option<CachePolicy>,
 }
 
 impl Policy {
@@ -50,8 +52,20 @@ impl Policy {
                 .map_err(|e| errors.extend(e))
                 .ok()
         });
+        let cache = route
+            .and_then(|r| r.cache.as_ref())
+            .or(defaults.cache.as_ref())
+            .and_then(|config| {
+                CachePolicy::compile(config)
+                    .map_err(|e| errors.extend(e))
+                    .ok()
+            });
         if errors.is_empty() {
-            Ok(Policy { auth, rate_limit })
+            Ok(Policy {
+                auth,
+                rate_limit,
+                cache,
+            })
         } else {
             Err(errors)
         }

@@ -16,6 +16,7 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
+use crate::cache::Cache;
 use crate::config::LoadedConfig;
 use crate::proxy::Gateway;
 use crate::ratelimit::{self, Limiter};
@@ -120,6 +121,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     server.bootstrap();
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let cache = Arc::new(Cache::new(config.cache.memory_capacity.0));
     let reloader = Arc::new(Reloader::new(
         loaded.path.clone(),
         loaded.source.clone(),
@@ -135,13 +137,19 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
             .map(|t| t.as_str().to_owned());
         let mut admin = Service::new(
             "cachegate admin".to_owned(),
-            Admin::new(shared.clone(), store.clone(), reloader, token),
+            Admin::new(
+                shared.clone(),
+                store.clone(),
+                cache.clone(),
+                reloader,
+                token,
+            ),
         );
         admin.add_tcp(address);
         server.add_service(admin);
         tracing::info!(address, "admin listening");
     }
-    let gateway = Gateway::new(shared, store, limiter);
+    let gateway = Gateway::new(shared, store, limiter, cache);
     let mut service = http_proxy_service_with_name(&server.configuration, gateway, "cachegate");
     for listener in config.listeners.get_ref() {
         let address = listener.address.get_ref().as_str();

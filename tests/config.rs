@@ -228,10 +228,10 @@ fn missing_environment_variable() {
 #[test]
 fn unsupported_sections_are_rejected_not_ignored() {
     assert_error(
-        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\ncache = {{ ttl = \"60s\" }}\n"),
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\npurge = [\"/b\"]\n"),
         8,
         9,
-        "`routes.cache` is not supported yet",
+        "`routes.purge` is not supported yet",
     );
 }
 
@@ -457,5 +457,29 @@ fn unknown_on_store_error() {
         7,
         64,
         "unknown variant `panic`",
+    );
+}
+
+#[test]
+fn bad_cache_rules() {
+    assert_error(
+        &format!(
+            "{VALID_BASE}[[routes]]\npath = \"/a\"\ncache = {{ ttl = \"1m\", query = \"some\" }}\n"
+        ),
+        8,
+        31,
+        "unknown query rule \"some\"",
+    );
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\ncache = {{ ttl = \"1m\", scope = \"everyone\" }}\n"),
+        8,
+        31,
+        "unknown variant `everyone`, expected `shared` or `user`",
+    );
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\ncache = {{ ttl = \"1m\", stale_while_revalidate = \"30s\" }}\n"),
+        8,
+        23,
+        "unknown field `stale_while_revalidate`",
     );
 }

@@ -97,6 +97,7 @@ fn each_table_documents_exactly_its_keys() {
         ("`[limits]`", accepted("[limits]\n@\n")),
         ("`[store]`", accepted("[store]\n@\n")),
         ("`[rate_limit]`", accepted("[rate_limit]\n@\n")),
+        ("`[cache]`", accepted("[cache]\n@\n")),
         ("`[admin]`", accepted("[admin]\n@\n")),
         ("`[auth]`", accepted("[auth]\n@\n")),
         (
@@ -136,6 +137,10 @@ fn each_table_documents_exactly_its_keys() {
     expected.extend(prefixed(
         "auth.",
         accepted("[[routes]]\npath = \"/\"\nauth = { @ }\n"),
+    ));
+    expected.extend(prefixed(
+        "cache.",
+        accepted("[[routes]]\npath = \"/\"\ncache = { @ }\n"),
     ));
     expected.extend(prefixed(
         "rate_limit.",

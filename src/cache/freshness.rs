@@ -158,7 +158,14 @@ pub fn initial_age(
     response_time: SystemTime,
 ) -> Duration {
     let date = http_date(response, DATE).unwrap_or(response_time);
-    let apparent_age = response_time.duration_since(date).unwrap_or(Duration::ZERO);
+    // Ages are whole seconds (§1.2.2), and `Date` is truncated to the second: without the floor a
+    // response would look up to a second old the moment it arrives.
+    let apparent_age = Duration::from_secs(
+        response_time
+            .duration_since(date)
+            .unwrap_or(Duration::ZERO)
+            .as_secs(),
+    );
     let age_value = response
         .get(AGE)
         .and_then(|v| v.to_str().ok())

@@ -1,12 +1,276 @@
-//! Response caching, RFC 9111 for a shared cache. This is the groundwork the cache tiers will
-//! build on, not yet wired into the request path (routes' `cache` sections are still refused):
+//! Response caching for GET and HEAD, RFC 9111 for a shared cache (and per-user entries where a
+//! route asks for them).
 //!
 //! - [`directives`]: `Cache-Control` parsing.
 //! - [`freshness`]: whether a response may be stored, its freshness lifetime and initial age.
 //! - [`key`]: cache keys (query normalisation, variants, per-user separation).
 //! - [`entry`]: the stored response and its versioned binary codec.
+//! - [`policy`]: a route's compiled cache rule.
+//! - [`memory`]: the in-process tier.
+//!
+//! The proxy asks [`Cache::lookup`] after authentication and rate limiting (so a refused request
+//! never touches the cache), serves hits itself, and on a miss lets the response stream to the
+//! client while [`Fill`] captures it (up to `max_object`) for [`Cache::store`].
 
 pub mod directives;
 pub mod entry;
 pub mod freshness;
 pub mod key;
+pub mod memory;
+pub mod policy;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, AGE, AUTHORIZATION, SET_COOKIE, VARY};
+use http::Method;
+
+use self::directives::CacheControl;
+use self::entry::Entry;
+use self::freshness::{initial_age, storable, Exchange};
+use self::key::{CacheKey, KeyParts};
+use self::memory::MemoryTier;
+use self::policy::CachePolicy;
+use crate::config::CacheScope;
+
+/// Response headers never stored: they describe one exchange, not the resource.
+const PER_EXCHANGE: [&str; 5] = [
+    "x-request-id",
+    "ratelimit",
+    "ratelimit-policy",
+    "cache-status",
+    "x-cache",
+];
+
+pub struct Cache {
+    memory: MemoryTier,
+}
+
+/// A request as the cache sees it.
+pub struct CacheRequest<'a> {
+    pub method: &'a Method,
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The verified token's subject, if any.
+    pub user: Option<&'a str>,
+}
+
+/// A fresh stored response for a request.
+pub struct Hit {
+    pub entry: Arc<Entry>,
+    pub age_secs: u64,
+    pub ttl_secs: u64,
+}
+
+pub enum Lookup {
+    Hit(Hit),
+    /// Not stored (or stale): forward, and maybe fill under `primary`.
+    Miss {
+        primary: CacheKey,
+    },
+    /// The cache does not apply to this request; says why.
+    Bypass(&'static str),
+}
+
+/// A response being captured for the cache while it streams to the client.
+pub struct Fill {
+    variant: CacheKey,
+    primary: CacheKey,
+    vary: Vec<HeaderName>,
+    status: u16,
+    headers: HeaderMap,
+    stored_at_ms: u64,
+    fresh_for_ms: u64,
+    max_object: u64,
+    body: BytesMut,
+    /// The whole body arrived.
+    pub complete: bool,
+}
+
+impl Fill {
+    /// Adds a body chunk; `false` once the body outgrows `max_object` (then drop the fill).
+    pub fn push(&mut self, chunk: &Bytes) -> bool {
+        if (self.body.len() + chunk.len()) as u64 > self.max_object {
+            return false;
+        }
+        self.body.extend_from_slice(chunk);
+        true
+    }
+}
+
+fn millis_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
+    response
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).ok())
+        .collect()
+}
+
+impl Cache {
+    pub fn new(memory_capacity: u64) -> Cache {
+        Cache {
+            memory: MemoryTier::new(memory_capacity),
+        }
+    }
+
+    fn primary_key(policy: &CachePolicy, request: &CacheRequest<'_>) -> CacheKey {
+        CacheKey::primary(&KeyParts {
+            host: request.host,
+            path: request.path,
+            query: request.query,
+            query_rule: &policy.query,
+            user: match policy.scope {
+                CacheScope::User => request.user,
+                CacheScope::Shared => None,
+            },
+        })
+    }
+
+    /// Finds a fresh entry for a request, or says why the cache does not apply.
+    pub fn lookup(&self, policy: &CachePolicy, request: &CacheRequest<'_>) -> Lookup {
+        if *request.method != Method::GET && *request.method != Method::HEAD {
+            return Lookup::Bypass("method");
+        }
+        if policy.scope == CacheScope::User && request.user.is_none() {
+            return Lookup::Bypass("anonymous");
+        }
+        if request.headers.contains_key(AUTHORIZATION)
+            && !(policy.rule.per_user || policy.rule.allow_authorized)
+        {
+            return Lookup::Bypass("authorization");
+        }
+        if policy.honor_client_cache_control {
+            let cc = CacheControl::parse(request.headers);
+            if cc.no_cache || cc.no_store {
+                return Lookup::Bypass("client-no-cache");
+            }
+        }
+        let primary = Cache::primary_key(policy, request);
+        let vary = self
+            .memory
+            .vary_of(primary.as_str())
+            .map_or_else(|| policy.vary.clone(), |v| (*v).clone());
+        let variant = primary.variant(&vary, request.headers);
+        let now = millis_since_epoch(SystemTime::now());
+        match self.memory.get(variant.as_str()) {
+            Some(entry) if entry.stored_at_ms + entry.fresh_for_ms > now => {
+                let stored_age = entry
+                    .headers
+                    .get(AGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                let resident = now.saturating_sub(entry.stored_at_ms) / 1000;
+                let ttl_secs = (entry.stored_at_ms + entry.fresh_for_ms - now) / 1000;
+                Lookup::Hit(Hit {
+                    entry,
+                    age_secs: stored_age + resident,
+                    ttl_secs,
+                })
+            }
+            _ => Lookup::Miss { primary },
+        }
+    }
+
+    /// Decides whether the response to a missed request is stored; if so, returns the [`Fill`]
+    /// that captures it.
+    pub fn plan_fill(
+        &self,
+        policy: &CachePolicy,
+        primary: &CacheKey,
+        request: &CacheRequest<'_>,
+        status: u16,
+        response: &HeaderMap,
+        sent_at: SystemTime,
+    ) -> Option<Fill> {
+        let received_at = SystemTime::now();
+        let request_cc = if policy.honor_client_cache_control {
+            CacheControl::parse(request.headers)
+        } else {
+            CacheControl::default()
+        };
+        let response_cc = CacheControl::parse(response);
+        let exchange = Exchange {
+            method: request.method,
+            request: request.headers,
+            request_cc: &request_cc,
+            status,
+            response,
+            response_cc: &response_cc,
+        };
+        let lifetime = storable(&exchange, &policy.rule_for(status), received_at).ok()?;
+        let age = initial_age(response, sent_at, received_at);
+        // Entries that would need revalidation before any reuse are not kept yet.
+        let fresh_for = lifetime.checked_sub(age).filter(|d| !d.is_zero())?;
+        if response_cc.no_cache {
+            return None;
+        }
+        let declared = response
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > policy.max_object) {
+            return None;
+        }
+
+        let mut headers = response.clone();
+        for name in PER_EXCHANGE {
+            headers.remove(name);
+        }
+        headers.remove(SET_COOKIE);
+        headers.insert(AGE, age.as_secs().into());
+        let mut vary = policy.vary.clone();
+        for name in vary_names(response) {
+            if !vary.contains(&name) {
+                vary.push(name);
+            }
+        }
+        Some(Fill {
+            variant: primary.variant(&vary, request.headers),
+            primary: primary.clone(),
+            vary,
+            status,
+            headers,
+            stored_at_ms: millis_since_epoch(received_at),
+            fresh_for_ms: fresh_for.as_millis() as u64,
+            max_object: policy.max_object,
+            body: BytesMut::new(),
+            complete: false,
+        })
+    }
+
+    /// Stores a completely captured response.
+    pub fn store(&self, fill: Fill) {
+        if !fill.complete {
+            return;
+        }
+        let entry = Entry {
+            status: fill.status,
+            headers: fill.headers,
+            body: fill.body.freeze(),
+            stored_at_ms: fill.stored_at_ms,
+            fresh_for_ms: fill.fresh_for_ms,
+            stale_while_revalidate_ms: 0,
+            stale_if_error_ms: 0,
+            vary: fill.vary.clone(),
+        };
+        self.memory
+            .set_vary(fill.primary.as_str().to_owned(), fill.vary);
+        self.memory
+            .insert(fill.variant.as_str().to_owned(), Arc::new(entry));
+    }
+
+    /// Entries and bytes in the in-process tier.
+    pub fn memory_stats(&self) -> (u64, u64) {
+        self.memory.stats()
+    }
+}

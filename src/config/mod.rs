@@ -6,6 +6,7 @@
 //! in the same file through the spans kept here.
 
 mod auth;
+mod cache;
 mod error;
 mod ratelimit;
 pub mod values;
@@ -18,6 +19,7 @@ use toml::Spanned;
 pub use auth::{
     AuthConfig, AuthMode, AuthPolicyConfig, AuthPolicyConfigOrMode, OneOrMany, ProviderConfig,
 };
+pub use cache::{CacheConfig, CachePolicyConfig, CacheScope, QueryConfig};
 pub use error::{line_col, ConfigError, ConfigErrors, SpanError};
 pub use ratelimit::{KeyConfig, LimitConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig};
 pub use values::{ByteSize, Dur, EnvString};
@@ -46,6 +48,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Token verification for routes whose `auth` asks for it.
     pub auth: Option<Spanned<AuthConfig>>,
+    /// The in-process cache tier.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// Settings shared by the rate-limit policies.
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
@@ -217,7 +222,8 @@ pub struct PolicyConfig {
     pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
     /// Limits every request of the route must fit in.
     pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
-    pub cache: Option<Spanned<toml::Value>>,
+    /// Serve GET/HEAD from cache under this rule.
+    pub cache: Option<Spanned<CachePolicyConfig>>,
     pub purge: Option<Spanned<toml::Value>>,
 }
 
@@ -234,7 +240,8 @@ pub struct RouteConfig {
     pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
     /// Replaces `defaults.rate_limit` for this route.
     pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
-    pub cache: Option<Spanned<toml::Value>>,
+    /// Replaces `defaults.cache` for this route.
+    pub cache: Option<Spanned<CachePolicyConfig>>,
     pub purge: Option<Spanned<toml::Value>>,
 }
 
@@ -440,25 +447,16 @@ fn validate(config: &Config) -> Vec<SpanError> {
             ));
         }
     }
-    policy_unsupported(
-        [&config.defaults.cache, &config.defaults.purge],
-        "defaults",
+    unsupported(
+        &config.defaults.purge,
+        "defaults.purge",
+        "purge on write",
         &mut errors,
     );
     for route in &config.routes {
-        policy_unsupported([&route.cache, &route.purge], "routes", &mut errors);
+        unsupported(&route.purge, "routes.purge", "purge on write", &mut errors);
     }
     errors
-}
-
-fn policy_unsupported(
-    sections: [&Option<Spanned<toml::Value>>; 2],
-    table: &str,
-    errors: &mut Vec<SpanError>,
-) {
-    let [cache, purge] = sections;
-    unsupported(cache, &format!("{table}.cache"), "response caching", errors);
-    unsupported(purge, &format!("{table}.purge"), "purge on write", errors);
 }
 
 fn unsupported(

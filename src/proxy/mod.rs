@@ -6,6 +6,7 @@
 //! `request_body_filter` (body limit) → `upstream_response_filter` / `response_filter` (headers
 //! back) → `logging`. Failures end in `fail_to_proxy`, which answers with problem+json.
 
+mod caching;
 mod forwarding;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -21,6 +22,7 @@ use pingora::proxy::FailToProxy;
 use pingora::ErrorType;
 
 use crate::auth::{self, Identity, Rejection};
+use crate::cache::Cache;
 use crate::metrics::{method_label, metrics};
 use crate::problem::Problem;
 use crate::ratelimit::{Limiter, RequestFacts, Verdict};
@@ -38,18 +40,33 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// The gateway: one instance serves every request of every listener.
 pub struct Gateway {
     snapshot: SharedSnapshot,
-    #[allow(dead_code)] // read by the cache phases as they land
+    #[allow(dead_code)] // the shared cache tier will use it
     store: Arc<dyn Store>,
     limiter: Limiter,
+    cache: Arc<Cache>,
 }
 
 impl Gateway {
-    pub fn new(snapshot: SharedSnapshot, store: Arc<dyn Store>, limiter: Limiter) -> Gateway {
+    pub fn new(
+        snapshot: SharedSnapshot,
+        store: Arc<dyn Store>,
+        limiter: Limiter,
+        cache: Arc<Cache>,
+    ) -> Gateway {
         Gateway {
             snapshot,
             store,
             limiter,
+            cache,
         }
+    }
+}
+
+impl RequestCtx {
+    /// The matched route's name, `-` when none matched.
+    pub fn route_name(&self) -> &str {
+        self.route
+            .map_or("-", |id| self.snapshot.routes.route(id).name.as_str())
     }
 }
 
@@ -61,6 +78,8 @@ pub struct RequestCtx {
     pub route: Option<RouteId>,
     /// The client's address: the peer, or what a trusted proxy says.
     pub client_ip: IpAddr,
+    /// Where the request stands with the cache.
+    pub cache: caching::CachePhase,
     /// The rate-limit decision, whose headers go on the response.
     pub rate_limit: Option<Verdict>,
     /// The verified token's identity, when the route checked one and it was present.
@@ -256,6 +275,7 @@ impl ProxyHttp for Gateway {
             route: None,
             client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             rate_limit: None,
+            cache: caching::CachePhase::default(),
             identity: None,
             auth_failure: None,
             started: Instant::now(),
@@ -338,7 +358,10 @@ impl ProxyHttp for Gateway {
         if self.authenticate(session, ctx).await? {
             return Ok(true);
         }
-        self.rate_limit(session, ctx).await
+        if self.rate_limit(session, ctx).await? {
+            return Ok(true);
+        }
+        caching::lookup(&self.cache, session, ctx).await
     }
 
     async fn upstream_peer(
@@ -409,13 +432,24 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         forwarding::upstream_response(upstream_response);
-        Ok(())
+        caching::on_response(&self.cache, session, ctx, upstream_response)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        caching::on_body(ctx, body, end_of_stream);
+        Ok(None)
     }
 
     async fn response_filter(
@@ -465,6 +499,7 @@ impl ProxyHttp for Gateway {
 
     /// One access-log event and the request's metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        caching::on_done(&self.cache, ctx, e.is_some());
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
         let route = ctx
@@ -515,7 +550,7 @@ impl ProxyHttp for Gateway {
             bytes = session.body_bytes_sent(),
             duration_ms = duration.as_secs_f64() * 1000.0,
             upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
-            cache = "-",
+            cache = ctx.cache.label(),
             rate_limit,
             subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
             auth_failure = ctx.auth_failure,

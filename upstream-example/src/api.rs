@@ -13,6 +13,7 @@
 //! | any | `/__headers` | the request's method and headers as JSON |
 //! | POST | `/__sink` | streams the body through SHA-256: `{"bytes":N,"sha256":".."}`; counted again as `POST /__sink completed` once the whole body arrived |
 //! | GET | `/__bytes/{n}` | `n` bytes of the pattern `i % 251`, streamed |
+//! | GET | `/__respond?status=&cache-control=&expires=&vary=&set-cookie=&etag=&last-modified=` | a response with those headers; the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
 //!
 //! Errors are JSON `{"error": code, "message": text}`; validation errors add `"fields"`.
 
@@ -74,6 +75,10 @@ pub async fn handle(
                 app.stats.record("POST /__sink completed");
             }
             resp
+        }
+        (["__respond"], &Method::GET) => {
+            app.stats.record("GET /__respond");
+            respond_as_asked(&app, &req)
         }
         (["__bytes", n], &Method::GET) => {
             app.stats.record("GET /__bytes/{n}");
@@ -370,6 +375,78 @@ fn validate_fields(
     } else {
         Err(problems)
     }
+}
+
+/// A response shaped by the query string, for cache tests: `status` and any of the listed
+/// headers, with a body counting this endpoint's answers.
+fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody> {
+    let served = app.stats.count("GET /__respond");
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let body = json!({"served": served, "accept": header("accept"), "accept-language": header("accept-language")});
+    let mut resp = json_response(StatusCode::OK, &body);
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        match name {
+            "status" => {
+                if let Some(status) = value
+                    .parse()
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                {
+                    *resp.status_mut() = status;
+                }
+            }
+            "cache-control" | "expires" | "vary" | "set-cookie" | "etag" | "last-modified" => {
+                if let (Ok(name), Ok(value)) = (
+                    hyper::header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    resp.headers_mut().append(name, value);
+                }
+            }
+            _ => {}
+        }
+    }
+    resp
+}
+
+/// Decodes `%XX` escapes and `+` (the test clients encode header values in the query).
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn echo_headers(req: &Request<Incoming>) -> Response<ResponseBody> {

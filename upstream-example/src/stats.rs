@@ -23,6 +23,16 @@ impl Stats {
             .or_default() += 1;
     }
 
+    /// Requests recorded so far for a route label.
+    pub fn count(&self, route: &'static str) -> u64 {
+        self.by_route
+            .lock()
+            .expect("stats mutex poisoned")
+            .get(route)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn connection_accepted(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
     }

@@ -1,0 +1,98 @@
+//! A route's cache rule, compiled from its `cache` section.
+
+use std::time::Duration;
+
+use http::HeaderName;
+use toml::Spanned;
+
+use super::freshness::StoreRule;
+use super::key::QueryRule;
+use crate::config::{CachePolicyConfig, CacheScope, QueryConfig, SpanError};
+
+const DEFAULT_STATUSES: [u16; 7] = [200, 203, 204, 300, 301, 404, 410];
+const DEFAULT_MAX_OBJECT: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    pub rule: StoreRule,
+    /// Freshness for 404/410 when the origin gives none.
+    pub negative_ttl: Option<Duration>,
+    /// Request headers that always select a variant (lower case).
+    pub vary: Vec<HeaderName>,
+    pub query: QueryRule,
+    pub scope: CacheScope,
+    pub max_object: u64,
+    pub honor_client_cache_control: bool,
+}
+
+impl CachePolicy {
+    pub fn compile(config: &Spanned<CachePolicyConfig>) -> Result<CachePolicy, Vec<SpanError>> {
+        let c = config.get_ref();
+        let mut errors = Vec::new();
+        let mut vary = Vec::new();
+        for name in &c.vary {
+            match HeaderName::from_bytes(name.trim().as_bytes()) {
+                Ok(h) => vary.push(h),
+                Err(_) => errors.push(SpanError::new(
+                    config.span(),
+                    format!("vary: {name:?} is not a header name"),
+                )),
+            }
+        }
+        let query = match c.query.as_ref().map(|q| (q.get_ref(), q.span())) {
+            None => QueryRule::All,
+            Some((QueryConfig::Keyword(k), _)) if k == "all" => QueryRule::All,
+            Some((QueryConfig::Keyword(k), _)) if k == "none" => QueryRule::Ignore,
+            Some((QueryConfig::Keyword(k), span)) => {
+                errors.push(SpanError::new(
+                    span,
+                    format!("unknown query rule {k:?}: use \"all\", \"none\" or a list of parameter names"),
+                ));
+                QueryRule::All
+            }
+            Some((QueryConfig::Only(names), _)) => QueryRule::Only(names.clone()),
+        };
+        let statuses = c
+            .statuses
+            .clone()
+            .unwrap_or_else(|| DEFAULT_STATUSES.to_vec());
+        if statuses.iter().any(|s| !(200..=599).contains(s)) {
+            errors.push(SpanError::new(
+                config.span(),
+                "statuses must be final HTTP statuses (200-599)",
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let per_user = c.scope == CacheScope::User;
+        Ok(CachePolicy {
+            rule: StoreRule {
+                ttl: c.ttl.map(|d| d.0),
+                max_ttl: c.max_ttl.map(|d| d.0),
+                statuses,
+                honor_origin: c.honor_origin,
+                per_user,
+                allow_authorized: c.allow_authorized,
+                strip_set_cookie: c.strip_set_cookie,
+            },
+            negative_ttl: c.negative_ttl.map(|d| d.0),
+            vary,
+            query,
+            scope: c.scope,
+            max_object: c.max_object.map_or(DEFAULT_MAX_OBJECT, |b| b.0),
+            honor_client_cache_control: c.honor_client_cache_control.unwrap_or(per_user),
+        })
+    }
+
+    /// The store rule for a response with `status`: 404 and 410 use `negative_ttl` when set.
+    pub fn rule_for(&self, status: u16) -> StoreRule {
+        match (status, self.negative_ttl) {
+            (404 | 410, Some(ttl)) => StoreRule {
+                ttl: Some(ttl),
+                ..self.rule.clone()
+            },
+            _ => self.rule.clone(),
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Schema of the `[cache]` table (the in-process tier) and of the per-route `cache` rule.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ByteSize, Dur};
+
+/// The in-process cache tier.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes of responses (headers and bodies) kept in memory; admission and eviction are
+    /// TinyLFU (moka), so a scan of cold URLs does not flush the hot set.
+    pub memory_capacity: ByteSize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            memory_capacity: ByteSize(256 * 1024 * 1024),
+        }
+    }
+}
+
+/// What of the query string separates entries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum QueryConfig {
+    /// `"all"` (sorted) or `"none"`.
+    Keyword(String),
+    /// Only these parameters, sorted.
+    Only(Vec<String>),
+}
+
+/// Who an entry may be served to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Everyone.
+    #[default]
+    Shared,
+    /// Only the user (token subject) whose request filled it; anonymous requests bypass.
+    User,
+}
+
+/// A route's `cache` rule. Only GET and HEAD are served from cache; HEAD from a stored GET.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachePolicyConfig {
+    /// Freshness when the origin gives none. Unset: store only what the origin marks fresh.
+    pub ttl: Option<Dur>,
+    /// Cap on any freshness lifetime, the origin's included.
+    pub max_ttl: Option<Dur>,
+    /// Freshness for 404 and 410 when the origin gives none (instead of `ttl`).
+    pub negative_ttl: Option<Dur>,
+    /// Request headers that select a variant, besides the origin's own `Vary`.
+    #[serde(default)]
+    pub vary: Vec<String>,
+    /// `"all"` (default), `"none"`, or a list of parameter names.
+    pub query: Option<Spanned<QueryConfig>>,
+    #[serde(default)]
+    pub scope: CacheScope,
+    /// Let the origin's `Cache-Control` and `Expires` decide freshness (RFC 9111).
+    #[serde(default = "super::default_true")]
+    pub honor_origin: bool,
+    /// Larger responses pass through uncached, streamed as usual.
+    pub max_object: Option<ByteSize>,
+    /// Statuses that may be stored.
+    pub statuses: Option<Vec<u16>>,
+    /// Store shared entries from requests that carry `Authorization` (content the gateway itself
+    /// authorised). Without it such requests bypass the cache.
+    #[serde(default)]
+    pub allow_authorized: bool,
+    /// Store responses with `Set-Cookie`, without the cookie. Without it they are not stored.
+    #[serde(default)]
+    pub strip_set_cookie: bool,
+    /// Honour a client's `Cache-Control: no-cache` / `no-store` (skip the cache). Default: only
+    /// on per-user routes, so clients cannot make a shared route's origin do extra work.
+    pub honor_client_cache_control: Option<bool>,
+}

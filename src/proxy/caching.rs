@@ -1,0 +1,250 @@
+//! The cache phase's glue: look up after rate limiting, answer hits (and `304`s) directly, and on
+//! a miss capture the streamed response for the cache.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderName, AGE, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    LAST_MODIFIED, TRANSFER_ENCODING,
+};
+use http::Method;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+use super::{RequestCtx, RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
+use crate::cache::entry::Entry;
+use crate::cache::{Cache, CacheRequest, Fill, Hit, Lookup};
+use crate::metrics::metrics;
+
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// Where a request stands with the cache.
+#[derive(Default)]
+pub enum CachePhase {
+    /// The route has no cache rule.
+    #[default]
+    Off,
+    Bypass(&'static str),
+    Hit,
+    /// Forwarded; `fill` captures the response when it may be stored.
+    Miss {
+        primary: crate::cache::key::CacheKey,
+        sent_at: SystemTime,
+        fill: Option<Box<Fill>>,
+    },
+}
+
+impl CachePhase {
+    /// For the access log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CachePhase::Off => "-",
+            CachePhase::Bypass(_) => "bypass",
+            CachePhase::Hit => "hit",
+            CachePhase::Miss { .. } => "miss",
+        }
+    }
+}
+
+fn cache_request<'a>(session: &'a Session, ctx: &'a RequestCtx) -> CacheRequest<'a> {
+    let req = session.req_header();
+    CacheRequest {
+        method: &req.method,
+        host: req
+            .headers
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str())),
+        path: req.uri.path(),
+        query: req.uri.query(),
+        headers: &req.headers,
+        user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+    }
+}
+
+/// `If-None-Match` (weak comparison, RFC 9110 §13.1.2) or, without it, `If-Modified-Since`.
+fn not_modified(req: &pingora::http::RequestHeader, entry: &Entry) -> bool {
+    if let Some(condition) = req.headers.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(etag) = entry.headers.get(ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let etag = etag.trim_start_matches("W/");
+        return condition
+            .split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag);
+    }
+    let since = req
+        .headers
+        .get(IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    let modified = entry
+        .headers
+        .get(LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+}
+
+/// Looks the request up; answers a hit itself and returns `true`.
+pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let snapshot = ctx.snapshot.clone();
+    let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
+        return Ok(false);
+    };
+    let outcome = cache.lookup(policy, &cache_request(session, ctx));
+    let route = ctx.route_name();
+    match outcome {
+        Lookup::Hit(hit) => {
+            metrics()
+                .cache_results
+                .with_label_values(&[route, "hit", "memory"])
+                .inc();
+            ctx.cache = CachePhase::Hit;
+            serve_hit(session, ctx, hit).await?;
+            Ok(true)
+        }
+        Lookup::Miss { primary } => {
+            metrics()
+                .cache_results
+                .with_label_values(&[route, "miss", "memory"])
+                .inc();
+            ctx.cache = CachePhase::Miss {
+                primary,
+                sent_at: SystemTime::now(),
+                fill: None,
+            };
+            Ok(false)
+        }
+        Lookup::Bypass(reason) => {
+            metrics()
+                .cache_results
+                .with_label_values(&[route, "bypass", "-"])
+                .inc();
+            ctx.cache = CachePhase::Bypass(reason);
+            Ok(false)
+        }
+    }
+}
+
+async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<()> {
+    let entry = &hit.entry;
+    let unchanged = not_modified(session.req_header(), entry);
+    let status = if unchanged { 304 } else { entry.status };
+    let mut header = ResponseHeader::build(status, Some(entry.headers.len() + 6))?;
+    for (name, value) in &entry.headers {
+        let drop = name == AGE
+            || name == TRANSFER_ENCODING
+            || name == CONTENT_LENGTH
+            || (unchanged && name == CONTENT_TYPE);
+        if !drop {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    }
+    header.insert_header(AGE, hit.age_secs.to_string())?;
+    header.insert_header(
+        CACHE_STATUS,
+        format!("cachegate; hit; ttl={}", hit.ttl_secs),
+    )?;
+    header.insert_header(X_CACHE, "HIT")?;
+    header.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    if let Some(verdict) = ctx
+        .rate_limit
+        .as_ref()
+        .filter(|v| !v.policy_header.is_empty())
+    {
+        header.insert_header(RATELIMIT_POLICY, verdict.policy_header.as_str())?;
+        header.insert_header(RATELIMIT, verdict.status_header.as_str())?;
+    }
+    let head_only = unchanged || session.req_header().method == Method::HEAD;
+    if !unchanged {
+        header.insert_header(CONTENT_LENGTH, entry.body.len().to_string())?;
+    }
+    if head_only || entry.body.is_empty() {
+        session.write_response_header(Box::new(header), true).await
+    } else {
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session
+            .write_response_body(Some(entry.body.clone()), true)
+            .await
+    }
+}
+
+/// On a miss, decides from the origin's response whether to capture it, and labels the
+/// response for the client (`Cache-Status`, `X-Cache`).
+pub fn on_response(
+    cache: &Cache,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    response: &mut ResponseHeader,
+) -> Result<()> {
+    let snapshot = ctx.snapshot.clone();
+    let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
+        return Ok(());
+    };
+    match &ctx.cache {
+        CachePhase::Miss {
+            primary, sent_at, ..
+        } => {
+            let (primary, sent_at) = (primary.clone(), *sent_at);
+            let fill = cache.plan_fill(
+                policy,
+                &primary,
+                &cache_request(session, ctx),
+                response.status.as_u16(),
+                &response.headers,
+                sent_at,
+            );
+            let status = if fill.is_some() {
+                "cachegate; fwd=miss; stored"
+            } else {
+                "cachegate; fwd=miss"
+            };
+            response.insert_header(CACHE_STATUS, status)?;
+            response.insert_header(X_CACHE, "MISS")?;
+            if let CachePhase::Miss { fill: slot, .. } = &mut ctx.cache {
+                *slot = fill.map(Box::new);
+            }
+        }
+        CachePhase::Bypass(reason) => {
+            response.insert_header(
+                CACHE_STATUS,
+                format!("cachegate; fwd=bypass; detail={reason}"),
+            )?;
+            response.insert_header(X_CACHE, "BYPASS")?;
+        }
+        CachePhase::Off | CachePhase::Hit => {}
+    }
+    Ok(())
+}
+
+/// Captures a body chunk of a response being filled; gives up past `max_object`.
+pub fn on_body(ctx: &mut RequestCtx, body: &Option<Bytes>, end_of_stream: bool) {
+    if let CachePhase::Miss { fill, .. } = &mut ctx.cache {
+        if let (Some(f), Some(chunk)) = (fill.as_mut(), body) {
+            if !f.push(chunk) {
+                *fill = None;
+            }
+        }
+        if end_of_stream {
+            if let Some(f) = fill.as_mut() {
+                f.complete = true;
+            }
+        }
+    }
+}
+
+/// Stores a fill once the whole response reached the client without error.
+pub fn on_done(cache: &Cache, ctx: &mut RequestCtx, failed: bool) {
+    if let CachePhase::Miss { fill, .. } = &mut ctx.cache {
+        if let Some(fill) = fill.take().filter(|_| !failed) {
+            cache.store(*fill);
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The in-process cache tier against the real upstream: hits and misses proven by the origin's
+//! own counters, RFC 9111 storability, variants, query rules, per-user isolation, and
+//! authentication before the cache.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{free_port, Client, Gateway, Response, Upstream};
+use hyper::{Method, StatusCode};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+const SECRET: &str = "cache-test-secret-0123456789abcdef";
+
+fn token(sub: &str) -> String {
+    let claims = json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 600});
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn gateway(upstream: &Upstream, admin_port: u16, routes: &str) -> Gateway {
+    Gateway::start(&format!(
+        r#"
+[server]
+threads = 1
+grace_period = "1s"
+[[listeners]]
+address = "127.0.0.1:{{port}}"
+[admin]
+address = "127.0.0.1:{admin_port}"
+[upstream]
+addresses = ["{}"]
+[auth]
+[[auth.providers]]
+algorithms = ["HS256"]
+secret = "{SECRET}"
+{routes}
+"#,
+        upstream.url()
+    ))
+}
+
+async fn get(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> Response {
+    Client::new()
+        .send(Method::GET, &gateway.url(path), headers, Bytes::new())
+        .await
+}
+
+fn x_cache(resp: &Response) -> &str {
+    resp.header("x-cache").unwrap_or("-")
+}
+
+#[tokio::test]
+async fn a_miss_fills_and_then_hits_head_and_conditionals_are_answered() {
+    let upstream = Upstream::start();
+    let admin_port = free_port();
+    let gw = gateway(
+        &upstream,
+        admin_port,
+        "[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"30s\" }\n",
+    );
+
+    let miss = get(&gw, "/products/1", &[]).await;
+    assert_eq!((miss.status, x_cache(&miss)), (StatusCode::OK, "MISS"));
+    assert_eq!(
+        miss.header("cache-status"),
+        Some("cachegate; fwd=miss; stored")
+    );
+    let hit = get(&gw, "/products/1", &[]).await;
+    assert_eq!((hit.status, x_cache(&hit)), (StatusCode::OK, "HIT"));
+    assert!(hit
+        .header("cache-status")
+        .unwrap()
+        .starts_with("cachegate; hit; ttl="));
+    assert!(hit.header("age").is_some());
+    assert_eq!(hit.body, miss.body);
+    assert_eq!(hit.header("etag"), miss.header("etag"));
+    assert!(
+        hit.header("x-request-id").is_some()
+            && hit.header("x-request-id") != miss.header("x-request-id")
+    );
+
+    let head = Client::new()
+        .send(Method::HEAD, &gw.url("/products/1"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        (head.status, x_cache(&head)),
+        (StatusCode::OK, "HIT"),
+        "HEAD is answered from the stored GET"
+    );
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-length"),
+        Some(miss.body.len().to_string().as_str())
+    );
+
+    let etag = miss.header("etag").unwrap().to_owned();
+    let not_modified = get(&gw, "/products/1", &[("if-none-match", &etag)]).await;
+    assert_eq!(
+        (not_modified.status, x_cache(&not_modified)),
+        (StatusCode::NOT_MODIFIED, "HIT")
+    );
+    assert!(not_modified.body.is_empty());
+    let changed = get(&gw, "/products/1", &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(changed.status, StatusCode::OK);
+
+    assert_eq!(
+        upstream.served("GET /products/{id}").await,
+        1,
+        "one origin request for five answers"
+    );
+    let stats = Client::new()
+        .get(&format!("http://127.0.0.1:{admin_port}/cache/stats"))
+        .await
+        .json();
+    assert_eq!(stats["tiers"]["memory"]["entries"], 1);
+    assert_eq!(
+        (stats["hits"].as_u64(), stats["misses"].as_u64()),
+        (Some(4), Some(1))
+    );
+
+    let metrics = Client::new()
+        .get(&format!("http://127.0.0.1:{admin_port}/metrics"))
+        .await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    for line in [
+        r#"cachegate_cache_results_total{result="hit",route="/products/{id}",tier="memory"} 4"#,
+        r#"cachegate_cache_results_total{result="miss",route="/products/{id}",tier="memory"} 1"#,
+        "cachegate_cache_memory_entries 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_memory_tier_stays_within_its_byte_bound() {
+    let upstream = Upstream::start();
+    let admin_port = free_port();
+    let gw = gateway(
+        &upstream,
+        admin_port,
+        "[cache]\nmemory_capacity = \"2KiB\"\n[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"30s\" }\n",
+    );
+    for id in 1..=30 {
+        assert_eq!(
+            get(&gw, &format!("/products/{id}"), &[]).await.status,
+            StatusCode::OK
+        );
+    }
+    let stats = Client::new()
+        .get(&format!("http://127.0.0.1:{admin_port}/cache/stats"))
+        .await
+        .json();
+    let bytes = stats["tiers"]["memory"]["bytes"].as_u64().unwrap();
+    assert!(bytes <= 2048, "{bytes} bytes held with a 2 KiB bound");
+    assert!(stats["tiers"]["memory"]["entries"].as_u64().unwrap() < 30);
+    let text = String::from_utf8(
+        Client::new()
+            .get(&format!("http://127.0.0.1:{admin_port}/metrics"))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    let evicted: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cachegate_cache_memory_evictions_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(evicted > 0.0, "evictions are counted:\n{text}");
+}
+
+#[tokio::test]
+async fn entries_expire_with_their_freshness() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        "[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"1s\" }\n",
+    );
+    assert_eq!(x_cache(&get(&gw, "/products/2", &[]).await), "MISS");
+    assert_eq!(x_cache(&get(&gw, "/products/2", &[]).await), "HIT");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        x_cache(&get(&gw, "/products/2", &[]).await),
+        "MISS",
+        "stale after the ttl"
+    );
+    assert_eq!(upstream.served("GET /products/{id}").await, 2);
+}
+
+/// Requests `/__respond?{query}` twice; returns whether the second was a hit.
+async fn second_is_hit(gw: &Gateway, query: &str) -> bool {
+    let path = format!("/__respond?{query}");
+    let first = get(gw, &path, &[]).await;
+    assert_eq!(x_cache(&first), "MISS", "{query}");
+    x_cache(&get(gw, &path, &[]).await) == "HIT"
+}
+
+#[tokio::test]
+async fn the_origin_decides_what_a_shared_cache_may_store() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        "[[routes]]\npath = \"/__respond\"\ncache = { ttl = \"30s\" }\n",
+    );
+    assert!(
+        second_is_hit(&gw, "case=plain").await,
+        "no origin headers: the rule's ttl"
+    );
+    assert!(second_is_hit(&gw, "cache-control=max-age%3D60").await);
+    assert!(second_is_hit(&gw, "cache-control=public%2C%20s-maxage%3D60").await);
+    assert!(
+        !second_is_hit(&gw, "cache-control=no-store").await,
+        "no-store is never stored"
+    );
+    assert!(
+        !second_is_hit(&gw, "cache-control=private%2C%20max-age%3D60").await,
+        "private is never shared"
+    );
+    assert!(
+        !second_is_hit(&gw, "cache-control=no-cache").await,
+        "no-cache must be revalidated before reuse"
+    );
+    assert!(
+        !second_is_hit(&gw, "cache-control=s-maxage%3D0").await,
+        "zero freshness"
+    );
+    assert!(
+        !second_is_hit(&gw, "expires=Thu%2C%2001%20Jan%201970%2000%3A00%3A00%20GMT").await,
+        "expired already"
+    );
+    assert!(
+        !second_is_hit(&gw, "set-cookie=session%3Dabc").await,
+        "Set-Cookie is not stored"
+    );
+    assert!(
+        !second_is_hit(&gw, "vary=*").await,
+        "Vary: * is never stored"
+    );
+    assert!(
+        !second_is_hit(&gw, "status=500").await,
+        "statuses outside the rule"
+    );
+    assert!(!second_is_hit(&gw, "status=201").await);
+    assert_eq!(upstream.served("GET /__respond").await, 3 * 2 + 9 * 2 - 3);
+}
+
+#[tokio::test]
+async fn rule_options_store_cookies_stripped_and_cap_freshness() {
+    let upstream = Upstream::start();
+    let routes = r#"
+[[routes]]
+path = "/__respond"
+cache = { ttl = "30s", max_ttl = "1s", strip_set_cookie = true, honor_origin = true, statuses = [200, 404], negative_ttl = "30s" }
+"#;
+    let gw = gateway(&upstream, free_port(), routes);
+    let path = "/__respond?set-cookie=session%3Dabc&cache-control=max-age%3D600";
+    let first = get(&gw, path, &[]).await;
+    assert_eq!(
+        first.header("set-cookie"),
+        Some("session=abc"),
+        "the client that filled still gets its cookie"
+    );
+    let hit = get(&gw, path, &[]).await;
+    assert_eq!(x_cache(&hit), "HIT");
+    assert!(
+        hit.header("set-cookie").is_none(),
+        "the stored copy has no cookie"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        x_cache(&get(&gw, path, &[]).await),
+        "MISS",
+        "max_ttl caps the origin's 600 s"
+    );
+    assert!(
+        second_is_hit(&gw, "status=404").await,
+        "404 is in the rule's statuses"
+    );
+}
+
+#[tokio::test]
+async fn variants_follow_vary_and_queries_normalise() {
+    let upstream = Upstream::start();
+    let routes = r#"
+[[routes]]
+path = "/__respond"
+cache = { ttl = "30s", vary = ["accept-language"] }
+
+[[routes]]
+path = "/products"
+cache = { ttl = "30s", query = ["page", "per_page"] }
+"#;
+    let gw = gateway(&upstream, free_port(), routes);
+    // The origin varies on Accept; the rule adds Accept-Language.
+    let path = "/__respond?vary=accept";
+    let json = get(&gw, path, &[("accept", "application/json")]).await;
+    assert_eq!(x_cache(&json), "MISS");
+    let text = get(&gw, path, &[("accept", "text/plain")]).await;
+    assert_eq!(x_cache(&text), "MISS", "another Accept is another variant");
+    let json_again = get(&gw, path, &[("accept", "application/json")]).await;
+    assert_eq!(x_cache(&json_again), "HIT");
+    assert_eq!(json_again.json()["accept"], "application/json");
+    let text_again = get(&gw, path, &[("accept", "text/plain")]).await;
+    assert_eq!(
+        (x_cache(&text_again), text_again.json()["accept"].as_str()),
+        ("HIT", Some("text/plain"))
+    );
+    let french = get(
+        &gw,
+        path,
+        &[("accept", "application/json"), ("accept-language", "fr")],
+    )
+    .await;
+    assert_eq!(x_cache(&french), "MISS", "the rule's vary splits too");
+
+    assert_eq!(
+        x_cache(&get(&gw, "/products?page=1&per_page=3", &[]).await),
+        "MISS"
+    );
+    assert_eq!(
+        x_cache(&get(&gw, "/products?per_page=3&page=1", &[]).await),
+        "HIT",
+        "sorted"
+    );
+    assert_eq!(
+        x_cache(&get(&gw, "/products?page=1&utm_source=x&per_page=3", &[]).await),
+        "HIT",
+        "unlisted dropped"
+    );
+    assert_eq!(
+        x_cache(&get(&gw, "/products?page=2&per_page=3", &[]).await),
+        "MISS"
+    );
+    assert_eq!(upstream.served("GET /products").await, 2);
+}
+
+#[tokio::test]
+async fn per_user_entries_are_never_shared() {
+    let upstream = Upstream::start();
+    let routes = r#"
+[[routes]]
+path = "/__headers"
+auth = { mode = "optional", forward_claims = { sub = "X-User-Id" } }
+cache = { ttl = "30s", scope = "user" }
+"#;
+    let gw = gateway(&upstream, free_port(), routes);
+    let alice = format!("Bearer {}", token("alice"));
+    let bob = format!("Bearer {}", token("bob"));
+    let user_of = |r: &Response| {
+        r.json()["headers"]["x-user-id"][0]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    let a1 = get(&gw, "/__headers", &[("authorization", &alice)]).await;
+    let a2 = get(&gw, "/__headers", &[("authorization", &alice)]).await;
+    assert_eq!((x_cache(&a1), x_cache(&a2)), ("MISS", "HIT"));
+    assert_eq!(user_of(&a2).as_deref(), Some("alice"));
+    let b1 = get(&gw, "/__headers", &[("authorization", &bob)]).await;
+    assert_eq!(
+        (x_cache(&b1), user_of(&b1).as_deref()),
+        ("MISS", Some("bob")),
+        "bob never gets alice's entry"
+    );
+    let anonymous = get(&gw, "/__headers", &[]).await;
+    assert_eq!(
+        x_cache(&anonymous),
+        "BYPASS",
+        "anonymous requests skip a per-user cache"
+    );
+    assert_eq!(user_of(&anonymous), None);
+    assert_eq!(upstream.served("ANY /__headers").await, 3);
+}
+
+#[tokio::test]
+async fn authentication_comes_before_the_cache() {
+    let upstream = Upstream::start();
+    let routes = r#"
+[[routes]]
+path = "/products/{id}"
+auth = "required"
+cache = { ttl = "30s", allow_authorized = true }
+
+[[routes]]
+path = "/products"
+cache = { ttl = "30s" }
+"#;
+    let gw = gateway(&upstream, free_port(), routes);
+    let alice = format!("Bearer {}", token("alice"));
+    assert_eq!(
+        x_cache(&get(&gw, "/products/3", &[("authorization", &alice)]).await),
+        "MISS"
+    );
+    assert_eq!(
+        get(&gw, "/products/3", &[]).await.status,
+        StatusCode::UNAUTHORIZED,
+        "cached, but not for the unauthenticated"
+    );
+    let forged = format!("Bearer {}x", token("alice"));
+    assert_eq!(
+        get(&gw, "/products/3", &[("authorization", &forged)])
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let bob = format!("Bearer {}", token("bob"));
+    assert_eq!(
+        x_cache(&get(&gw, "/products/3", &[("authorization", &bob)]).await),
+        "HIT",
+        "shared content the gateway authorised"
+    );
+
+    // A shared rule without allow_authorized never serves or stores for requests carrying credentials.
+    let with_credentials = get(&gw, "/products", &[("authorization", "Basic dXNlcjpwYXNz")]).await;
+    assert_eq!(x_cache(&with_credentials), "BYPASS");
+    assert_eq!(
+        x_cache(&get(&gw, "/products", &[]).await),
+        "MISS",
+        "the bypassed response was not stored"
+    );
+    assert_eq!(upstream.served("GET /products/{id}").await, 1);
+}
+
+#[tokio::test]
+async fn bodies_above_max_object_stream_through_uncached() {
+    let upstream = Upstream::start();
+    let routes = r#"
+[[routes]]
+path = "/__bytes/{n}"
+cache = { ttl = "30s", max_object = "1MiB" }
+"#;
+    let gw = gateway(&upstream, free_port(), routes);
+    for _ in 0..2 {
+        let big = get(&gw, "/__bytes/2000000", &[]).await;
+        assert_eq!((big.status, big.body.len()), (StatusCode::OK, 2_000_000));
+        assert_eq!(x_cache(&big), "MISS");
+    }
+    assert!(second_is_small_hit(&gw).await);
+    assert_eq!(upstream.served("GET /__bytes/{n}").await, 3);
+}
+
+async fn second_is_small_hit(gw: &Gateway) -> bool {
+    get(gw, "/__bytes/1000", &[]).await;
+    let again = get(gw, "/__bytes/1000", &[]).await;
+    x_cache(&again) == "HIT" && again.body.len() == 1000
+}
