@@ -2,9 +2,10 @@
 //! atomically. Requests in flight finish on the snapshot they started with; an invalid file is
 //! refused with the same messages `cachegate check` prints, and the old snapshot keeps serving.
 //!
-//! What reloads: routes and their policies, the upstream group, limits, `[auth]`, trusted
-//! proxies. What needs a restart: `[server]` (other than `trusted_proxies`), listeners,
-//! `[admin]`, `[store]` and `[rate_limit]`; a reload that changes them says so in the log.
+//! What reloads: routes and their policies (cache rules included), the upstream group, limits,
+//! `[auth]`, trusted proxies. What needs a restart: `[server]` (other than `trusted_proxies`),
+//! listeners, `[admin]`, `[store]`, `[rate_limit]` and `[cache]`; a reload that changes them says
+//! so in the log. Cached entries survive a reload.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use crate::metrics::metrics;
 use crate::snapshot::{self, SharedSnapshot};
 
 /// Sections read only at start.
-const RESTART_ONLY: [&str; 5] = ["listeners", "admin", "store", "rate_limit", "server"];
+const RESTART_ONLY: [&str; 6] = ["listeners", "admin", "store", "rate_limit", "cache", "server"];
 
 pub struct Reloader {
     path: PathBuf,
