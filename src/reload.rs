@@ -15,7 +15,14 @@ use crate::metrics::metrics;
 use crate::snapshot::{self, SharedSnapshot};
 
 /// Sections read only at start.
-const RESTART_ONLY: [&str; 6] = ["listeners", "admin", "store", "rate_limit", "cache", "server"];
+const RESTART_ONLY: [&str; 6] = [
+    "listeners",
+    "admin",
+    "store",
+    "rate_limit",
+    "cache",
+    "server",
+];
 
 pub struct Reloader {
     path: PathBuf,

@@ -121,7 +121,10 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     server.bootstrap();
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let cache = Arc::new(Cache::new(config.cache.memory_capacity.0));
+    let cache = Arc::new(Cache::new(
+        config.cache.memory_capacity.0,
+        Some(store.clone()),
+    ));
     let reloader = Arc::new(Reloader::new(
         loaded.path.clone(),
         loaded.source.clone(),

@@ -457,3 +457,103 @@ async fn second_is_small_hit(gw: &Gateway) -> bool {
     let again = get(gw, "/__bytes/1000", &[]).await;
     x_cache(&again) == "HIT" && again.body.len() == 1000
 }
+
+/// Instances behind one load balancer see the same Host; the key includes it.
+const SAME_HOST: &[(&str, &str)] = &[("host", "api.example.test")];
+
+fn gateway_on_redis(upstream: &Upstream, admin_port: u16, redis: &common::Redis) -> Gateway {
+    gateway(
+        upstream,
+        admin_port,
+        &format!(
+            "[store]\nredis_url = \"{}\"\ntimeout = \"200ms\"\n[[routes]]\npath = \"/products/{{id}}\"\ncache = {{ ttl = \"30s\" }}\n",
+            redis.url()
+        ),
+    )
+}
+
+#[tokio::test]
+async fn gateways_share_entries_through_redis_and_ignore_corrupt_ones() {
+    let redis = common::Redis::start();
+    let upstream = Upstream::start();
+    let admin_b = free_port();
+    let a = gateway_on_redis(&upstream, free_port(), &redis);
+    let b = gateway_on_redis(&upstream, admin_b, &redis);
+
+    let filled = get(&a, "/products/4", SAME_HOST).await;
+    assert_eq!(x_cache(&filled), "MISS");
+    // A writes to Redis after its client has the response: wait for the entry to land.
+    let stored = common::eventually(Duration::from_secs(5), || async {
+        redis
+            .cli(&["KEYS", "cachegate:cache:*"])
+            .lines()
+            .any(|k| !k.contains(":vary:") && !k.is_empty())
+    })
+    .await;
+    assert!(stored, "A stored the entry in Redis: {}", a.logs());
+    let shared = get(&b, "/products/4", SAME_HOST).await;
+    assert_eq!(x_cache(&shared), "HIT", "B finds what A stored, in Redis");
+    assert_eq!(shared.body, filled.body);
+    assert_eq!(x_cache(&get(&b, "/products/4", SAME_HOST).await), "HIT");
+    assert_eq!(upstream.served("GET /products/{id}").await, 1);
+    let text = String::from_utf8(
+        Client::new()
+            .get(&format!("http://127.0.0.1:{admin_b}/metrics"))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains(
+            r#"cachegate_cache_results_total{result="hit",route="/products/{id}",tier="redis"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"cachegate_cache_results_total{result="hit",route="/products/{id}",tier="memory"} 1"#
+        ),
+        "the Redis hit filled B's memory tier"
+    );
+
+    // Overwrite every stored entry with garbage: a gateway that has not seen it must treat it as a
+    // miss and fetch from the origin, never fail.
+    let keys = redis.cli(&["KEYS", "cachegate:cache:*"]);
+    let entries: Vec<&str> = keys.lines().filter(|k| !k.contains(":vary:")).collect();
+    assert_eq!(entries.len(), 1, "{keys}");
+    for key in &entries {
+        redis.cli(&["SET", key, "\u{1}garbage, not an entry", "PX", "30000"]);
+    }
+    let c = gateway_on_redis(&upstream, free_port(), &redis);
+    let resp = get(&c, "/products/4", SAME_HOST).await;
+    assert_eq!((resp.status, x_cache(&resp)), (StatusCode::OK, "MISS"));
+    assert_eq!(resp.body, filled.body);
+    assert_eq!(upstream.served("GET /products/{id}").await, 2);
+}
+
+#[tokio::test]
+async fn without_redis_the_cache_keeps_working_in_process() {
+    let redis = common::Redis::start();
+    let upstream = Upstream::start();
+    let gw = gateway_on_redis(&upstream, free_port(), &redis);
+    assert_eq!(x_cache(&get(&gw, "/products/5", &[]).await), "MISS");
+    drop(redis);
+    for id in [5, 6] {
+        let resp = get(&gw, &format!("/products/{id}"), &[]).await;
+        assert_eq!(
+            resp.status,
+            StatusCode::OK,
+            "no client sees an error when Redis is gone"
+        );
+    }
+    // The fill of /products/6 is stored after its response went out; give it that moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        x_cache(&get(&gw, "/products/5", &[]).await),
+        "HIT",
+        "the memory tier still serves"
+    );
+    assert_eq!(x_cache(&get(&gw, "/products/6", &[]).await), "HIT");
+    assert_eq!(upstream.served("GET /products/{id}").await, 2);
+}

@@ -6,7 +6,12 @@
 //! - [`key`]: cache keys (query normalisation, variants, per-user separation).
 //! - [`entry`]: the stored response and its versioned binary codec.
 //! - [`policy`]: a route's compiled cache rule.
-//! - [`memory`]: the in-process tier.
+//! - [`memory`]: the in-process tier (L1).
+//!
+//! With Redis as the store, entries are also written to Redis (L2) in the [`entry`] encoding and
+//! shared by every gateway instance; an L2 hit fills L1. A corrupt or foreign L2 entry is a miss,
+//! and a slow or unreachable Redis only means L2 is skipped (the store's budget and circuit
+//! breaker bound the wait).
 //!
 //! The proxy asks [`Cache::lookup`] after authentication and rate limiting (so a refused request
 //! never touches the cache), serves hits itself, and on a miss lets the response stream to the
@@ -20,6 +25,7 @@ pub mod memory;
 pub mod policy;
 
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -33,6 +39,10 @@ use self::key::{CacheKey, KeyParts};
 use self::memory::MemoryTier;
 use self::policy::CachePolicy;
 use crate::config::CacheScope;
+use crate::store::Store;
+
+/// Prefix of the shared tier's keys in the store.
+const L2_PREFIX: &str = "cachegate:cache:";
 
 /// Response headers never stored: they describe one exchange, not the resource.
 const PER_EXCHANGE: [&str; 5] = [
@@ -45,6 +55,8 @@ const PER_EXCHANGE: [&str; 5] = [
 
 pub struct Cache {
     memory: MemoryTier,
+    /// The shared tier, when the store is shared (Redis).
+    shared: Option<Arc<dyn Store>>,
 }
 
 /// A request as the cache sees it.
@@ -60,6 +72,8 @@ pub struct CacheRequest<'a> {
 
 /// A fresh stored response for a request.
 pub struct Hit {
+    /// `memory` or `redis`.
+    pub tier: &'static str,
     pub entry: Arc<Entry>,
     pub age_secs: u64,
     pub ttl_secs: u64,
@@ -115,10 +129,37 @@ fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+fn now_ms() -> u64 {
+    millis_since_epoch(SystemTime::now())
+}
+
+fn hit(tier: &'static str, entry: Arc<Entry>, now: u64) -> Option<Hit> {
+    if entry.stored_at_ms + entry.fresh_for_ms <= now {
+        return None;
+    }
+    let stored_age = entry
+        .headers
+        .get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let resident = now.saturating_sub(entry.stored_at_ms) / 1000;
+    let ttl_secs = (entry.stored_at_ms + entry.fresh_for_ms - now) / 1000;
+    Some(Hit {
+        tier,
+        entry,
+        age_secs: stored_age + resident,
+        ttl_secs,
+    })
+}
+
 impl Cache {
-    pub fn new(memory_capacity: u64) -> Cache {
+    /// A cache with an in-process tier of `memory_capacity` bytes, and a shared tier in `store`
+    /// when that store is shared between instances.
+    pub fn new(memory_capacity: u64, store: Option<Arc<dyn Store>>) -> Cache {
         Cache {
             memory: MemoryTier::new(memory_capacity),
+            shared: store.filter(|s| s.kind() == "redis"),
         }
     }
 
@@ -135,8 +176,9 @@ impl Cache {
         })
     }
 
-    /// Finds a fresh entry for a request, or says why the cache does not apply.
-    pub fn lookup(&self, policy: &CachePolicy, request: &CacheRequest<'_>) -> Lookup {
+    /// Finds a fresh entry for a request (in process, then in the shared tier), or says why the
+    /// cache does not apply.
+    pub async fn lookup(&self, policy: &CachePolicy, request: &CacheRequest<'_>) -> Lookup {
         if *request.method != Method::GET && *request.method != Method::HEAD {
             return Lookup::Bypass("method");
         }
@@ -155,30 +197,66 @@ impl Cache {
             }
         }
         let primary = Cache::primary_key(policy, request);
-        let vary = self
-            .memory
-            .vary_of(primary.as_str())
-            .map_or_else(|| policy.vary.clone(), |v| (*v).clone());
+        let now = now_ms();
+        let known_vary = self.memory.vary_of(primary.as_str());
+        let vary = known_vary
+            .as_deref()
+            .map_or_else(|| policy.vary.clone(), Clone::clone);
         let variant = primary.variant(&vary, request.headers);
-        let now = millis_since_epoch(SystemTime::now());
-        match self.memory.get(variant.as_str()) {
-            Some(entry) if entry.stored_at_ms + entry.fresh_for_ms > now => {
-                let stored_age = entry
-                    .headers
-                    .get(AGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-                let resident = now.saturating_sub(entry.stored_at_ms) / 1000;
-                let ttl_secs = (entry.stored_at_ms + entry.fresh_for_ms - now) / 1000;
-                Lookup::Hit(Hit {
-                    entry,
-                    age_secs: stored_age + resident,
-                    ttl_secs,
-                })
-            }
-            _ => Lookup::Miss { primary },
+        if let Some(found) = self
+            .memory
+            .get(variant.as_str())
+            .and_then(|e| hit("memory", e, now))
+        {
+            return Lookup::Hit(found);
         }
+        if let Some(found) = self
+            .lookup_shared(&primary, known_vary.is_none(), variant, request, now)
+            .await
+        {
+            return Lookup::Hit(found);
+        }
+        Lookup::Miss { primary }
+    }
+
+    /// The shared tier: finds the variant (learning the resource's `Vary` from the tier when this
+    /// instance has not seen it), decodes it, and keeps a fresh one in process too.
+    async fn lookup_shared(
+        &self,
+        primary: &CacheKey,
+        vary_unknown: bool,
+        mut variant: CacheKey,
+        request: &CacheRequest<'_>,
+        now: u64,
+    ) -> Option<Hit> {
+        let store = self.shared.as_ref()?;
+        if vary_unknown {
+            if let Ok(Some(names)) = store
+                .get(&format!("{L2_PREFIX}vary:{}", primary.as_str()))
+                .await
+            {
+                let names: Vec<HeaderName> = String::from_utf8_lossy(&names)
+                    .split(',')
+                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                    .collect();
+                variant = primary.variant(&names, request.headers);
+                self.memory.set_vary(primary.as_str().to_owned(), names);
+            }
+        }
+        let raw = store
+            .get(&format!("{L2_PREFIX}{}", variant.as_str()))
+            .await
+            .ok()??;
+        let entry = match Entry::decode(raw) {
+            Ok(entry) => Arc::new(entry),
+            Err(e) => {
+                tracing::debug!(error = %e, "cache: ignoring an unreadable shared entry");
+                return None;
+            }
+        };
+        let found = hit("redis", entry.clone(), now)?;
+        self.memory.insert(variant.as_str().to_owned(), entry);
+        Some(found)
     }
 
     /// Decides whether the response to a missed request is stored; if so, returns the [`Fill`]
@@ -248,8 +326,9 @@ impl Cache {
         })
     }
 
-    /// Stores a completely captured response.
-    pub fn store(&self, fill: Fill) {
+    /// Stores a completely captured response in process and, when there is one, in the shared
+    /// tier (a failure there is logged by the store and otherwise ignored).
+    pub async fn store(&self, fill: Fill) {
         if !fill.complete {
             return;
         }
@@ -263,10 +342,32 @@ impl Cache {
             stale_if_error_ms: 0,
             vary: fill.vary.clone(),
         };
+        // In process first: the next request on this instance must not wait on Redis.
+        let encoded = self.shared.as_ref().map(|_| entry.encode());
         self.memory
-            .set_vary(fill.primary.as_str().to_owned(), fill.vary);
+            .set_vary(fill.primary.as_str().to_owned(), fill.vary.clone());
         self.memory
             .insert(fill.variant.as_str().to_owned(), Arc::new(entry));
+        if let (Some(store), Some(encoded)) = (&self.shared, encoded) {
+            let ttl = Duration::from_millis(fill.fresh_for_ms);
+            let names: Vec<&str> = fill.vary.iter().map(HeaderName::as_str).collect();
+            let vary_key = format!("{L2_PREFIX}vary:{}", fill.primary.as_str());
+            // The variant index outlives its entries a little, so instances agree on variants.
+            let _ = store
+                .set(
+                    &vary_key,
+                    Bytes::from(names.join(",")),
+                    ttl + Duration::from_secs(60),
+                )
+                .await;
+            let _ = store
+                .set(
+                    &format!("{L2_PREFIX}{}", fill.variant.as_str()),
+                    encoded,
+                    ttl,
+                )
+                .await;
+        }
     }
 
     /// Entries and bytes in the in-process tier.

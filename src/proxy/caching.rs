@@ -96,13 +96,13 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
     let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
         return Ok(false);
     };
-    let outcome = cache.lookup(policy, &cache_request(session, ctx));
+    let outcome = cache.lookup(policy, &cache_request(session, ctx)).await;
     let route = ctx.route_name();
     match outcome {
         Lookup::Hit(hit) => {
             metrics()
                 .cache_results
-                .with_label_values(&[route, "hit", "memory"])
+                .with_label_values(&[route, "hit", hit.tier])
                 .inc();
             ctx.cache = CachePhase::Hit;
             serve_hit(session, ctx, hit).await?;
@@ -241,10 +241,10 @@ pub fn on_body(ctx: &mut RequestCtx, body: &Option<Bytes>, end_of_stream: bool) 
 }
 
 /// Stores a fill once the whole response reached the client without error.
-pub fn on_done(cache: &Cache, ctx: &mut RequestCtx, failed: bool) {
+pub async fn on_done(cache: &Cache, ctx: &mut RequestCtx, failed: bool) {
     if let CachePhase::Miss { fill, .. } = &mut ctx.cache {
         if let Some(fill) = fill.take().filter(|_| !failed) {
-            cache.store(*fill);
+            cache.store(*fill).await;
         }
     }
 }

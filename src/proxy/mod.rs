@@ -499,7 +499,7 @@ impl ProxyHttp for Gateway {
 
     /// One access-log event and the request's metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        caching::on_done(&self.cache, ctx, e.is_some());
+        caching::on_done(&self.cache, ctx, e.is_some()).await;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
         let route = ctx
