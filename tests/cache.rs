@@ -557,3 +557,31 @@ async fn without_redis_the_cache_keeps_working_in_process() {
     assert_eq!(x_cache(&get(&gw, "/products/6", &[]).await), "HIT");
     assert_eq!(upstream.served("GET /products/{id}").await, 2);
 }
+
+#[tokio::test]
+async fn concurrent_misses_are_coalesced_into_one_origin_request() {
+    let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "300"]);
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        "[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"30s\" }\n",
+    );
+    let client = Client::new();
+    let calls = (0..200).map(|_| {
+        let (client, url) = (client.clone(), gw.url("/products/1"));
+        async move { client.get(&url).await }
+    });
+    let responses = futures_util::future::join_all(calls).await;
+    assert!(responses.iter().all(|r| r.status == StatusCode::OK));
+    assert!(responses.windows(2).all(|w| w[0].body == w[1].body));
+    assert_eq!(
+        upstream.served("GET /products/{id}").await,
+        1,
+        "200 concurrent misses, one origin request"
+    );
+    let misses = responses.iter().filter(|r| x_cache(r) == "MISS").count();
+    assert_eq!(
+        misses, 1,
+        "one request fetched; the others were answered from what it stored"
+    );
+}

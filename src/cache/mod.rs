@@ -53,7 +53,40 @@ const PER_EXCHANGE: [&str; 5] = [
     "x-cache",
 ];
 
+/// How long a request waits for another request filling the same entry before going to the
+/// origin itself.
+pub const COALESCE_WAIT: Duration = Duration::from_secs(10);
+
+type Flights =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>;
+
+/// Whether a missed request fetches from the origin itself or waits for one that already does.
+pub enum Flight {
+    /// Fetch; dropping the guard (when the request ends, stored or not) wakes the followers.
+    Leader(FlightGuard),
+    /// Wait for the leader, then look up again.
+    Follower(tokio::sync::watch::Receiver<()>),
+}
+
+pub struct FlightGuard {
+    key: String,
+    flights: Flights,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        // Remove before `_done` drops, so a late arrival starts a new flight rather than waiting
+        // on a finished one.
+        if let Ok(mut flights) = self.flights.lock() {
+            flights.remove(&self.key);
+        }
+    }
+}
+
 pub struct Cache {
+    /// Misses being fetched, by primary key (in-process coalescing).
+    flights: Flights,
     memory: MemoryTier,
     /// The shared tier, when the store is shared (Redis).
     shared: Option<Arc<dyn Store>>,
@@ -158,6 +191,7 @@ impl Cache {
     /// when that store is shared between instances.
     pub fn new(memory_capacity: u64, store: Option<Arc<dyn Store>>) -> Cache {
         Cache {
+            flights: Arc::default(),
             memory: MemoryTier::new(memory_capacity),
             shared: store.filter(|s| s.kind() == "redis"),
         }
@@ -368,6 +402,21 @@ impl Cache {
                 )
                 .await;
         }
+    }
+
+    /// Joins the flight for a missed key: the first request leads, the others follow.
+    pub fn join_flight(&self, primary: &CacheKey) -> Flight {
+        let mut flights = self.flights.lock().expect("flights mutex poisoned");
+        if let Some(receiver) = flights.get(primary.as_str()) {
+            return Flight::Follower(receiver.clone());
+        }
+        let (done, receiver) = tokio::sync::watch::channel(());
+        flights.insert(primary.as_str().to_owned(), receiver);
+        Flight::Leader(FlightGuard {
+            key: primary.as_str().to_owned(),
+            flights: self.flights.clone(),
+            _done: done,
+        })
     }
 
     /// Entries and bytes in the in-process tier.

@@ -15,7 +15,7 @@ use pingora::Result;
 
 use super::{RequestCtx, RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
 use crate::cache::entry::Entry;
-use crate::cache::{Cache, CacheRequest, Fill, Hit, Lookup};
+use crate::cache::{Cache, CacheRequest, Fill, Flight, FlightGuard, Hit, Lookup, COALESCE_WAIT};
 use crate::metrics::metrics;
 
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -34,6 +34,8 @@ pub enum CachePhase {
         primary: crate::cache::key::CacheKey,
         sent_at: SystemTime,
         fill: Option<Box<Fill>>,
+        /// Held while this request leads the fetch for its key; dropped at the end.
+        flight: Option<FlightGuard>,
     },
 }
 
@@ -109,6 +111,26 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
             Ok(true)
         }
         Lookup::Miss { primary } => {
+            let flight = match cache.join_flight(&primary) {
+                Flight::Leader(guard) => Some(guard),
+                Flight::Follower(mut done) => {
+                    // Another request is fetching this resource: wait for it (bounded), then
+                    // look again. Its sender is dropped when it ends, stored or not.
+                    let _ = tokio::time::timeout(COALESCE_WAIT, done.changed()).await;
+                    if let Lookup::Hit(hit) =
+                        cache.lookup(policy, &cache_request(session, ctx)).await
+                    {
+                        metrics()
+                            .cache_results
+                            .with_label_values(&[route, "hit", "coalesced"])
+                            .inc();
+                        ctx.cache = CachePhase::Hit;
+                        serve_hit(session, ctx, hit).await?;
+                        return Ok(true);
+                    }
+                    None
+                }
+            };
             metrics()
                 .cache_results
                 .with_label_values(&[route, "miss", "memory"])
@@ -117,6 +139,7 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
                 primary,
                 sent_at: SystemTime::now(),
                 fill: None,
+                flight,
             };
             Ok(false)
         }
