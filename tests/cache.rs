@@ -9,19 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{free_port, Client, Gateway, Response, Upstream};
 use hyper::{Method, StatusCode};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde_json::json;
 
 const SECRET: &str = "cache-test-secret-0123456789abcdef";
 
 fn token(sub: &str) -> String {
-    let claims = json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 600});
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::hs256_token(SECRET, sub)
 }
 
 fn gateway(upstream: &Upstream, admin_port: u16, routes: &str) -> Gateway {

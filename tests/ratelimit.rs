@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{eventually, free_port, Client, Gateway, Redis, RedisCluster, Response, Upstream};
 use hyper::{Method, StatusCode};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde_json::json;
 
 const SECRET: &str = "rate-limit-test-secret-0123456789";
 
@@ -41,13 +39,7 @@ fn redis_store(redis: &Redis) -> String {
 }
 
 fn token(sub: &str) -> String {
-    let claims = json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 600});
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::hs256_token(SECRET, sub)
 }
 
 async fn get(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> Response {

@@ -13,7 +13,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-use super::{RequestCtx, RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
+use super::{RequestCtx, REQUEST_ID};
 use crate::cache::entry::Entry;
 use crate::cache::{Cache, CacheRequest, Fill, Flight, FlightGuard, Hit, Lookup, COALESCE_WAIT};
 use crate::metrics::metrics;
@@ -175,14 +175,7 @@ async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<
     )?;
     header.insert_header(X_CACHE, "HIT")?;
     header.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
-    if let Some(verdict) = ctx
-        .rate_limit
-        .as_ref()
-        .filter(|v| !v.policy_header.is_empty())
-    {
-        header.insert_header(RATELIMIT_POLICY, verdict.policy_header.as_str())?;
-        header.insert_header(RATELIMIT, verdict.status_header.as_str())?;
-    }
+    super::insert_rate_limit_headers(ctx, &mut header)?;
     let head_only = unchanged || session.req_header().method == Method::HEAD;
     if !unchanged {
         header.insert_header(CONTENT_LENGTH, entry.body.len().to_string())?;

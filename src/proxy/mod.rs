@@ -70,6 +70,22 @@ impl RequestCtx {
     }
 }
 
+/// Adds the request's `RateLimit-Policy` and `RateLimit` headers, when a limit was checked.
+pub(crate) fn insert_rate_limit_headers(
+    ctx: &RequestCtx,
+    response: &mut ResponseHeader,
+) -> Result<()> {
+    if let Some(verdict) = ctx
+        .rate_limit
+        .as_ref()
+        .filter(|v| !v.policy_header.is_empty())
+    {
+        response.insert_header(RATELIMIT_POLICY, verdict.policy_header.as_str())?;
+        response.insert_header(RATELIMIT, verdict.status_header.as_str())?;
+    }
+    Ok(())
+}
+
 /// What the phases of one request share.
 pub struct RequestCtx {
     /// The configuration this request runs on, from start to end.
@@ -458,14 +474,7 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(verdict) = ctx
-            .rate_limit
-            .as_ref()
-            .filter(|v| !v.policy_header.is_empty())
-        {
-            response.insert_header(RATELIMIT_POLICY, verdict.policy_header.as_str())?;
-            response.insert_header(RATELIMIT, verdict.status_header.as_str())?;
-        }
+        insert_rate_limit_headers(ctx, response)?;
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())
     }
 

@@ -620,3 +620,15 @@ impl RedisCluster {
             .collect()
     }
 }
+
+/// An HS256 token for `sub`, valid for ten minutes, signed with `secret`.
+pub fn hs256_token(secret: &str, sub: &str) -> String {
+    let claims =
+        serde_json::json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 600});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing a test token")
+}
