@@ -577,3 +577,29 @@ async fn concurrent_misses_are_coalesced_into_one_origin_request() {
         "one request fetched; the others were answered from what it stored"
     );
 }
+
+#[tokio::test]
+async fn a_stale_entry_answers_while_the_origin_is_unreachable() {
+    let upstream = Upstream::start();
+    let routes = "[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"1s\", stale_if_error = \"30s\" }\n";
+    let gw = gateway(&upstream, free_port(), routes);
+    let fresh = get(&gw, "/products/1", &[]).await;
+    assert_eq!(x_cache(&fresh), "MISS");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    drop(upstream);
+
+    let stale = get(&gw, "/products/1", &[]).await;
+    assert_eq!((stale.status, x_cache(&stale)), (StatusCode::OK, "STALE"));
+    assert_eq!(
+        stale.header("cache-status"),
+        Some("cachegate; fwd=stale; detail=stale-if-error")
+    );
+    assert_eq!(stale.body, fresh.body);
+    assert!(stale.header("age").unwrap().parse::<u64>().unwrap() >= 1);
+    let never_cached = get(&gw, "/products/2", &[]).await;
+    assert_eq!(
+        never_cached.status,
+        StatusCode::BAD_GATEWAY,
+        "without a stale entry the failure shows"
+    );
+}

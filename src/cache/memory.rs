@@ -1,5 +1,6 @@
 //! The in-process tier: entries in a byte-bounded moka cache (TinyLFU admission, so one scan of
-//! cold URLs cannot flush the hot set), each expiring when it stops being fresh, plus the
+//! cold URLs cannot flush the hot set), each expiring when it can no longer be served (fresh, or
+//! within its stale-if-error window), plus the
 //! variant index (primary key → the request headers its responses vary on).
 
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use moka::Expiry;
 
 use super::entry::Entry;
 
-struct UntilStale;
+struct UntilUnusable;
 
-impl Expiry<String, Arc<Entry>> for UntilStale {
+impl Expiry<String, Arc<Entry>> for UntilUnusable {
     fn expire_after_create(
         &self,
         _key: &String,
@@ -24,8 +25,10 @@ impl Expiry<String, Arc<Entry>> for UntilStale {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let fresh_until = stored + Duration::from_millis(entry.fresh_for_ms);
-        Some(fresh_until.saturating_sub(now))
+        // Kept past freshness for as long as it may still answer when the origin fails.
+        let usable_until =
+            stored + Duration::from_millis(entry.fresh_for_ms + entry.stale_if_error_ms);
+        Some(usable_until.saturating_sub(now))
     }
 }
 
@@ -49,7 +52,7 @@ impl MemoryTier {
                         .try_into()
                         .unwrap_or(u32::MAX)
                 })
-                .expire_after(UntilStale)
+                .expire_after(UntilUnusable)
                 .eviction_listener(|_key, _entry, cause| {
                     if cause == moka::notification::RemovalCause::Size {
                         crate::metrics::metrics().cache_memory_evictions.inc();

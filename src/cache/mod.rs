@@ -114,9 +114,11 @@ pub struct Hit {
 
 pub enum Lookup {
     Hit(Hit),
-    /// Not stored (or stale): forward, and maybe fill under `primary`.
+    /// Not stored (or stale): forward, and maybe fill under `primary`. `stale` is an entry still
+    /// inside its stale-if-error window, to answer with if the origin fails.
     Miss {
         primary: CacheKey,
+        stale: Option<Arc<Entry>>,
     },
     /// The cache does not apply to this request; says why.
     Bypass(&'static str),
@@ -131,6 +133,7 @@ pub struct Fill {
     headers: HeaderMap,
     stored_at_ms: u64,
     fresh_for_ms: u64,
+    stale_if_error_ms: u64,
     max_object: u64,
     body: BytesMut,
     /// The whole body arrived.
@@ -237,11 +240,8 @@ impl Cache {
             .as_deref()
             .map_or_else(|| policy.vary.clone(), Clone::clone);
         let variant = primary.variant(&vary, request.headers);
-        if let Some(found) = self
-            .memory
-            .get(variant.as_str())
-            .and_then(|e| hit("memory", e, now))
-        {
+        let in_memory = self.memory.get(variant.as_str());
+        if let Some(found) = in_memory.clone().and_then(|e| hit("memory", e, now)) {
             return Lookup::Hit(found);
         }
         if let Some(found) = self
@@ -250,7 +250,20 @@ impl Cache {
         {
             return Lookup::Hit(found);
         }
-        Lookup::Miss { primary }
+        let stale =
+            in_memory.filter(|e| e.stored_at_ms + e.fresh_for_ms + e.stale_if_error_ms > now);
+        Lookup::Miss { primary, stale }
+    }
+
+    /// The age of an entry now, in seconds: its age when stored plus its time here.
+    pub fn age_secs(entry: &Entry) -> u64 {
+        let stored_age = entry
+            .headers
+            .get(AGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        stored_age + now_ms().saturating_sub(entry.stored_at_ms) / 1000
     }
 
     /// The shared tier: finds the variant (learning the resource's `Vary` from the tier when this
@@ -354,6 +367,7 @@ impl Cache {
             headers,
             stored_at_ms: millis_since_epoch(received_at),
             fresh_for_ms: fresh_for.as_millis() as u64,
+            stale_if_error_ms: policy.stale_if_error.map_or(0, |d| d.as_millis() as u64),
             max_object: policy.max_object,
             body: BytesMut::new(),
             complete: false,
@@ -373,7 +387,7 @@ impl Cache {
             stored_at_ms: fill.stored_at_ms,
             fresh_for_ms: fill.fresh_for_ms,
             stale_while_revalidate_ms: 0,
-            stale_if_error_ms: 0,
+            stale_if_error_ms: fill.stale_if_error_ms,
             vary: fill.vary.clone(),
         };
         // In process first: the next request on this instance must not wait on Redis.
@@ -383,7 +397,7 @@ impl Cache {
         self.memory
             .insert(fill.variant.as_str().to_owned(), Arc::new(entry));
         if let (Some(store), Some(encoded)) = (&self.shared, encoded) {
-            let ttl = Duration::from_millis(fill.fresh_for_ms);
+            let ttl = Duration::from_millis(fill.fresh_for_ms + fill.stale_if_error_ms);
             let names: Vec<&str> = fill.vary.iter().map(HeaderName::as_str).collect();
             let vary_key = format!("{L2_PREFIX}vary:{}", fill.primary.as_str());
             // The variant index outlives its entries a little, so instances agree on variants.

@@ -17,6 +17,8 @@ pub struct CachePolicy {
     pub rule: StoreRule,
     /// Freshness for 404/410 when the origin gives none.
     pub negative_ttl: Option<Duration>,
+    /// Window past freshness in which an entry answers when the origin fails.
+    pub stale_if_error: Option<Duration>,
     /// Request headers that always select a variant (lower case).
     pub vary: Vec<HeaderName>,
     pub query: QueryRule,
@@ -77,6 +79,7 @@ impl CachePolicy {
                 strip_set_cookie: c.strip_set_cookie,
             },
             negative_ttl: c.negative_ttl.map(|d| d.0),
+            stale_if_error: c.stale_if_error.map(|d| d.0),
             vary,
             query,
             scope: c.scope,

@@ -53,6 +53,9 @@ pub struct CachePolicyConfig {
     pub max_ttl: Option<Dur>,
     /// Freshness for 404 and 410 when the origin gives none (instead of `ttl`).
     pub negative_ttl: Option<Dur>,
+    /// How long past freshness an entry may still be served when the origin cannot be reached
+    /// or times out (RFC 5861 stale-if-error).
+    pub stale_if_error: Option<Dur>,
     /// Request headers that select a variant, besides the origin's own `Vary`.
     #[serde(default)]
     pub vary: Vec<String>,

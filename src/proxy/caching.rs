@@ -1,6 +1,7 @@
 //! The cache phase's glue: look up after rate limiting, answer hits (and `304`s) directly, and on
 //! a miss capture the streamed response for the cache.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -36,6 +37,8 @@ pub enum CachePhase {
         fill: Option<Box<Fill>>,
         /// Held while this request leads the fetch for its key; dropped at the end.
         flight: Option<FlightGuard>,
+        /// An entry past freshness but inside its stale-if-error window.
+        stale: Option<Arc<Entry>>,
     },
 }
 
@@ -110,7 +113,7 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
             serve_hit(session, ctx, hit).await?;
             Ok(true)
         }
-        Lookup::Miss { primary } => {
+        Lookup::Miss { primary, stale } => {
             let flight = match cache.join_flight(&primary) {
                 Flight::Leader(guard) => Some(guard),
                 Flight::Follower(mut done) => {
@@ -140,6 +143,7 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
                 sent_at: SystemTime::now(),
                 fill: None,
                 flight,
+                stale,
             };
             Ok(false)
         }
@@ -190,6 +194,51 @@ async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<
             .write_response_body(Some(entry.body.clone()), true)
             .await
     }
+}
+
+/// stale-if-error: when the origin could not be reached or timed out (`status` 502 or 504) and
+/// no response has started, answers with the stale entry kept for that. Returns whether it did.
+pub async fn serve_stale_on_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+) -> Result<bool> {
+    if !matches!(status, 502 | 504) || session.response_written().is_some() {
+        return Ok(false);
+    }
+    let CachePhase::Miss {
+        stale: Some(entry), ..
+    } = &ctx.cache
+    else {
+        return Ok(false);
+    };
+    let entry = entry.clone();
+    let mut header = ResponseHeader::build(entry.status, Some(entry.headers.len() + 5))?;
+    for (name, value) in &entry.headers {
+        if name != AGE && name != TRANSFER_ENCODING && name != CONTENT_LENGTH {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    }
+    header.insert_header(AGE, Cache::age_secs(&entry).to_string())?;
+    header.insert_header(CACHE_STATUS, "cachegate; fwd=stale; detail=stale-if-error")?;
+    header.insert_header(X_CACHE, "STALE")?;
+    header.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    super::insert_rate_limit_headers(ctx, &mut header)?;
+    header.insert_header(CONTENT_LENGTH, entry.body.len().to_string())?;
+    metrics()
+        .cache_results
+        .with_label_values(&[ctx.route_name(), "stale", "memory"])
+        .inc();
+    let head = session.req_header().method == Method::HEAD || entry.body.is_empty();
+    session
+        .write_response_header(Box::new(header), head)
+        .await?;
+    if !head {
+        session
+            .write_response_body(Some(entry.body.clone()), true)
+            .await?;
+    }
+    Ok(true)
 }
 
 /// On a miss, decides from the origin's response whether to capture it, and labels the

@@ -485,6 +485,18 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let status = status_for(e);
+        match caching::serve_stale_on_error(session, ctx, status).await {
+            Ok(true) => {
+                return FailToProxy {
+                    error_code: 200,
+                    can_reuse_downstream: false,
+                }
+            }
+            Ok(false) => {}
+            Err(write_error) => {
+                tracing::debug!(request_id = %ctx.request_id, error = %write_error, "could not send the stale response")
+            }
+        }
         if status > 0 && session.response_written().is_none() {
             let problem = Problem::new(status, detail_for(status, e, ctx));
             if let Err(write_error) = problem.send(session, &ctx.request_id).await {
