@@ -158,42 +158,67 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
     }
 }
 
-async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<()> {
-    let entry = &hit.entry;
-    let unchanged = not_modified(session.req_header(), entry);
-    let status = if unchanged { 304 } else { entry.status };
-    let mut header = ResponseHeader::build(status, Some(entry.headers.len() + 6))?;
+/// How a stored entry is being served, for its labels.
+struct Serving<'a> {
+    status: u16,
+    age_secs: u64,
+    cache_status: &'a str,
+    x_cache: &'static str,
+    /// `304`: no body, no body headers.
+    not_modified: bool,
+}
+
+/// Writes a stored entry as the response: its headers (recomputed `Age` and length), the cache
+/// labels, the request id and rate-limit headers, and the body unless HEAD or 304.
+async fn write_entry(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    entry: &Entry,
+    serving: Serving<'_>,
+) -> Result<()> {
+    let mut header = ResponseHeader::build(serving.status, Some(entry.headers.len() + 6))?;
     for (name, value) in &entry.headers {
         let drop = name == AGE
             || name == TRANSFER_ENCODING
             || name == CONTENT_LENGTH
-            || (unchanged && name == CONTENT_TYPE);
+            || (serving.not_modified && name == CONTENT_TYPE);
         if !drop {
             header.append_header(name.clone(), value.clone())?;
         }
     }
-    header.insert_header(AGE, hit.age_secs.to_string())?;
-    header.insert_header(
-        CACHE_STATUS,
-        format!("cachegate; hit; ttl={}", hit.ttl_secs),
-    )?;
-    header.insert_header(X_CACHE, "HIT")?;
+    header.insert_header(AGE, serving.age_secs.to_string())?;
+    header.insert_header(CACHE_STATUS, serving.cache_status)?;
+    header.insert_header(X_CACHE, serving.x_cache)?;
     header.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
     super::insert_rate_limit_headers(ctx, &mut header)?;
-    let head_only = unchanged || session.req_header().method == Method::HEAD;
-    if !unchanged {
+    if !serving.not_modified {
         header.insert_header(CONTENT_LENGTH, entry.body.len().to_string())?;
     }
-    if head_only || entry.body.is_empty() {
-        session.write_response_header(Box::new(header), true).await
-    } else {
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
+    let no_body = serving.not_modified
+        || session.req_header().method == Method::HEAD
+        || entry.body.is_empty();
+    session
+        .write_response_header(Box::new(header), no_body)
+        .await?;
+    if !no_body {
         session
             .write_response_body(Some(entry.body.clone()), true)
-            .await
+            .await?;
     }
+    Ok(())
+}
+
+async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<()> {
+    let unchanged = not_modified(session.req_header(), &hit.entry);
+    let cache_status = format!("cachegate; hit; ttl={}", hit.ttl_secs);
+    let serving = Serving {
+        status: if unchanged { 304 } else { hit.entry.status },
+        age_secs: hit.age_secs,
+        cache_status: &cache_status,
+        x_cache: "HIT",
+        not_modified: unchanged,
+    };
+    write_entry(session, ctx, &hit.entry, serving).await
 }
 
 /// stale-if-error: when the origin could not be reached or timed out (`status` 502 or 504) and
@@ -213,31 +238,18 @@ pub async fn serve_stale_on_error(
         return Ok(false);
     };
     let entry = entry.clone();
-    let mut header = ResponseHeader::build(entry.status, Some(entry.headers.len() + 5))?;
-    for (name, value) in &entry.headers {
-        if name != AGE && name != TRANSFER_ENCODING && name != CONTENT_LENGTH {
-            header.append_header(name.clone(), value.clone())?;
-        }
-    }
-    header.insert_header(AGE, Cache::age_secs(&entry).to_string())?;
-    header.insert_header(CACHE_STATUS, "cachegate; fwd=stale; detail=stale-if-error")?;
-    header.insert_header(X_CACHE, "STALE")?;
-    header.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
-    super::insert_rate_limit_headers(ctx, &mut header)?;
-    header.insert_header(CONTENT_LENGTH, entry.body.len().to_string())?;
     metrics()
         .cache_results
         .with_label_values(&[ctx.route_name(), "stale", "memory"])
         .inc();
-    let head = session.req_header().method == Method::HEAD || entry.body.is_empty();
-    session
-        .write_response_header(Box::new(header), head)
-        .await?;
-    if !head {
-        session
-            .write_response_body(Some(entry.body.clone()), true)
-            .await?;
-    }
+    let serving = Serving {
+        status: entry.status,
+        age_secs: Cache::age_secs(&entry),
+        cache_status: "cachegate; fwd=stale; detail=stale-if-error",
+        x_cache: "STALE",
+        not_modified: false,
+    };
+    write_entry(session, ctx, &entry, serving).await?;
     Ok(true)
 }
 
