@@ -5,6 +5,8 @@
 //! - `GET /readyz`: `200` when every configured dependency is usable (configuration loaded, an
 //!   upstream origin accepting connections, Redis reachable, JWKS loaded), else `503` with a JSON
 //!   body naming what is not ready. Always open.
+//! - `GET /cache/stats`: entries and bytes per cache tier (the Redis tier counted by SCAN, up to a
+//!   limit), hits, misses, hit ratio. Always open.
 //! - `GET /metrics`: Prometheus text format. Needs the admin token when one is configured.
 //! - `POST /reload`: re-reads the configuration (like SIGHUP). Always needs the admin token;
 //!   without a configured token it is refused.
@@ -24,6 +26,9 @@ use crate::reload::Reloader;
 use crate::snapshot::SharedSnapshot;
 use crate::store::Store;
 use prometheus::core::Collector;
+
+/// `/cache/stats` counts at most this many keys in the Redis tier.
+const MEASURE_LIMIT: u64 = 1_000_000;
 
 /// How long `/readyz` waits for an origin to accept a connection.
 const ORIGIN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -82,6 +87,62 @@ impl Admin {
             checks.push(("auth", auth.ready().err()));
         }
         checks
+    }
+
+    /// Entries and bytes per tier, and hits, misses and the hit ratio from the metrics.
+    async fn cache_stats(&self) -> Response<Vec<u8>> {
+        // Sums cache_results over every label set with this result (and tier, when given).
+        let count = |result: &str, tier: Option<&str>| -> u64 {
+            metrics()
+                .cache_results
+                .collect()
+                .iter()
+                .flat_map(|family| family.get_metric())
+                .filter(|m| {
+                    let labels = m.get_label();
+                    let has = |name: &str, value: &str| {
+                        labels
+                            .iter()
+                            .any(|l| l.name() == name && l.value() == value)
+                    };
+                    has("result", result) && tier.is_none_or(|t| has("tier", t))
+                })
+                .map(|m| m.get_counter().get_value() as u64)
+                .sum()
+        };
+        let (entries, bytes) = self.cache.memory_stats();
+        let mut tiers = json!({
+            "memory": {"entries": entries, "bytes": bytes, "hits": count("hit", Some("memory"))},
+        });
+        match self.cache.shared_stats(MEASURE_LIMIT).await {
+            Some(Ok((entries, bytes, truncated))) => {
+                tiers["redis"] = json!({
+                    "entries": entries,
+                    "bytes": bytes,
+                    "counted_up_to_limit": truncated,
+                    "hits": count("hit", Some("redis")),
+                });
+            }
+            Some(Err(e)) => tiers["redis"] = json!({"error": e}),
+            None => {}
+        }
+        let (hits, misses) = (count("hit", None), count("miss", None));
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+        json_response(
+            StatusCode::OK,
+            json!({
+                "tiers": tiers,
+                "hits": hits,
+                "misses": misses,
+                "stale": count("stale", None),
+                "bypasses": count("bypass", None),
+                "hit_ratio": ratio,
+            }),
+        )
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
@@ -158,39 +219,7 @@ impl ServeHttp for Admin {
                 };
                 json_response(status, json!({"ready": ready, "checks": detail}))
             }
-            ("GET", "/cache/stats") => {
-                let (entries, bytes) = self.cache.memory_stats();
-                let count = |result: &str| -> u64 {
-                    metrics()
-                        .cache_results
-                        .collect()
-                        .iter()
-                        .flat_map(|family| family.get_metric())
-                        .filter(|m| {
-                            m.get_label()
-                                .iter()
-                                .any(|l| l.name() == "result" && l.value() == result)
-                        })
-                        .map(|m| m.get_counter().get_value() as u64)
-                        .sum()
-                };
-                let (hits, misses) = (count("hit"), count("miss"));
-                let ratio = if hits + misses == 0 {
-                    0.0
-                } else {
-                    hits as f64 / (hits + misses) as f64
-                };
-                json_response(
-                    StatusCode::OK,
-                    json!({
-                        "tiers": {"memory": {"entries": entries, "bytes": bytes}},
-                        "hits": hits,
-                        "misses": misses,
-                        "bypasses": count("bypass"),
-                        "hit_ratio": ratio,
-                    }),
-                )
-            }
+            ("GET", "/cache/stats") => self.cache_stats().await,
             ("GET", "/metrics") => {
                 if self.token.is_some() && !self.authorized(session) {
                     return unauthorized("/metrics needs the admin token as a bearer token");

@@ -488,6 +488,14 @@ async fn gateways_share_entries_through_redis_and_ignore_corrupt_ones() {
     assert_eq!(shared.body, filled.body);
     assert_eq!(x_cache(&get(&b, "/products/4", SAME_HOST).await), "HIT");
     assert_eq!(upstream.served("GET /products/{id}").await, 1);
+    let stats = Client::new()
+        .get(&format!("http://127.0.0.1:{admin_b}/cache/stats"))
+        .await
+        .json();
+    assert_eq!(stats["tiers"]["redis"]["entries"], 1, "{stats}");
+    assert!(stats["tiers"]["redis"]["bytes"].as_u64().unwrap() > filled.body.len() as u64);
+    assert_eq!(stats["tiers"]["redis"]["hits"], 1);
+    assert_eq!(stats["tiers"]["memory"]["entries"], 1);
     let text = String::from_utf8(
         Client::new()
             .get(&format!("http://127.0.0.1:{admin_b}/metrics"))

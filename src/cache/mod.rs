@@ -43,6 +43,8 @@ use crate::store::Store;
 
 /// Prefix of the shared tier's keys in the store.
 const L2_PREFIX: &str = "cachegate:cache:";
+/// Prefix of the shared tier's variant indexes (resource → the headers it varies on).
+const VARY_PREFIX: &str = "cachegate:cache-vary:";
 
 /// Response headers never stored: they describe one exchange, not the resource.
 const PER_EXCHANGE: [&str; 5] = [
@@ -279,7 +281,7 @@ impl Cache {
         let store = self.shared.as_ref()?;
         if vary_unknown {
             if let Ok(Some(names)) = store
-                .get(&format!("{L2_PREFIX}vary:{}", primary.as_str()))
+                .get(&format!("{VARY_PREFIX}{}", primary.as_str()))
                 .await
             {
                 let names: Vec<HeaderName> = String::from_utf8_lossy(&names)
@@ -399,7 +401,7 @@ impl Cache {
         if let (Some(store), Some(encoded)) = (&self.shared, encoded) {
             let ttl = Duration::from_millis(fill.fresh_for_ms + fill.stale_if_error_ms);
             let names: Vec<&str> = fill.vary.iter().map(HeaderName::as_str).collect();
-            let vary_key = format!("{L2_PREFIX}vary:{}", fill.primary.as_str());
+            let vary_key = format!("{VARY_PREFIX}{}", fill.primary.as_str());
             // The variant index outlives its entries a little, so instances agree on variants.
             let _ = store
                 .set(
@@ -431,6 +433,16 @@ impl Cache {
             flights: self.flights.clone(),
             _done: done,
         })
+    }
+
+    /// Entries and value bytes in the shared tier, counting at most
+    /// `limit` keys; `None` without a shared tier.
+    pub async fn shared_stats(&self, limit: u64) -> Option<Result<(u64, u64, bool), String>> {
+        let store = self.shared.as_ref()?;
+        store
+            .measure_prefix(L2_PREFIX, limit)
+            .await
+            .map(|r| r.map_err(|e| e.to_string()))
     }
 
     /// Entries and bytes in the in-process tier.

@@ -60,6 +60,17 @@ pub trait Store: Send + Sync + fmt::Debug {
         limits: &[GcraRequest],
         consume: bool,
     ) -> Result<Vec<GcraOutcome>, StoreError>;
+    /// Keys under `prefix` and the bytes of their values, counting at most `limit` keys; the flag
+    /// says whether the count stopped at the limit. For operators' statistics, not the request
+    /// path. `None` where the store keeps nothing under prefixes (memory).
+    async fn measure_prefix(
+        &self,
+        _prefix: &str,
+        _limit: u64,
+    ) -> Option<Result<(u64, u64, bool), StoreError>> {
+        None
+    }
+
     /// The last known health, without I/O: `Err` says why the store is not usable.
     fn health(&self) -> Result<(), String> {
         Ok(())

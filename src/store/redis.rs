@@ -463,6 +463,49 @@ impl Store for RedisStore {
         }
     }
 
+    /// SCANs (never KEYS) and sums STRLEN in pipelines of one SCAN page. On a cluster only the
+    /// node behind the seed connection is scanned, so the figure covers that node.
+    async fn measure_prefix(
+        &self,
+        prefix: &str,
+        limit: u64,
+    ) -> Option<Result<(u64, u64, bool), StoreError>> {
+        let mut connection = self.health_connection()?;
+        let pattern = format!("{prefix}*");
+        let measure = async {
+            let (mut cursor, mut keys, mut bytes) = (0u64, 0u64, 0u64);
+            loop {
+                let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut connection)
+                    .await?;
+                if !page.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for key in &page {
+                        pipe.cmd("STRLEN").arg(key);
+                    }
+                    let lengths: Vec<u64> = pipe.query_async(&mut connection).await?;
+                    keys += page.len() as u64;
+                    bytes += lengths.iter().sum::<u64>();
+                }
+                if next == 0 || keys >= limit {
+                    return Ok::<_, RedisError>((keys, bytes, next != 0));
+                }
+                cursor = next;
+            }
+        };
+        Some(
+            tokio::time::timeout(Duration::from_secs(5), measure)
+                .await
+                .map_err(|_| StoreError::Unavailable("measuring took over 5 s".to_owned()))
+                .and_then(|r| r.map_err(backend_error)),
+        )
+    }
+
     fn health(&self) -> Result<(), String> {
         if self.is_connected() {
             Ok(())
