@@ -2,11 +2,11 @@
 //!
 //! A request flows one way through the modules: [`routes`] matches it against the
 //! [`snapshot`] of the configuration, [`auth`] checks its token, [`ratelimit`] counts it,
-//! [`proxy`] carries it through
-//! pingora's phases to the
-//! [`upstream`] group, and errors are answered by [`problem`]. State shared between requests lives
-//! behind the [`store`] boundary. [`config`] parses and validates the TOML file; [`server`]
-//! starts and stops everything; [`admin`] answers operators on a separate listener.
+//! [`cache`] may answer it, and otherwise [`proxy`] carries it through pingora's phases to the
+//! [`upstream`] group; errors are answered by [`problem`]. State shared between requests and
+//! instances lives behind the [`store`] boundary. [`config`] parses and validates the TOML file;
+//! [`server`] starts and stops everything; [`reload`] swaps configurations; [`admin`] answers
+//! operators on a separate listener, including [`metrics`].
 
 pub mod admin;
 pub mod auth;

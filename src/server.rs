@@ -152,7 +152,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         server.add_service(admin);
         tracing::info!(address, "admin listening");
     }
-    let gateway = Gateway::new(shared, store, limiter, cache);
+    let gateway = Gateway::new(shared, limiter, cache);
     let mut service = http_proxy_service_with_name(&server.configuration, gateway, "cachegate");
     for listener in config.listeners.get_ref() {
         let address = listener.address.get_ref().as_str();

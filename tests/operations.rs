@@ -139,6 +139,25 @@ async fn readiness_follows_redis_and_the_upstream() {
     );
 }
 
+/// `/metrics` once `series` has reached `value`. Metrics are recorded when a request's logging
+/// phase runs, just after its response was sent, so a test that has the response polls.
+async fn metrics_once(admin_port: u16, series: &str, value: f64) -> String {
+    let fetch = || async {
+        let resp = admin(admin_port, Method::GET, "/metrics", Some(ADMIN_TOKEN)).await;
+        String::from_utf8(resp.body.to_vec()).unwrap()
+    };
+    let reached = eventually(Duration::from_secs(5), || async {
+        fetch()
+            .await
+            .lines()
+            .any(|l| l == format!("{series} {value}"))
+    })
+    .await;
+    let text = fetch().await;
+    assert!(reached, "{series} never reached {value}:\n{text}");
+    text
+}
+
 /// The value of the metric line starting with `series ` (name and labels exactly).
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
@@ -187,9 +206,13 @@ async fn metrics_count_what_happened() {
             .status,
         StatusCode::UNAUTHORIZED
     );
-    let resp = admin(admin_port, Method::GET, "/metrics", Some(ADMIN_TOKEN)).await;
-    assert_eq!(resp.status, StatusCode::OK);
-    let text = String::from_utf8(resp.body.to_vec()).unwrap();
+    // The last request's metrics are in once its series shows.
+    let text = metrics_once(
+        admin_port,
+        r#"cachegate_requests_total{method="GET",route="scarce",status="429"}"#,
+        1.0,
+    )
+    .await;
     assert_eq!(
         metric(
             &text,
@@ -275,20 +298,12 @@ async fn metrics_count_what_happened() {
         client.get(&gateway.url("/products/1")).await.status,
         StatusCode::BAD_GATEWAY
     );
-    let text = String::from_utf8(
-        admin(admin_port, Method::GET, "/metrics", Some(ADMIN_TOKEN))
-            .await
-            .body
-            .to_vec(),
+    metrics_once(
+        admin_port,
+        r#"cachegate_upstream_errors_total{kind="ConnectRefused"}"#,
+        1.0,
     )
-    .unwrap();
-    assert_eq!(
-        metric(
-            &text,
-            r#"cachegate_upstream_errors_total{kind="ConnectRefused"}"#
-        ),
-        1.0
-    );
+    .await;
 }
 
 #[tokio::test]
@@ -439,17 +454,12 @@ async fn reload_under_load_fails_no_request() {
         })
         .await
     );
-    let text = String::from_utf8(
-        admin(admin_port, Method::GET, "/metrics", Some(ADMIN_TOKEN))
-            .await
-            .body
-            .to_vec(),
+    metrics_once(
+        admin_port,
+        r#"cachegate_config_reloads_total{result="ok"}"#,
+        7.0,
     )
-    .unwrap();
-    assert_eq!(
-        metric(&text, r#"cachegate_config_reloads_total{result="ok"}"#),
-        7.0
-    );
+    .await;
 }
 
 #[tokio::test]

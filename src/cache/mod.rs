@@ -126,6 +126,15 @@ pub enum Lookup {
     Bypass(&'static str),
 }
 
+/// An entry stored in process that still has to be written to the shared tier.
+pub struct SharedWrite {
+    entry_key: String,
+    entry: Bytes,
+    vary_key: String,
+    vary: String,
+    ttl: Duration,
+}
+
 /// A response being captured for the cache while it streams to the client.
 pub struct Fill {
     variant: CacheKey,
@@ -376,11 +385,13 @@ impl Cache {
         })
     }
 
-    /// Stores a completely captured response in process and, when there is one, in the shared
-    /// tier (a failure there is logged by the store and otherwise ignored).
-    pub async fn store(&self, fill: Fill) {
+    /// Stores a completely captured response in process, at once, and returns what remains to
+    /// be written to the shared tier (if there is one) with [`Cache::store_shared`]. Called when
+    /// the last body chunk arrives from the origin, before it is passed on, so the entry exists
+    /// by the time the client has the response.
+    pub fn store_local(&self, fill: Fill) -> Option<SharedWrite> {
         if !fill.complete {
-            return;
+            return None;
         }
         let entry = Entry {
             status: fill.status,
@@ -392,32 +403,38 @@ impl Cache {
             stale_if_error_ms: fill.stale_if_error_ms,
             vary: fill.vary.clone(),
         };
-        // In process first: the next request on this instance must not wait on Redis.
-        let encoded = self.shared.as_ref().map(|_| entry.encode());
+        let shared = self.shared.as_ref().map(|_| SharedWrite {
+            entry_key: format!("{L2_PREFIX}{}", fill.variant.as_str()),
+            entry: entry.encode(),
+            vary_key: format!("{VARY_PREFIX}{}", fill.primary.as_str()),
+            vary: fill
+                .vary
+                .iter()
+                .map(HeaderName::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
+            ttl: Duration::from_millis(fill.fresh_for_ms + fill.stale_if_error_ms),
+        });
         self.memory
-            .set_vary(fill.primary.as_str().to_owned(), fill.vary.clone());
+            .set_vary(fill.primary.as_str().to_owned(), fill.vary);
         self.memory
             .insert(fill.variant.as_str().to_owned(), Arc::new(entry));
-        if let (Some(store), Some(encoded)) = (&self.shared, encoded) {
-            let ttl = Duration::from_millis(fill.fresh_for_ms + fill.stale_if_error_ms);
-            let names: Vec<&str> = fill.vary.iter().map(HeaderName::as_str).collect();
-            let vary_key = format!("{VARY_PREFIX}{}", fill.primary.as_str());
-            // The variant index outlives its entries a little, so instances agree on variants.
-            let _ = store
-                .set(
-                    &vary_key,
-                    Bytes::from(names.join(",")),
-                    ttl + Duration::from_secs(60),
-                )
-                .await;
-            let _ = store
-                .set(
-                    &format!("{L2_PREFIX}{}", fill.variant.as_str()),
-                    encoded,
-                    ttl,
-                )
-                .await;
-        }
+        shared
+    }
+
+    /// Writes a stored entry to the shared tier; a failure there is counted by the store and
+    /// otherwise ignored (the entry is still served in process).
+    pub async fn store_shared(&self, write: SharedWrite) {
+        let Some(store) = &self.shared else { return };
+        // The variant index outlives its entries a little, so instances agree on variants.
+        let _ = store
+            .set(
+                &write.vary_key,
+                Bytes::from(write.vary),
+                write.ttl + Duration::from_secs(60),
+            )
+            .await;
+        let _ = store.set(&write.entry_key, write.entry, write.ttl).await;
     }
 
     /// Joins the flight for a missed key: the first request leads, the others follow.

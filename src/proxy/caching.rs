@@ -16,7 +16,9 @@ use pingora::Result;
 
 use super::{RequestCtx, REQUEST_ID};
 use crate::cache::entry::Entry;
-use crate::cache::{Cache, CacheRequest, Fill, Flight, FlightGuard, Hit, Lookup, COALESCE_WAIT};
+use crate::cache::{
+    Cache, CacheRequest, Fill, Flight, FlightGuard, Hit, Lookup, SharedWrite, COALESCE_WAIT,
+};
 use crate::metrics::metrics;
 
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -39,6 +41,8 @@ pub enum CachePhase {
         flight: Option<FlightGuard>,
         /// An entry past freshness but inside its stale-if-error window.
         stale: Option<Arc<Entry>>,
+        /// Stored in process; to be written to the shared tier when the request ends.
+        shared_write: Option<SharedWrite>,
     },
 }
 
@@ -144,6 +148,7 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
                 fill: None,
                 flight,
                 stale,
+                shared_write: None,
             };
             Ok(false)
         }
@@ -301,27 +306,32 @@ pub fn on_response(
     Ok(())
 }
 
-/// Captures a body chunk of a response being filled; gives up past `max_object`.
-pub fn on_body(ctx: &mut RequestCtx, body: &Option<Bytes>, end_of_stream: bool) {
-    if let CachePhase::Miss { fill, .. } = &mut ctx.cache {
+/// Captures a body chunk of a response being filled, giving up past `max_object`; when the last
+/// chunk has arrived, stores the entry in process before that chunk goes to the client.
+pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, body: &Option<Bytes>, end_of_stream: bool) {
+    if let CachePhase::Miss {
+        fill, shared_write, ..
+    } = &mut ctx.cache
+    {
         if let (Some(f), Some(chunk)) = (fill.as_mut(), body) {
             if !f.push(chunk) {
                 *fill = None;
             }
         }
         if end_of_stream {
-            if let Some(f) = fill.as_mut() {
+            if let Some(mut f) = fill.take() {
                 f.complete = true;
+                *shared_write = cache.store_local(*f);
             }
         }
     }
 }
 
-/// Stores a fill once the whole response reached the client without error.
+/// Writes the entry to the shared tier once the response is done (unless it failed).
 pub async fn on_done(cache: &Cache, ctx: &mut RequestCtx, failed: bool) {
-    if let CachePhase::Miss { fill, .. } = &mut ctx.cache {
-        if let Some(fill) = fill.take().filter(|_| !failed) {
-            cache.store(*fill).await;
+    if let CachePhase::Miss { shared_write, .. } = &mut ctx.cache {
+        if let Some(write) = shared_write.take().filter(|_| !failed) {
+            cache.store_shared(write).await;
         }
     }
 }

@@ -28,7 +28,6 @@ use crate::problem::Problem;
 use crate::ratelimit::{Limiter, RequestFacts, Verdict};
 use crate::routes::{normalize_path, RouteId};
 use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::store::Store;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -40,22 +39,14 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// The gateway: one instance serves every request of every listener.
 pub struct Gateway {
     snapshot: SharedSnapshot,
-    #[allow(dead_code)] // the shared cache tier will use it
-    store: Arc<dyn Store>,
     limiter: Limiter,
     cache: Arc<Cache>,
 }
 
 impl Gateway {
-    pub fn new(
-        snapshot: SharedSnapshot,
-        store: Arc<dyn Store>,
-        limiter: Limiter,
-        cache: Arc<Cache>,
-    ) -> Gateway {
+    pub fn new(snapshot: SharedSnapshot, limiter: Limiter, cache: Arc<Cache>) -> Gateway {
         Gateway {
             snapshot,
-            store,
             limiter,
             cache,
         }
@@ -464,7 +455,7 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
-        caching::on_body(ctx, body, end_of_stream);
+        caching::on_body(&self.cache, ctx, body, end_of_stream);
         Ok(None)
     }
 
