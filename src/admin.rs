@@ -139,6 +139,7 @@ impl Admin {
                 "hits": hits,
                 "misses": misses,
                 "stale": count("stale", None),
+                "revalidated": count("revalidated", None),
                 "bypasses": count("bypass", None),
                 "hit_ratio": ratio,
             }),

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod http_client;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;

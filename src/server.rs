@@ -123,6 +123,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let cache = Arc::new(Cache::new(
         config.cache.memory_capacity.0,
+        config.cache.compress_above.0,
         Some(store.clone()),
     ));
     let reloader = Arc::new(Reloader::new(

@@ -5,7 +5,11 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Uri;
+use http_body_util::Empty;
+
+use crate::http_client::HttpsClient;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{SpanError, UpstreamConfig};
@@ -20,10 +24,22 @@ pub struct Origin {
     peer: HttpPeer,
 }
 
-#[derive(Debug)]
 pub struct UpstreamGroup {
     origins: Vec<Origin>,
     next: AtomicUsize,
+    /// For requests made outside the proxy path (the cache's background refreshes), with the
+    /// same trusted CAs as the proxy's connections.
+    client: HttpsClient<Empty<Bytes>>,
+    /// The longest a background request may take, headers and body.
+    read_timeout: Duration,
+}
+
+impl std::fmt::Debug for UpstreamGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamGroup")
+            .field("origins", &self.origins)
+            .finish()
+    }
 }
 
 impl UpstreamGroup {
@@ -60,10 +76,21 @@ impl UpstreamGroup {
                 Err(message) => errors.push(SpanError::new(address.span(), message)),
             }
         }
-        if errors.is_empty() {
+        let ca_file = config.tls_ca_file.as_ref();
+        let client = crate::http_client::client(ca_file.map(|f| f.get_ref().as_str()))
+            .map_err(|e| {
+                errors.push(SpanError::new(
+                    ca_file.map_or(config.addresses.span(), |f| f.span()),
+                    format!("upstream TLS: {e}"),
+                ))
+            })
+            .ok();
+        if let (true, Some(client)) = (errors.is_empty(), client) {
             Ok(UpstreamGroup {
                 origins,
                 next: AtomicUsize::new(0),
+                client,
+                read_timeout: config.read_timeout.0,
             })
         } else {
             Err(errors)
@@ -85,6 +112,12 @@ impl UpstreamGroup {
 
     pub fn origin(&self, index: usize) -> &Origin {
         &self.origins[index]
+    }
+
+    /// The client for requests made outside the proxy path, and how long such a request may
+    /// take.
+    pub fn client(&self) -> (&HttpsClient<Empty<Bytes>>, Duration) {
+        (&self.client, self.read_timeout)
     }
 
     /// A peer for one request to origin `index`.

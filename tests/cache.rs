@@ -183,12 +183,176 @@ async fn entries_expire_with_their_freshness() {
     assert_eq!(x_cache(&get(&gw, "/products/2", &[]).await), "MISS");
     assert_eq!(x_cache(&get(&gw, "/products/2", &[]).await), "HIT");
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(
+    assert_ne!(
         x_cache(&get(&gw, "/products/2", &[]).await),
-        "MISS",
-        "stale after the ttl"
+        "HIT",
+        "stale after the ttl: the origin is asked again"
     );
     assert_eq!(upstream.served("GET /products/{id}").await, 2);
+}
+
+#[tokio::test]
+async fn stale_entries_are_revalidated_with_their_validators() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        "[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"1s\" }\n",
+    );
+    let first = get(&gw, "/products/2", &[]).await;
+    assert_eq!(x_cache(&first), "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let revalidated = get(&gw, "/products/2", &[]).await;
+    assert_eq!(
+        (revalidated.status, x_cache(&revalidated)),
+        (StatusCode::OK, "REVALIDATED")
+    );
+    assert_eq!(
+        revalidated.body, first.body,
+        "the stored body, not a refetch"
+    );
+    assert!(
+        revalidated
+            .header("cache-status")
+            .unwrap()
+            .starts_with("cachegate; fwd=stale; fwd-status=304; stored"),
+        "{:?}",
+        revalidated.header("cache-status")
+    );
+    assert_eq!(upstream.served("GET /products/{id} 304").await, 1);
+    assert_eq!(
+        x_cache(&get(&gw, "/products/2", &[]).await),
+        "HIT",
+        "the 304 made it fresh again"
+    );
+
+    // The client's own condition is answered from the revalidated entry.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let etag = first.header("etag").unwrap().to_owned();
+    let conditional = get(&gw, "/products/2", &[("if-none-match", &etag)]).await;
+    assert_eq!(
+        (conditional.status, x_cache(&conditional)),
+        (StatusCode::NOT_MODIFIED, "REVALIDATED")
+    );
+    assert_eq!(upstream.served("GET /products/{id} 304").await, 2);
+
+    // Changed at the origin: the conditional request brings the new representation.
+    let changed = Client::new()
+        .send(
+            Method::PATCH,
+            &format!("{}/products/2", upstream.url()),
+            &[("content-type", "application/json")],
+            Bytes::from_static(br#"{"stock": 4242}"#),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fetched = get(&gw, "/products/2", &[]).await;
+    assert_eq!(
+        (fetched.status, x_cache(&fetched)),
+        (StatusCode::OK, "MISS")
+    );
+    assert_eq!(fetched.body, changed.body);
+    assert_eq!(x_cache(&get(&gw, "/products/2", &[]).await), "HIT");
+    assert_eq!(upstream.served("GET /products/{id}").await, 4);
+    assert_eq!(upstream.served("GET /products/{id} 304").await, 2);
+}
+
+#[tokio::test]
+async fn no_cache_responses_are_stored_but_revalidated_before_each_use() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        "[[routes]]\npath = \"/__respond\"\ncache = { ttl = \"30s\" }\n",
+    );
+    let path = "/__respond?cache-control=no-cache&etag=%22v1%22";
+    let first = get(&gw, path, &[]).await;
+    assert_eq!(
+        first.header("cache-status"),
+        Some("cachegate; fwd=miss; stored")
+    );
+    for round in 1..=2 {
+        let again = get(&gw, path, &[]).await;
+        assert_eq!(x_cache(&again), "REVALIDATED", "round {round}");
+        assert_eq!(again.body, first.body);
+        assert_eq!(upstream.served("GET /__respond 304").await, round);
+    }
+}
+
+#[tokio::test]
+async fn origin_5xx_answers_are_replaced_by_stale_entries_unless_the_origin_forbids_it() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        "[[routes]]\npath = \"/__respond\"\ncache = { ttl = \"1s\", stale_if_error = \"30s\" }\n",
+    );
+    // `/__respond` answers 503 once it has answered `fail-after` times in all.
+    let tolerant = "/__respond?case=tolerant&fail-after=2";
+    let strict =
+        "/__respond?case=strict&fail-after=2&cache-control=max-age%3D1%2C%20must-revalidate";
+    let stored = get(&gw, tolerant, &[]).await;
+    assert_eq!(x_cache(&stored), "MISS");
+    assert_eq!(x_cache(&get(&gw, strict, &[]).await), "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let stale = get(&gw, tolerant, &[]).await;
+    assert_eq!((stale.status, x_cache(&stale)), (StatusCode::OK, "STALE"));
+    assert_eq!(stale.body, stored.body);
+    assert_eq!(
+        stale.header("cache-status"),
+        Some("cachegate; fwd=stale; detail=stale-if-error")
+    );
+    let failed = get(&gw, strict, &[]).await;
+    assert_eq!(
+        failed.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "must-revalidate: a stale entry is never served"
+    );
+    assert_eq!(upstream.served("GET /__respond").await, 4);
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        "[[routes]]\npath = \"/__respond\"\ncache = { ttl = \"1s\", stale_while_revalidate = \"30s\" }\n",
+    );
+    let first = get(&gw, "/__respond?case=swr", &[]).await;
+    assert_eq!(x_cache(&first), "MISS");
+    assert_eq!(first.json()["served"], 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let client = Client::new();
+    let calls = (0..20).map(|_| {
+        let (client, url) = (client.clone(), gw.url("/__respond?case=swr"));
+        async move { client.get(&url).await }
+    });
+    for stale in futures_util::future::join_all(calls).await {
+        assert_eq!((stale.status, x_cache(&stale)), (StatusCode::OK, "STALE"));
+        assert_eq!(stale.body, first.body, "served at once, without waiting");
+        let status = stale.header("cache-status").unwrap();
+        assert!(
+            status.starts_with("cachegate; hit; ttl=-")
+                && status.ends_with("detail=stale-while-revalidate"),
+            "{status}"
+        );
+    }
+    let refreshed = common::eventually(Duration::from_secs(5), || async {
+        let resp = get(&gw, "/__respond?case=swr", &[]).await;
+        x_cache(&resp) == "HIT" && resp.json()["served"] == 2
+    })
+    .await;
+    assert!(refreshed, "the background refresh stored the new response");
+    assert_eq!(
+        upstream.served("GET /__respond").await,
+        2,
+        "twenty stale answers, one refresh"
+    );
 }
 
 /// Requests `/__respond?{query}` twice; returns whether the second was a hit.
@@ -530,6 +694,68 @@ async fn gateways_share_entries_through_redis_and_ignore_corrupt_ones() {
     assert_eq!((resp.status, x_cache(&resp)), (StatusCode::OK, "MISS"));
     assert_eq!(resp.body, filled.body);
     assert_eq!(upstream.served("GET /products/{id}").await, 2);
+}
+
+#[tokio::test]
+async fn gateways_coalesce_misses_across_instances_through_a_redis_lease() {
+    let redis = common::Redis::start();
+    let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "300"]);
+    let a = gateway_on_redis(&upstream, free_port(), &redis);
+    let b = gateway_on_redis(&upstream, free_port(), &redis);
+    let client = Client::new();
+    let calls = (0..40).map(|i| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let (client, url) = (client.clone(), gw.url("/products/3"));
+        async move {
+            client
+                .send(Method::GET, &url, SAME_HOST, Bytes::new())
+                .await
+        }
+    });
+    let responses = futures_util::future::join_all(calls).await;
+    assert!(responses.iter().all(|r| r.status == StatusCode::OK));
+    assert!(responses.windows(2).all(|w| w[0].body == w[1].body));
+    assert_eq!(
+        upstream.served("GET /products/{id}").await,
+        1,
+        "40 concurrent misses on two instances, one origin request"
+    );
+    assert!(
+        redis
+            .cli(&["KEYS", "cachegate:cache-lease:*"])
+            .trim()
+            .is_empty(),
+        "the lease is released once the entry is stored"
+    );
+}
+
+#[tokio::test]
+async fn large_entries_are_compressed_in_redis() {
+    let redis = common::Redis::start();
+    let upstream = Upstream::start();
+    let routes = format!(
+        "[store]\nredis_url = \"{}\"\n[cache]\ncompress_above = \"1KiB\"\n[[routes]]\npath = \"/__bytes/{{n}}\"\ncache = {{ ttl = \"30s\" }}\n",
+        redis.url()
+    );
+    let a = gateway(&upstream, free_port(), &routes);
+    let b = gateway(&upstream, free_port(), &routes);
+    let filled = get(&a, "/__bytes/65536", SAME_HOST).await;
+    assert_eq!((x_cache(&filled), filled.body.len()), ("MISS", 65536));
+    let key = common::eventually_value(Duration::from_secs(5), || async {
+        redis
+            .cli(&["KEYS", "cachegate:cache:*"])
+            .lines()
+            .find(|k| !k.is_empty())
+            .map(str::to_owned)
+    })
+    .await
+    .expect("A stored the entry in Redis");
+    let stored_len: usize = redis.cli(&["STRLEN", &key]).trim().parse().unwrap();
+    assert!(stored_len < 65536 / 4, "stored in {stored_len} bytes");
+    let shared = get(&b, "/__bytes/65536", SAME_HOST).await;
+    assert_eq!(x_cache(&shared), "HIT");
+    assert_eq!(shared.body, filled.body, "decompressed intact");
+    assert_eq!(upstream.served("GET /__bytes/{n}").await, 1);
 }
 
 #[tokio::test]

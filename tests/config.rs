@@ -477,9 +477,11 @@ fn bad_cache_rules() {
         "unknown variant `everyone`, expected `shared` or `user`",
     );
     assert_error(
-        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\ncache = {{ ttl = \"1m\", stale_while_revalidate = \"30s\" }}\n"),
+        &format!(
+            "{VALID_BASE}[[routes]]\npath = \"/a\"\ncache = {{ ttl = \"1m\", tll = \"30s\" }}\n"
+        ),
         8,
         23,
-        "unknown field `stale_while_revalidate`",
+        "unknown field `tll`",
     );
 }

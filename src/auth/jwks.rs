@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::JwkSet;
 
 use super::keys::VerifyKey;
@@ -21,7 +18,7 @@ const MAX_DOCUMENT_BYTES: usize = 1 << 20;
 /// While no key set was ever loaded, retry this often.
 const RETRY_UNTIL_LOADED: Duration = Duration::from_secs(2);
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpsClient = crate::http_client::HttpsClient<Empty<Bytes>>;
 
 pub struct JwksSource {
     /// The JWKS URL, or the OpenID issuer when `discover` is set.
@@ -45,32 +42,6 @@ impl std::fmt::Debug for JwksSource {
     }
 }
 
-fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| format!("{path:?} is not valid PEM: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{path:?} holds an unusable certificate: {e}"))?;
-            }
-        }
-        None => {
-            // Unreadable system certificates are skipped; an https JWKS then fails to fetch
-            // with a TLS error that says so.
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-}
-
 impl JwksSource {
     pub fn new(
         url: &str,
@@ -85,15 +56,10 @@ impl JwksSource {
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(format!("{url:?} must be an http:// or https:// URL"));
         }
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(ca_file)?)
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(JwksSource {
             url: url.trim_end_matches('/').to_owned(),
             discover,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: crate::http_client::client(ca_file)?,
             keys: ArcSwap::from_pointee(Vec::new()),
             loaded: AtomicBool::new(false),
             last_fetch: Mutex::new(None),

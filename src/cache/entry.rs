@@ -2,17 +2,21 @@
 //! format version; an entry of another version, or one that is cut short or malformed, decodes
 //! to an error, which callers treat as a miss — never a crash.
 //!
-//! Layout (integers big-endian): `version u8`, `status u16`, `stored_at_ms u64`,
-//! `fresh_for_ms u64`, `stale_while_revalidate_ms u64`, `stale_if_error_ms u64`,
-//! `vary count u16` then each name as `len u16 + bytes`, `header count u16` then each header as
-//! `name len u16 + name + value len u32 + value`, then `body len u32 + body`.
+//! Layout (integers big-endian): `version u8`, `flags u8` (bit 0: the rest is one zstd frame),
+//! then `status u16`, `stored_at_ms u64`, `fresh_for_ms u64`, `stale_while_revalidate_ms u64`,
+//! `stale_if_error_ms u64`, `keep_ms u64`, `vary count u16` then each name as `len u16 + bytes`,
+//! `header count u16` then each header as `name len u16 + name + value len u32 + value`, then
+//! `body len u32 + body`.
 
 use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+const COMPRESSED: u8 = 1;
+/// Largest entry a compressed frame may expand to; anything claiming more is corrupt.
+const MAX_DECOMPRESSED: u64 = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -25,6 +29,9 @@ pub struct Entry {
     pub fresh_for_ms: u64,
     pub stale_while_revalidate_ms: u64,
     pub stale_if_error_ms: u64,
+    /// How long past freshness an entry with validators is kept to be revalidated
+    /// (conditional request) instead of refetched whole.
+    pub keep_ms: u64,
     /// Request headers the response varies on (lower case).
     pub vary: Vec<HeaderName>,
 }
@@ -41,6 +48,51 @@ impl fmt::Display for CorruptEntry {
 impl std::error::Error for CorruptEntry {}
 
 impl Entry {
+    /// When freshness ends, in milliseconds since the epoch.
+    pub fn fresh_until_ms(&self) -> u64 {
+        self.stored_at_ms + self.fresh_for_ms
+    }
+
+    /// How long past freshness the entry is worth keeping: served stale, or revalidated.
+    pub fn retained_ms(&self) -> u64 {
+        let keep = if self.has_validator() {
+            self.keep_ms
+        } else {
+            0
+        };
+        self.stale_while_revalidate_ms
+            .max(self.stale_if_error_ms)
+            .max(keep)
+    }
+
+    /// Whether the entry carries `ETag` or `Last-Modified`, so the origin can revalidate it.
+    pub fn has_validator(&self) -> bool {
+        self.headers.contains_key(http::header::ETAG)
+            || self.headers.contains_key(http::header::LAST_MODIFIED)
+    }
+
+    /// The encoding, its body compressed with zstd when the entry is larger than
+    /// `compress_above` bytes and compression actually saves space.
+    pub fn encode_compressed(&self, compress_above: Option<u64>) -> Bytes {
+        let plain = self.encode();
+        let Some(threshold) = compress_above else {
+            return plain;
+        };
+        if (plain.len() as u64) <= threshold {
+            return plain;
+        }
+        match zstd::bulk::compress(&plain[2..], 1) {
+            Ok(packed) if packed.len() + 2 < plain.len() => {
+                let mut out = BytesMut::with_capacity(packed.len() + 2);
+                out.put_u8(FORMAT_VERSION);
+                out.put_u8(COMPRESSED);
+                out.put_slice(&packed);
+                out.freeze()
+            }
+            _ => plain,
+        }
+    }
+
     pub fn encode(&self) -> Bytes {
         let header_bytes: usize = self
             .headers
@@ -49,11 +101,13 @@ impl Entry {
             .sum();
         let mut out = BytesMut::with_capacity(64 + header_bytes + self.body.len());
         out.put_u8(FORMAT_VERSION);
+        out.put_u8(0);
         out.put_u16(self.status);
         out.put_u64(self.stored_at_ms);
         out.put_u64(self.fresh_for_ms);
         out.put_u64(self.stale_while_revalidate_ms);
         out.put_u64(self.stale_if_error_ms);
+        out.put_u64(self.keep_ms);
         out.put_u16(self.vary.len() as u16);
         for name in &self.vary {
             out.put_u16(name.as_str().len() as u16);
@@ -79,10 +133,25 @@ impl Entry {
                 Ok(())
             }
         }
-        need(&data, 1 + 2 + 8 * 4 + 2)?;
+        need(&data, 2)?;
         if data.get_u8() != FORMAT_VERSION {
             return Err(CorruptEntry("unknown format version"));
         }
+        match data.get_u8() {
+            0 => {}
+            COMPRESSED => {
+                let size = zstd::zstd_safe::get_frame_content_size(&data)
+                    .ok()
+                    .flatten()
+                    .filter(|size| *size <= MAX_DECOMPRESSED)
+                    .ok_or(CorruptEntry("bad compressed frame"))?;
+                data = zstd::bulk::decompress(&data, size as usize)
+                    .map_err(|_| CorruptEntry("bad compressed frame"))?
+                    .into();
+            }
+            _ => return Err(CorruptEntry("unknown flags")),
+        }
+        need(&data, 2 + 8 * 5 + 2)?;
         let status = data.get_u16();
         if !(100..=999).contains(&status) {
             return Err(CorruptEntry("bad status"));
@@ -91,6 +160,7 @@ impl Entry {
         let fresh_for_ms = data.get_u64();
         let stale_while_revalidate_ms = data.get_u64();
         let stale_if_error_ms = data.get_u64();
+        let keep_ms = data.get_u64();
         let vary_count = data.get_u16() as usize;
         let mut vary = Vec::with_capacity(vary_count.min(64));
         for _ in 0..vary_count {
@@ -129,6 +199,7 @@ impl Entry {
             fresh_for_ms,
             stale_while_revalidate_ms,
             stale_if_error_ms,
+            keep_ms,
             vary,
         })
     }
@@ -151,6 +222,7 @@ mod tests {
             fresh_for_ms: 60_000,
             stale_while_revalidate_ms: 30_000,
             stale_if_error_ms: 300_000,
+            keep_ms: 600_000,
             vary: vec![HeaderName::from_static("accept")],
         }
     }
@@ -159,6 +231,22 @@ mod tests {
     fn entries_round_trip() {
         let entry = sample();
         assert_eq!(Entry::decode(entry.encode()).unwrap(), entry);
+    }
+
+    #[test]
+    fn large_entries_are_compressed_and_round_trip() {
+        let mut entry = sample();
+        entry.body = Bytes::from("{\"name\":\"widget\"},".repeat(500));
+        let packed = entry.encode_compressed(Some(1024));
+        assert_eq!(packed[1], COMPRESSED);
+        assert!(packed.len() < entry.encode().len() / 4);
+        assert_eq!(Entry::decode(packed.clone()).unwrap(), entry);
+        for cut in 2..packed.len() {
+            assert!(Entry::decode(packed.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let small = sample();
+        assert_eq!(small.encode_compressed(Some(1024)), small.encode());
+        assert_eq!(entry.encode_compressed(None), entry.encode());
     }
 
     #[test]

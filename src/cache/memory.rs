@@ -1,7 +1,6 @@
 //! The in-process tier: entries in a byte-bounded moka cache (TinyLFU admission, so one scan of
-//! cold URLs cannot flush the hot set), each expiring when it can no longer be served (fresh, or
-//! within its stale-if-error window), plus the
-//! variant index (primary key → the request headers its responses vary on).
+//! cold URLs cannot flush the hot set), each expiring when it can no longer be used (fresh,
+//! served stale, or revalidated; see [`Entry::retained_ms`]), plus the variant index (primary key → the request headers its responses vary on).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,9 +24,8 @@ impl Expiry<String, Arc<Entry>> for UntilUnusable {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        // Kept past freshness for as long as it may still answer when the origin fails.
-        let usable_until =
-            stored + Duration::from_millis(entry.fresh_for_ms + entry.stale_if_error_ms);
+        // Kept past freshness for as long as it may still be served stale or revalidated.
+        let usable_until = stored + Duration::from_millis(entry.fresh_for_ms + entry.retained_ms());
         Some(usable_until.saturating_sub(now))
     }
 }

@@ -15,7 +15,19 @@
 //!
 //! The proxy asks [`Cache::lookup`] after authentication and rate limiting (so a refused request
 //! never touches the cache), serves hits itself, and on a miss lets the response stream to the
-//! client while [`Fill`] captures it (up to `max_object`) for [`Cache::store`].
+//! client while [`Fill`] captures it (up to `max_object`) for [`Cache::store_local`] and
+//! [`Cache::store_shared`].
+//!
+//! Past freshness an entry goes through these states (RFC 9111 §4, RFC 5861):
+//! 1. inside `stale_while_revalidate`: served at once, and one background request refreshes it;
+//! 2. while it has a validator and is inside `keep`: the origin is asked conditionally
+//!    (`If-None-Match` / `If-Modified-Since`), and a `304` refreshes and serves the entry;
+//! 3. inside `stale_if_error`: served when the origin is unreachable, times out or answers 5xx;
+//! 4. then gone. `must-revalidate`, `proxy-revalidate` and `no-cache` responses skip 1 and 3.
+//!
+//! Misses are coalesced: in process, one request per key goes to the origin and the others wait
+//! for it; with Redis, a short lease (`SET NX PX`) extends that across instances, and the
+//! instances that do not hold it poll the shared tier for the entry.
 
 pub mod directives;
 pub mod entry;
@@ -45,6 +57,12 @@ use crate::store::Store;
 const L2_PREFIX: &str = "cachegate:cache:";
 /// Prefix of the shared tier's variant indexes (resource → the headers it varies on).
 const VARY_PREFIX: &str = "cachegate:cache-vary:";
+/// Prefix of the fill leases that coalesce misses across instances.
+const LEASE_PREFIX: &str = "cachegate:cache-lease:";
+/// How long a fill lease lasts: a holder that dies releases it by expiry.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often an instance waiting on another's lease looks for the entry in the shared tier.
+const LEASE_POLL: Duration = Duration::from_millis(20);
 
 /// Response headers never stored: they describe one exchange, not the resource.
 const PER_EXCHANGE: [&str; 5] = [
@@ -92,6 +110,8 @@ pub struct Cache {
     memory: MemoryTier,
     /// The shared tier, when the store is shared (Redis).
     shared: Option<Arc<dyn Store>>,
+    /// Shared-tier entries larger than this many bytes are compressed.
+    compress_above: Option<u64>,
 }
 
 /// A request as the cache sees it.
@@ -105,19 +125,27 @@ pub struct CacheRequest<'a> {
     pub user: Option<&'a str>,
 }
 
-/// A fresh stored response for a request.
+/// A stored response that answers a request.
 pub struct Hit {
     /// `memory` or `redis`.
     pub tier: &'static str,
     pub entry: Arc<Entry>,
     pub age_secs: u64,
-    pub ttl_secs: u64,
+    /// Seconds of freshness left; negative when stale (RFC 9211 `ttl`).
+    pub ttl_secs: i64,
 }
 
 pub enum Lookup {
     Hit(Hit),
-    /// Not stored (or stale): forward, and maybe fill under `primary`. `stale` is an entry still
-    /// inside its stale-if-error window, to answer with if the origin fails.
+    /// Past freshness but inside stale-while-revalidate: serve it now, and refresh `primary` in
+    /// the background (see [`Cache::join_flight`], so only once).
+    StaleWhileRevalidate {
+        hit: Hit,
+        primary: CacheKey,
+    },
+    /// Not stored (or stale): forward, and maybe fill under `primary`. `stale` is a stale entry
+    /// still kept: to revalidate if it has a validator, to answer with inside its
+    /// stale-if-error window if the origin fails.
     Miss {
         primary: CacheKey,
         stale: Option<Arc<Entry>>,
@@ -127,6 +155,7 @@ pub enum Lookup {
 }
 
 /// An entry stored in process that still has to be written to the shared tier.
+#[derive(Clone)]
 pub struct SharedWrite {
     entry_key: String,
     entry: Bytes,
@@ -144,7 +173,9 @@ pub struct Fill {
     headers: HeaderMap,
     stored_at_ms: u64,
     fresh_for_ms: u64,
+    stale_while_revalidate_ms: u64,
     stale_if_error_ms: u64,
+    keep_ms: u64,
     max_object: u64,
     body: BytesMut,
     /// The whole body arrived.
@@ -180,34 +211,69 @@ fn now_ms() -> u64 {
     millis_since_epoch(SystemTime::now())
 }
 
-fn hit(tier: &'static str, entry: Arc<Entry>, now: u64) -> Option<Hit> {
-    if entry.stored_at_ms + entry.fresh_for_ms <= now {
-        return None;
+/// Where an entry stands at a moment (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Fresh,
+    WhileRevalidate,
+    /// Kept for revalidation or stale-if-error.
+    Stale,
+    Gone,
+}
+
+fn state(entry: &Entry, now: u64) -> State {
+    let fresh_until = entry.fresh_until_ms();
+    if now < fresh_until {
+        State::Fresh
+    } else if now < fresh_until + entry.stale_while_revalidate_ms {
+        State::WhileRevalidate
+    } else if now < fresh_until + entry.retained_ms() {
+        State::Stale
+    } else {
+        State::Gone
     }
+}
+
+fn hit(tier: &'static str, entry: Arc<Entry>, now: u64) -> Hit {
+    let ttl_ms = entry.fresh_until_ms() as i64 - now as i64;
+    Hit {
+        tier,
+        age_secs: age_at(&entry, now),
+        // Rounded toward minus infinity: an entry 0.3 s past freshness has `ttl=-1`.
+        ttl_secs: ttl_ms.div_euclid(1000),
+        entry,
+    }
+}
+
+/// The age of an entry at `now`, in seconds: its age when stored plus its time here.
+fn age_at(entry: &Entry, now: u64) -> u64 {
     let stored_age = entry
         .headers
         .get(AGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    let resident = now.saturating_sub(entry.stored_at_ms) / 1000;
-    let ttl_secs = (entry.stored_at_ms + entry.fresh_for_ms - now) / 1000;
-    Some(Hit {
-        tier,
-        entry,
-        age_secs: stored_age + resident,
-        ttl_secs,
-    })
+    stored_age + now.saturating_sub(entry.stored_at_ms) / 1000
 }
+
+/// Response headers a `304` must not change in the stored response (RFC 9111 §3.2): the body's
+/// framing and coding stay those of the stored body.
+const KEPT_ON_UPDATE: [HeaderName; 3] = [
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONTENT_ENCODING,
+];
 
 impl Cache {
     /// A cache with an in-process tier of `memory_capacity` bytes, and a shared tier in `store`
     /// when that store is shared between instances.
-    pub fn new(memory_capacity: u64, store: Option<Arc<dyn Store>>) -> Cache {
+    /// Entries above `compress_above` bytes are compressed in the shared tier (`0`: never).
+    pub fn new(memory_capacity: u64, compress_above: u64, store: Option<Arc<dyn Store>>) -> Cache {
         Cache {
             flights: Arc::default(),
             memory: MemoryTier::new(memory_capacity),
             shared: store.filter(|s| s.kind() == "redis"),
+            compress_above: (compress_above > 0).then_some(compress_above),
         }
     }
 
@@ -251,42 +317,71 @@ impl Cache {
             .as_deref()
             .map_or_else(|| policy.vary.clone(), Clone::clone);
         let variant = primary.variant(&vary, request.headers);
-        let in_memory = self.memory.get(variant.as_str());
-        if let Some(found) = in_memory.clone().and_then(|e| hit("memory", e, now)) {
-            return Lookup::Hit(found);
+        let in_memory = self
+            .memory
+            .get(variant.as_str())
+            .filter(|e| state(e, now) != State::Gone);
+        if let Some(entry) = in_memory.as_ref().filter(|e| state(e, now) == State::Fresh) {
+            return Lookup::Hit(hit("memory", entry.clone(), now));
         }
-        if let Some(found) = self
-            .lookup_shared(&primary, known_vary.is_none(), variant, request, now)
+        // Not fresh in process: another instance may have stored a newer one.
+        let shared = self
+            .lookup_shared(&primary, known_vary.is_none(), variant, request)
             .await
-        {
-            return Lookup::Hit(found);
+            .filter(|(_, e)| state(e, now) != State::Gone);
+        let (tier, entry) = match (in_memory, shared) {
+            (Some(local), Some((key, remote))) => {
+                if remote.stored_at_ms > local.stored_at_ms {
+                    self.memory.insert(key, remote.clone());
+                    ("redis", remote)
+                } else {
+                    ("memory", local)
+                }
+            }
+            (Some(local), None) => ("memory", local),
+            (None, Some((key, remote))) => {
+                self.memory.insert(key, remote.clone());
+                ("redis", remote)
+            }
+            (None, None) => {
+                return Lookup::Miss {
+                    primary,
+                    stale: None,
+                }
+            }
+        };
+        match state(&entry, now) {
+            State::Fresh => Lookup::Hit(hit(tier, entry, now)),
+            State::WhileRevalidate => Lookup::StaleWhileRevalidate {
+                hit: hit(tier, entry, now),
+                primary,
+            },
+            State::Stale | State::Gone => Lookup::Miss {
+                primary,
+                stale: Some(entry),
+            },
         }
-        let stale =
-            in_memory.filter(|e| e.stored_at_ms + e.fresh_for_ms + e.stale_if_error_ms > now);
-        Lookup::Miss { primary, stale }
     }
 
     /// The age of an entry now, in seconds: its age when stored plus its time here.
     pub fn age_secs(entry: &Entry) -> u64 {
-        let stored_age = entry
-            .headers
-            .get(AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        stored_age + now_ms().saturating_sub(entry.stored_at_ms) / 1000
+        age_at(entry, now_ms())
+    }
+
+    /// Whether a kept stale entry may still answer when the origin fails.
+    pub fn usable_on_error(entry: &Entry) -> bool {
+        now_ms() < entry.fresh_until_ms() + entry.stale_if_error_ms
     }
 
     /// The shared tier: finds the variant (learning the resource's `Vary` from the tier when this
-    /// instance has not seen it), decodes it, and keeps a fresh one in process too.
+    /// instance has not seen it) and decodes it; returns it with its in-process key.
     async fn lookup_shared(
         &self,
         primary: &CacheKey,
         vary_unknown: bool,
         mut variant: CacheKey,
         request: &CacheRequest<'_>,
-        now: u64,
-    ) -> Option<Hit> {
+    ) -> Option<(String, Arc<Entry>)> {
         let store = self.shared.as_ref()?;
         if vary_unknown {
             if let Ok(Some(names)) = store
@@ -305,16 +400,13 @@ impl Cache {
             .get(&format!("{L2_PREFIX}{}", variant.as_str()))
             .await
             .ok()??;
-        let entry = match Entry::decode(raw) {
-            Ok(entry) => Arc::new(entry),
+        match Entry::decode(raw) {
+            Ok(entry) => Some((variant.as_str().to_owned(), Arc::new(entry))),
             Err(e) => {
                 tracing::debug!(error = %e, "cache: ignoring an unreadable shared entry");
-                return None;
+                None
             }
-        };
-        let found = hit("redis", entry.clone(), now)?;
-        self.memory.insert(variant.as_str().to_owned(), entry);
-        Some(found)
+        }
     }
 
     /// Decides whether the response to a missed request is stored; if so, returns the [`Fill`]
@@ -345,9 +437,37 @@ impl Cache {
         };
         let lifetime = storable(&exchange, &policy.rule_for(status), received_at).ok()?;
         let age = initial_age(response, sent_at, received_at);
-        // Entries that would need revalidation before any reuse are not kept yet.
-        let fresh_for = lifetime.checked_sub(age).filter(|d| !d.is_zero())?;
-        if response_cc.no_cache {
+        // `no-cache`: stored, but revalidated before every reuse.
+        let fresh_for = if response_cc.no_cache {
+            Duration::ZERO
+        } else {
+            lifetime.saturating_sub(age)
+        };
+        // Stale serving, unless the origin forbids it (§4.2.4, §5.2.2.2, §5.2.2.8); the
+        // origin's own RFC 5861 directives win over the rule's when the origin is honoured.
+        let may_serve_stale =
+            !(response_cc.no_cache || response_cc.must_revalidate || response_cc.proxy_revalidate);
+        let window = |origin: Option<Duration>, rule: Option<Duration>| {
+            let window = if policy.rule.honor_origin {
+                origin.or(rule)
+            } else {
+                rule
+            };
+            match window {
+                Some(w) if may_serve_stale => w.as_millis() as u64,
+                _ => 0,
+            }
+        };
+        let stale_while_revalidate_ms = window(
+            response_cc.stale_while_revalidate,
+            policy.stale_while_revalidate,
+        );
+        let stale_if_error_ms = window(response_cc.stale_if_error, policy.stale_if_error);
+        let keep_ms = policy.keep.as_millis() as u64;
+        let has_validator = response.contains_key(http::header::ETAG)
+            || response.contains_key(http::header::LAST_MODIFIED);
+        if fresh_for.is_zero() && !(has_validator && keep_ms > 0) {
+            // Could never be used.
             return None;
         }
         let declared = response
@@ -378,7 +498,9 @@ impl Cache {
             headers,
             stored_at_ms: millis_since_epoch(received_at),
             fresh_for_ms: fresh_for.as_millis() as u64,
-            stale_if_error_ms: policy.stale_if_error.map_or(0, |d| d.as_millis() as u64),
+            stale_while_revalidate_ms,
+            stale_if_error_ms,
+            keep_ms,
             max_object: policy.max_object,
             body: BytesMut::new(),
             complete: false,
@@ -389,7 +511,7 @@ impl Cache {
     /// be written to the shared tier (if there is one) with [`Cache::store_shared`]. Called when
     /// the last body chunk arrives from the origin, before it is passed on, so the entry exists
     /// by the time the client has the response.
-    pub fn store_local(&self, fill: Fill) -> Option<SharedWrite> {
+    pub fn store_local(&self, fill: Fill) -> Option<(Arc<Entry>, Option<SharedWrite>)> {
         if !fill.complete {
             return None;
         }
@@ -399,13 +521,14 @@ impl Cache {
             body: fill.body.freeze(),
             stored_at_ms: fill.stored_at_ms,
             fresh_for_ms: fill.fresh_for_ms,
-            stale_while_revalidate_ms: 0,
+            stale_while_revalidate_ms: fill.stale_while_revalidate_ms,
             stale_if_error_ms: fill.stale_if_error_ms,
+            keep_ms: fill.keep_ms,
             vary: fill.vary.clone(),
         };
         let shared = self.shared.as_ref().map(|_| SharedWrite {
             entry_key: format!("{L2_PREFIX}{}", fill.variant.as_str()),
-            entry: entry.encode(),
+            entry: entry.encode_compressed(self.compress_above),
             vary_key: format!("{VARY_PREFIX}{}", fill.primary.as_str()),
             vary: fill
                 .vary
@@ -413,13 +536,61 @@ impl Cache {
                 .map(HeaderName::as_str)
                 .collect::<Vec<_>>()
                 .join(","),
-            ttl: Duration::from_millis(fill.fresh_for_ms + fill.stale_if_error_ms),
+            ttl: Duration::from_millis(entry.fresh_for_ms + entry.retained_ms()),
         });
+        let entry = Arc::new(entry);
         self.memory
             .set_vary(fill.primary.as_str().to_owned(), fill.vary);
         self.memory
-            .insert(fill.variant.as_str().to_owned(), Arc::new(entry));
-        shared
+            .insert(fill.variant.as_str().to_owned(), entry.clone());
+        Some((entry, shared))
+    }
+
+    /// A stale entry the origin confirmed with `304 Not Modified`: the stored response updated
+    /// with the `304`'s headers (§4.3.4) and stored again with new freshness when it still may
+    /// be. Returns the entry to serve and what remains for the shared tier.
+    pub fn revalidated(
+        &self,
+        policy: &CachePolicy,
+        primary: &CacheKey,
+        request: &CacheRequest<'_>,
+        stale: &Entry,
+        not_modified: &HeaderMap,
+        sent_at: SystemTime,
+    ) -> (Arc<Entry>, Option<SharedWrite>) {
+        let mut headers = stale.headers.clone();
+        for name in not_modified.keys() {
+            if KEPT_ON_UPDATE.contains(name) || PER_EXCHANGE.contains(&name.as_str()) {
+                continue;
+            }
+            headers.remove(name);
+            for value in not_modified.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if !not_modified.contains_key(AGE) {
+            headers.remove(AGE);
+        }
+        let stored = self
+            .plan_fill(policy, primary, request, stale.status, &headers, sent_at)
+            .and_then(|mut fill| {
+                fill.body = BytesMut::from(stale.body.as_ref());
+                fill.complete = true;
+                self.store_local(fill)
+            });
+        match stored {
+            Some((entry, shared)) => (entry, shared),
+            // No longer storable: it answers this request only.
+            None => (
+                Arc::new(Entry {
+                    headers,
+                    fresh_for_ms: 0,
+                    stored_at_ms: now_ms(),
+                    ..stale.clone()
+                }),
+                None,
+            ),
+        }
     }
 
     /// Writes a stored entry to the shared tier; a failure there is counted by the store and
@@ -435,6 +606,56 @@ impl Cache {
             )
             .await;
         let _ = store.set(&write.entry_key, write.entry, write.ttl).await;
+    }
+
+    /// Takes the cross-instance fill lease for `primary` (the leader of this instance's flight
+    /// asks). `true` when this instance should fetch: it holds the lease, there is no shared
+    /// tier, or the store cannot say. `false`: another instance is fetching it.
+    pub async fn take_lease(&self, primary: &CacheKey) -> bool {
+        let Some(store) = &self.shared else {
+            return true;
+        };
+        let key = format!("{LEASE_PREFIX}{}", primary.as_str());
+        store
+            .set_if_absent(&key, Bytes::from_static(b"1"), LEASE_TTL)
+            .await
+            .unwrap_or(true)
+    }
+
+    /// Ends this instance's lease on `primary` (after its fill was written, or failed).
+    pub async fn release_lease(&self, primary: &CacheKey) {
+        if let Some(store) = &self.shared {
+            let _ = store
+                .delete(&format!("{LEASE_PREFIX}{}", primary.as_str()))
+                .await;
+        }
+    }
+
+    /// While another instance holds the lease on `primary`, polls the shared tier for the entry
+    /// it is filling; gives up when the lease ends or after [`LEASE_TTL`].
+    pub async fn wait_for_shared(
+        &self,
+        policy: &CachePolicy,
+        request: &CacheRequest<'_>,
+    ) -> Option<Hit> {
+        let store = self.shared.as_ref()?;
+        let primary = Cache::primary_key(policy, request);
+        let lease = format!("{LEASE_PREFIX}{}", primary.as_str());
+        let deadline = tokio::time::Instant::now() + LEASE_TTL;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(LEASE_POLL).await;
+            if let Lookup::Hit(found) = self.lookup(policy, request).await {
+                return Some(found);
+            }
+            if !matches!(store.get(&lease).await, Ok(Some(_))) {
+                // Released (or expired, or Redis is unreachable): one last look, then fetch.
+                return match self.lookup(policy, request).await {
+                    Lookup::Hit(found) => Some(found),
+                    _ => None,
+                };
+            }
+        }
+        None
     }
 
     /// Joins the flight for a missed key: the first request leads, the others follow.

@@ -11,6 +11,7 @@ use crate::config::{CachePolicyConfig, CacheScope, QueryConfig, SpanError};
 
 const DEFAULT_STATUSES: [u16; 7] = [200, 203, 204, 300, 301, 404, 410];
 const DEFAULT_MAX_OBJECT: u64 = 1024 * 1024;
+const DEFAULT_KEEP: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 pub struct CachePolicy {
@@ -19,6 +20,10 @@ pub struct CachePolicy {
     pub negative_ttl: Option<Duration>,
     /// Window past freshness in which an entry answers when the origin fails.
     pub stale_if_error: Option<Duration>,
+    /// Window past freshness in which an entry is served while being refreshed in the background.
+    pub stale_while_revalidate: Option<Duration>,
+    /// Window past freshness in which an entry with validators is kept for revalidation.
+    pub keep: Duration,
     /// Request headers that always select a variant (lower case).
     pub vary: Vec<HeaderName>,
     pub query: QueryRule,
@@ -80,6 +85,8 @@ impl CachePolicy {
             },
             negative_ttl: c.negative_ttl.map(|d| d.0),
             stale_if_error: c.stale_if_error.map(|d| d.0),
+            stale_while_revalidate: c.stale_while_revalidate.map(|d| d.0),
+            keep: c.keep.map_or(DEFAULT_KEEP, |d| d.0),
             vary,
             query,
             scope: c.scope,

@@ -12,12 +12,16 @@ pub struct CacheConfig {
     /// Bytes of responses (headers and bodies) kept in memory; admission and eviction are
     /// TinyLFU (moka), so a scan of cold URLs does not flush the hot set.
     pub memory_capacity: ByteSize,
+    /// Entries larger than this are compressed (zstd) in the shared tier. `"0"` turns
+    /// compression off.
+    pub compress_above: ByteSize,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             memory_capacity: ByteSize(256 * 1024 * 1024),
+            compress_above: ByteSize(4 * 1024),
         }
     }
 }
@@ -56,6 +60,12 @@ pub struct CachePolicyConfig {
     /// How long past freshness an entry may still be served when the origin cannot be reached
     /// or times out (RFC 5861 stale-if-error).
     pub stale_if_error: Option<Dur>,
+    /// How long past freshness an entry is served at once while one background request
+    /// refreshes it (RFC 5861 stale-while-revalidate).
+    pub stale_while_revalidate: Option<Dur>,
+    /// How long past freshness an entry with a validator (`ETag`, `Last-Modified`) is kept so
+    /// it can be revalidated with a conditional request instead of refetched. Default 10m.
+    pub keep: Option<Dur>,
     /// Request headers that select a variant, besides the origin's own `Vary`.
     #[serde(default)]
     pub vary: Vec<String>,

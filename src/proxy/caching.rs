@@ -1,5 +1,10 @@
 //! The cache phase's glue: look up after rate limiting, answer hits (and `304`s) directly, and on
 //! a miss capture the streamed response for the cache.
+//!
+//! When the origin's answer means "use what you have" — a `304` to a revalidation, or a 5xx while
+//! a stale-if-error entry is kept — `upstream_response_filter` stops the proxying with an
+//! [`answered_from_cache`] error before anything reached the client, and `fail_to_proxy` writes
+//! the entry instead (pingora's filters cannot turn a body-less `304` into a `200` with a body).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,12 +19,36 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
+use pingora::{Error, ErrorType};
+
 use super::{RequestCtx, REQUEST_ID};
 use crate::cache::entry::Entry;
 use crate::cache::{
     Cache, CacheRequest, Fill, Flight, FlightGuard, Hit, Lookup, SharedWrite, COALESCE_WAIT,
 };
 use crate::metrics::metrics;
+
+/// The error that ends proxying when a stored entry answers instead of the origin's response.
+const ANSWERED: ErrorType = ErrorType::Custom("answered from cache");
+
+fn answered_from_cache() -> Box<Error> {
+    Error::explain(
+        ANSWERED,
+        "the origin's response was replaced by a stored entry",
+    )
+}
+
+/// Whether `error` is the [`answered_from_cache`] signal rather than a failure.
+pub fn is_answer(error: &Error) -> bool {
+    *error.etype() == ANSWERED
+}
+
+/// A stored entry chosen to answer instead of the origin's response.
+pub struct Answer {
+    entry: Arc<Entry>,
+    /// `true`: the origin confirmed it (`304`); `false`: stale-if-error on a 5xx.
+    revalidated: bool,
+}
 
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -32,18 +61,31 @@ pub enum CachePhase {
     Off,
     Bypass(&'static str),
     Hit,
-    /// Forwarded; `fill` captures the response when it may be stored.
-    Miss {
-        primary: crate::cache::key::CacheKey,
-        sent_at: SystemTime,
-        fill: Option<Box<Fill>>,
-        /// Held while this request leads the fetch for its key; dropped at the end.
-        flight: Option<FlightGuard>,
-        /// An entry past freshness but inside its stale-if-error window.
-        stale: Option<Arc<Entry>>,
-        /// Stored in process; to be written to the shared tier when the request ends.
-        shared_write: Option<SharedWrite>,
-    },
+    /// Served stale inside stale-while-revalidate (refreshed in the background).
+    Stale,
+    /// Forwarded to the origin.
+    Miss(Box<Miss>),
+}
+
+/// A request the cache forwarded to the origin.
+pub struct Miss {
+    primary: crate::cache::key::CacheKey,
+    sent_at: SystemTime,
+    /// Captures the response when it may be stored.
+    fill: Option<Fill>,
+    /// Held while this request leads the fetch for its key; dropped at the end.
+    _flight: Option<FlightGuard>,
+    /// A stale entry still kept: revalidated with the origin when it has a validator, served
+    /// when the origin fails inside its stale-if-error window.
+    stale: Option<Arc<Entry>>,
+    /// The upstream request carries the stale entry's validators.
+    revalidating: bool,
+    /// This instance holds the cross-instance fill lease for the key.
+    lease: bool,
+    /// A stored entry answers instead of the origin's response.
+    answer: Option<Answer>,
+    /// Stored in process; to be written to the shared tier when the request ends.
+    shared_write: Option<SharedWrite>,
 }
 
 impl CachePhase {
@@ -53,20 +95,29 @@ impl CachePhase {
             CachePhase::Off => "-",
             CachePhase::Bypass(_) => "bypass",
             CachePhase::Hit => "hit",
-            CachePhase::Miss { .. } => "miss",
+            CachePhase::Stale => "stale",
+            CachePhase::Miss(miss) => match &miss.answer {
+                Some(answer) if answer.revalidated => "revalidated",
+                Some(_) => "stale",
+                None => "miss",
+            },
         }
     }
+}
+
+/// The request's host: `Host`, or the HTTP/2 `:authority`.
+pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
+    req.headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
 fn cache_request<'a>(session: &'a Session, ctx: &'a RequestCtx) -> CacheRequest<'a> {
     let req = session.req_header();
     CacheRequest {
         method: &req.method,
-        host: req
-            .headers
-            .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str())),
+        host: request_host(req),
         path: req.uri.path(),
         query: req.uri.query(),
         headers: &req.headers,
@@ -100,7 +151,11 @@ fn not_modified(req: &pingora::http::RequestHeader, entry: &Entry) -> bool {
 }
 
 /// Looks the request up; answers a hit itself and returns `true`.
-pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+pub async fn lookup(
+    cache: &Arc<Cache>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<bool> {
     let snapshot = ctx.snapshot.clone();
     let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
         return Ok(false);
@@ -109,17 +164,50 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
     let route = ctx.route_name();
     match outcome {
         Lookup::Hit(hit) => {
-            metrics()
-                .cache_results
-                .with_label_values(&[route, "hit", hit.tier])
-                .inc();
+            count(route, "hit", hit.tier);
             ctx.cache = CachePhase::Hit;
             serve_hit(session, ctx, hit).await?;
             Ok(true)
         }
+        Lookup::StaleWhileRevalidate { hit, primary } => {
+            count(route, "stale", hit.tier);
+            if let Flight::Leader(guard) = cache.join_flight(&primary) {
+                let refresh = super::refresh::Refresh::new(
+                    cache.clone(),
+                    policy.clone(),
+                    primary,
+                    hit.entry.clone(),
+                    session,
+                    ctx,
+                    guard,
+                );
+                tokio::spawn(refresh.run());
+            }
+            ctx.cache = CachePhase::Stale;
+            serve_stale_while_revalidate(session, ctx, hit).await?;
+            Ok(true)
+        }
         Lookup::Miss { primary, stale } => {
+            let fetching = session.req_header().method == Method::GET;
+            let mut lease = false;
             let flight = match cache.join_flight(&primary) {
-                Flight::Leader(guard) => Some(guard),
+                Flight::Leader(guard) if fetching => {
+                    lease = cache.take_lease(&primary).await;
+                    if !lease {
+                        // Another instance is filling it: wait for its entry in the shared tier.
+                        if let Some(hit) = cache
+                            .wait_for_shared(policy, &cache_request(session, ctx))
+                            .await
+                        {
+                            count(route, "hit", "coalesced");
+                            ctx.cache = CachePhase::Hit;
+                            serve_hit(session, ctx, hit).await?;
+                            return Ok(true);
+                        }
+                    }
+                    Some(guard)
+                }
+                Flight::Leader(_) => None,
                 Flight::Follower(mut done) => {
                     // Another request is fetching this resource: wait for it (bounded), then
                     // look again. Its sender is dropped when it ends, stored or not.
@@ -127,10 +215,7 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
                     if let Lookup::Hit(hit) =
                         cache.lookup(policy, &cache_request(session, ctx)).await
                     {
-                        metrics()
-                            .cache_results
-                            .with_label_values(&[route, "hit", "coalesced"])
-                            .inc();
+                        count(route, "hit", "coalesced");
                         ctx.cache = CachePhase::Hit;
                         serve_hit(session, ctx, hit).await?;
                         return Ok(true);
@@ -138,29 +223,62 @@ pub async fn lookup(cache: &Cache, session: &mut Session, ctx: &mut RequestCtx) 
                     None
                 }
             };
-            metrics()
-                .cache_results
-                .with_label_values(&[route, "miss", "memory"])
-                .inc();
-            ctx.cache = CachePhase::Miss {
+            count(route, "miss", "memory");
+            ctx.cache = CachePhase::Miss(Box::new(Miss {
                 primary,
                 sent_at: SystemTime::now(),
                 fill: None,
-                flight,
+                _flight: flight,
                 stale,
+                revalidating: false,
+                lease,
+                answer: None,
                 shared_write: None,
-            };
+            }));
             Ok(false)
         }
         Lookup::Bypass(reason) => {
-            metrics()
-                .cache_results
-                .with_label_values(&[route, "bypass", "-"])
-                .inc();
+            count(route, "bypass", "-");
             ctx.cache = CachePhase::Bypass(reason);
             Ok(false)
         }
     }
+}
+
+fn count(route: &str, result: &str, tier: &str) {
+    metrics()
+        .cache_results
+        .with_label_values(&[route, result, tier])
+        .inc();
+}
+
+/// On a miss with a kept stale entry that has a validator, turns the upstream request into a
+/// revalidation: the entry's `ETag` / `Last-Modified` replace the client's own conditions (the
+/// client's are answered from the refreshed entry).
+pub fn on_upstream_request(
+    ctx: &mut RequestCtx,
+    upstream_request: &mut pingora::http::RequestHeader,
+) -> Result<()> {
+    if let CachePhase::Miss(miss) = &mut ctx.cache {
+        if let Some(entry) = miss.stale.as_ref().filter(|e| e.has_validator()) {
+            add_validators(entry, upstream_request)?;
+            miss.revalidating = true;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces a request's `If-None-Match` / `If-Modified-Since` with `entry`'s validators.
+pub fn add_validators(entry: &Entry, request: &mut pingora::http::RequestHeader) -> Result<()> {
+    request.remove_header(&IF_NONE_MATCH);
+    request.remove_header(&IF_MODIFIED_SINCE);
+    if let Some(etag) = entry.headers.get(ETAG) {
+        request.insert_header(IF_NONE_MATCH, etag.clone())?;
+    }
+    if let Some(modified) = entry.headers.get(LAST_MODIFIED) {
+        request.insert_header(IF_MODIFIED_SINCE, modified.clone())?;
+    }
+    Ok(())
 }
 
 /// How a stored entry is being served, for its labels.
@@ -213,6 +331,26 @@ async fn write_entry(
     Ok(())
 }
 
+async fn serve_stale_while_revalidate(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    hit: Hit,
+) -> Result<()> {
+    let unchanged = not_modified(session.req_header(), &hit.entry);
+    let cache_status = format!(
+        "cachegate; hit; ttl={}; detail=stale-while-revalidate",
+        hit.ttl_secs
+    );
+    let serving = Serving {
+        status: if unchanged { 304 } else { hit.entry.status },
+        age_secs: hit.age_secs,
+        cache_status: &cache_status,
+        x_cache: "STALE",
+        not_modified: unchanged,
+    };
+    write_entry(session, ctx, &hit.entry, serving).await
+}
+
 async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<()> {
     let unchanged = not_modified(session.req_header(), &hit.entry);
     let cache_status = format!("cachegate; hit; ttl={}", hit.ttl_secs);
@@ -226,6 +364,35 @@ async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<
     write_entry(session, ctx, &hit.entry, serving).await
 }
 
+/// Writes the entry chosen by [`on_response`] to answer instead of the origin. Returns whether
+/// there was one.
+pub async fn serve_answer(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let CachePhase::Miss(miss) = &ctx.cache else {
+        return Ok(false);
+    };
+    let Some(answer) = &miss.answer else {
+        return Ok(false);
+    };
+    let (entry, revalidated) = (answer.entry.clone(), answer.revalidated);
+    if revalidated {
+        count(ctx.route_name(), "revalidated", "origin");
+        let unchanged = not_modified(session.req_header(), &entry);
+        let ttl = (entry.fresh_for_ms / 1000).to_string();
+        let cache_status = format!("cachegate; fwd=stale; fwd-status=304; stored; ttl={ttl}");
+        let serving = Serving {
+            status: if unchanged { 304 } else { entry.status },
+            age_secs: Cache::age_secs(&entry),
+            cache_status: &cache_status,
+            x_cache: "REVALIDATED",
+            not_modified: unchanged,
+        };
+        write_entry(session, ctx, &entry, serving).await?;
+    } else {
+        write_stale_on_error(session, ctx, &entry).await?;
+    }
+    Ok(true)
+}
+
 /// stale-if-error: when the origin could not be reached or timed out (`status` 502 or 504) and
 /// no response has started, answers with the stale entry kept for that. Returns whether it did.
 pub async fn serve_stale_on_error(
@@ -236,26 +403,34 @@ pub async fn serve_stale_on_error(
     if !matches!(status, 502 | 504) || session.response_written().is_some() {
         return Ok(false);
     }
-    let CachePhase::Miss {
-        stale: Some(entry), ..
-    } = &ctx.cache
-    else {
+    let CachePhase::Miss(miss) = &ctx.cache else {
         return Ok(false);
     };
+    let Some(entry) = &miss.stale else {
+        return Ok(false);
+    };
+    if !Cache::usable_on_error(entry) {
+        return Ok(false);
+    }
     let entry = entry.clone();
-    metrics()
-        .cache_results
-        .with_label_values(&[ctx.route_name(), "stale", "memory"])
-        .inc();
+    write_stale_on_error(session, ctx, &entry).await?;
+    Ok(true)
+}
+
+async fn write_stale_on_error(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    entry: &Entry,
+) -> Result<()> {
+    count(ctx.route_name(), "stale", "memory");
     let serving = Serving {
         status: entry.status,
-        age_secs: Cache::age_secs(&entry),
+        age_secs: Cache::age_secs(entry),
         cache_status: "cachegate; fwd=stale; detail=stale-if-error",
         x_cache: "STALE",
         not_modified: false,
     };
-    write_entry(session, ctx, &entry, serving).await?;
-    Ok(true)
+    write_entry(session, ctx, entry, serving).await
 }
 
 /// On a miss, decides from the origin's response whether to capture it, and labels the
@@ -271,10 +446,45 @@ pub fn on_response(
         return Ok(());
     };
     match &ctx.cache {
-        CachePhase::Miss {
-            primary, sent_at, ..
-        } => {
-            let (primary, sent_at) = (primary.clone(), *sent_at);
+        CachePhase::Miss(miss) => {
+            let (primary, sent_at) = (miss.primary.clone(), miss.sent_at);
+            let status = response.status.as_u16();
+            if let Some(entry) = miss.stale.clone() {
+                let answer = if miss.revalidating && status == 304 {
+                    let (entry, shared) = cache.revalidated(
+                        policy,
+                        &primary,
+                        &cache_request(session, ctx),
+                        &entry,
+                        &response.headers,
+                        sent_at,
+                    );
+                    Some((
+                        Answer {
+                            entry,
+                            revalidated: true,
+                        },
+                        shared,
+                    ))
+                } else if status >= 500 && Cache::usable_on_error(&entry) {
+                    Some((
+                        Answer {
+                            entry,
+                            revalidated: false,
+                        },
+                        None,
+                    ))
+                } else {
+                    None
+                };
+                if let Some((answer, shared)) = answer {
+                    if let CachePhase::Miss(miss) = &mut ctx.cache {
+                        miss.answer = Some(answer);
+                        miss.shared_write = shared;
+                    }
+                    return Err(answered_from_cache());
+                }
+            }
             let fill = cache.plan_fill(
                 policy,
                 &primary,
@@ -290,8 +500,8 @@ pub fn on_response(
             };
             response.insert_header(CACHE_STATUS, status)?;
             response.insert_header(X_CACHE, "MISS")?;
-            if let CachePhase::Miss { fill: slot, .. } = &mut ctx.cache {
-                *slot = fill.map(Box::new);
+            if let CachePhase::Miss(miss) = &mut ctx.cache {
+                miss.fill = fill;
             }
         }
         CachePhase::Bypass(reason) => {
@@ -301,7 +511,7 @@ pub fn on_response(
             )?;
             response.insert_header(X_CACHE, "BYPASS")?;
         }
-        CachePhase::Off | CachePhase::Hit => {}
+        CachePhase::Off | CachePhase::Hit | CachePhase::Stale => {}
     }
     Ok(())
 }
@@ -309,29 +519,30 @@ pub fn on_response(
 /// Captures a body chunk of a response being filled, giving up past `max_object`; when the last
 /// chunk has arrived, stores the entry in process before that chunk goes to the client.
 pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, body: &Option<Bytes>, end_of_stream: bool) {
-    if let CachePhase::Miss {
-        fill, shared_write, ..
-    } = &mut ctx.cache
-    {
-        if let (Some(f), Some(chunk)) = (fill.as_mut(), body) {
+    if let CachePhase::Miss(miss) = &mut ctx.cache {
+        if let (Some(f), Some(chunk)) = (miss.fill.as_mut(), body) {
             if !f.push(chunk) {
-                *fill = None;
+                miss.fill = None;
             }
         }
         if end_of_stream {
-            if let Some(mut f) = fill.take() {
+            if let Some(mut f) = miss.fill.take() {
                 f.complete = true;
-                *shared_write = cache.store_local(*f);
+                miss.shared_write = cache.store_local(f).and_then(|(_, shared)| shared);
             }
         }
     }
 }
 
-/// Writes the entry to the shared tier once the response is done (unless it failed).
+/// Writes the entry to the shared tier once the response is done (unless it failed), then ends
+/// the fill lease.
 pub async fn on_done(cache: &Cache, ctx: &mut RequestCtx, failed: bool) {
-    if let CachePhase::Miss { shared_write, .. } = &mut ctx.cache {
-        if let Some(write) = shared_write.take().filter(|_| !failed) {
+    if let CachePhase::Miss(miss) = &mut ctx.cache {
+        if let Some(write) = miss.shared_write.take().filter(|_| !failed) {
             cache.store_shared(write).await;
+        }
+        if std::mem::take(&mut miss.lease) {
+            cache.release_lease(&miss.primary).await;
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod caching;
 mod forwarding;
+mod refresh;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -127,6 +128,19 @@ fn header_bytes(req: &RequestHeader) -> u64 {
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     (line + fields) as u64
+}
+
+/// What the upstream request says about the client (see [`forwarding::upstream_request`]).
+fn forwarded<'a>(session: &Session, ctx: &'a RequestCtx) -> forwarding::Forwarded<'a> {
+    forwarding::Forwarded {
+        client_ip: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string()),
+        proto: if is_tls(session) { "https" } else { "http" },
+        request_id: &ctx.request_id,
+        upgrade: session.is_upgrade_req(),
+    }
 }
 
 fn is_tls(session: &Session) -> bool {
@@ -405,16 +419,8 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let fwd = forwarding::Forwarded {
-            client_ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string()),
-            proto: if is_tls(session) { "https" } else { "http" },
-            request_id: &ctx.request_id,
-            upgrade: session.is_upgrade_req(),
-        };
-        forwarding::upstream_request(upstream_request, &fwd)
+        forwarding::upstream_request(upstream_request, &forwarded(session, ctx))?;
+        caching::on_upstream_request(ctx, upstream_request)
     }
 
     async fn request_body_filter(
@@ -475,6 +481,21 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if caching::is_answer(e) {
+            return match caching::serve_answer(session, ctx).await {
+                Ok(_) => FailToProxy {
+                    error_code: 200,
+                    can_reuse_downstream: true,
+                },
+                Err(write_error) => {
+                    tracing::debug!(request_id = %ctx.request_id, error = %write_error, "could not send the stored response");
+                    FailToProxy {
+                        error_code: 0,
+                        can_reuse_downstream: false,
+                    }
+                }
+            };
+        }
         let status = status_for(e);
         match caching::serve_stale_on_error(session, ctx, status).await {
             Ok(true) => {
@@ -502,15 +523,18 @@ impl ProxyHttp for Gateway {
 
     /// A client that goes away mid-request is routine, not an error worth an ERROR line.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
-        error.esource() == &ErrorSource::Downstream
-            && matches!(
-                error.etype(),
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-            )
+        caching::is_answer(error)
+            || error.esource() == &ErrorSource::Downstream
+                && matches!(
+                    error.etype(),
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                )
     }
 
     /// One access-log event and the request's metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // A stored entry answering instead of the origin is a success, not an error.
+        let e = e.filter(|e| !caching::is_answer(e));
         caching::on_done(&self.cache, ctx, e.is_some()).await;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();

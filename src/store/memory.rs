@@ -158,6 +158,19 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let entry = self
+            .entries
+            .entry(key.to_owned())
+            .or_insert(Entry { value, ttl });
+        Ok(entry.is_fresh())
+    }
+
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         Ok(self.entries.remove(key).is_some())
     }

@@ -49,6 +49,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
     /// Stores `value` under `key` for `ttl`, replacing any previous value.
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError>;
+    /// Stores `value` under `key` for `ttl` only if `key` is absent (a lease: `SET NX PX`);
+    /// `true` when this call stored it.
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
     /// Removes `key`; `true` when it existed.
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
     /// Checks that the store answers.

@@ -438,6 +438,28 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let reply: Option<String> = self
+            .guarded("set_nx", self.options.budget, |mut c| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value.as_ref())
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(reply.is_some())
+    }
+
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let removed: u64 = self
             .guarded("delete", self.options.budget, |mut c| async move {

@@ -548,6 +548,24 @@ where
     }
 }
 
+/// Polls `probe` until it yields a value or `timeout` passes.
+pub async fn eventually_value<T, F, Fut>(timeout: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A three-node Redis Cluster (no replicas) on loopback, created with `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<Redis>,

@@ -13,7 +13,7 @@
 //! | any | `/__headers` | the request's method and headers as JSON |
 //! | POST | `/__sink` | streams the body through SHA-256: `{"bytes":N,"sha256":".."}`; counted again as `POST /__sink completed` once the whole body arrived |
 //! | GET | `/__bytes/{n}` | `n` bytes of the pattern `i % 251`, streamed |
-//! | GET | `/__respond?status=&cache-control=&expires=&vary=&set-cookie=&etag=&last-modified=` | a response with those headers; the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
+//! | GET | `/__respond?status=&cache-control=&expires=&vary=&set-cookie=&etag=&last-modified=&fail-after=` | a response with those headers (`304` when `If-None-Match` equals `etag`; `503` once this endpoint has answered more than `fail-after` times); the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
 //!
 //! Errors are JSON `{"error": code, "message": text}`; validation errors add `"fields"`.
 
@@ -229,6 +229,7 @@ async fn get_product(
                         .any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == tag)
                 });
             if matches {
+                app.stats.record("GET /products/{id} 304");
                 let mut resp = Response::new(empty());
                 *resp.status_mut() = StatusCode::NOT_MODIFIED;
                 resp.headers_mut().insert(ETAG, tag);
@@ -408,6 +409,11 @@ fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody
                     *resp.status_mut() = status;
                 }
             }
+            "fail-after" => {
+                if value.parse::<u64>().is_ok_and(|n| served > n) {
+                    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                }
+            }
             "cache-control" | "expires" | "vary" | "set-cookie" | "etag" | "last-modified" => {
                 if let (Ok(name), Ok(value)) = (
                     hyper::header::HeaderName::from_bytes(name.as_bytes()),
@@ -418,6 +424,17 @@ fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody
             }
             _ => {}
         }
+    }
+    let etag_matches = resp.headers().get(ETAG).is_some_and(|etag| {
+        req.headers()
+            .get(IF_NONE_MATCH)
+            .is_some_and(|condition| condition == etag)
+    });
+    if etag_matches && resp.status() == StatusCode::OK {
+        app.stats.record("GET /__respond 304");
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        *resp.body_mut() = empty();
+        resp.headers_mut().remove(CONTENT_TYPE);
     }
     resp
 }
