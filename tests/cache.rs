@@ -783,6 +783,53 @@ async fn without_redis_the_cache_keeps_working_in_process() {
 }
 
 #[tokio::test]
+async fn redis_killed_and_restarted_under_traffic_costs_no_client_an_error() {
+    let redis_port = free_port();
+    let redis = common::Redis::start_on(redis_port);
+    let upstream = Upstream::start();
+    let gw = gateway_on_redis(&upstream, free_port(), &redis);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url) = (stop.clone(), gw.url(""));
+        tokio::spawn(async move {
+            let client = Client::new();
+            let mut statuses = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let path = format!("{url}/products/{}", 1 + i % 5);
+                statuses.push(client.get(&path).await.status);
+                i += 1;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(redis);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restarted = common::Redis::start_on(redis_port);
+    // Shared writes resume by themselves: a new entry reaches the restarted Redis.
+    let mut id = 7;
+    let resumed = common::eventually(Duration::from_secs(10), || {
+        // A new key each time: a write lost while reconnecting is not retried.
+        id += 1;
+        let (gw, restarted) = (&gw, &restarted);
+        async move {
+            get(gw, &format!("/products/{id}"), &[]).await;
+            !restarted.cli(&["KEYS", "cachegate:cache:*"]).is_empty()
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = traffic.await.unwrap();
+    assert!(statuses.len() > 20, "{} requests", statuses.len());
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "every request succeeded: {statuses:?}"
+    );
+    assert!(resumed, "the Redis tier is used again after the restart");
+}
+
+#[tokio::test]
 async fn concurrent_misses_are_coalesced_into_one_origin_request() {
     let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "300"]);
     let gw = gateway(
