@@ -10,6 +10,11 @@
 //! - `GET /metrics`: Prometheus text format. Needs the admin token when one is configured.
 //! - `POST /reload`: re-reads the configuration (like SIGHUP). Always needs the admin token;
 //!   without a configured token it is refused.
+//! - `POST /purge`: purges by exact URL (`{"url": "/products/7"}`, every query and variant of
+//!   the path), by tag (`{"tag": "products"}`), by path prefix (`{"prefix": "/products/"}`) or
+//!   everything (`{"all": true}`), on every instance; answers the purge's sequence number, how
+//!   many instances acknowledged it, and how many in-process entries this instance dropped.
+//!   Always needs the admin token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +25,10 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use crate::cache::entry::Entry;
 use crate::cache::Cache;
 use crate::metrics::metrics;
+use crate::purge::{self, Purger};
 use crate::reload::Reloader;
 use crate::snapshot::SharedSnapshot;
 use crate::store::Store;
@@ -37,6 +44,7 @@ pub struct Admin {
     snapshot: SharedSnapshot,
     store: Arc<dyn Store>,
     cache: Arc<Cache>,
+    purger: Arc<Purger>,
     reloader: Arc<Reloader>,
     token: Option<String>,
 }
@@ -46,6 +54,7 @@ impl Admin {
         snapshot: SharedSnapshot,
         store: Arc<dyn Store>,
         cache: Arc<Cache>,
+        purger: Arc<Purger>,
         reloader: Arc<Reloader>,
         token: Option<String>,
     ) -> Admin {
@@ -53,6 +62,7 @@ impl Admin {
             snapshot,
             store,
             cache,
+            purger,
             reloader,
             token: token.filter(|t| !t.is_empty()),
         }
@@ -146,6 +156,50 @@ impl Admin {
         )
     }
 
+    /// `POST /purge` with a JSON body naming what to purge.
+    async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_PURGE_BODY => {
+                    body.extend_from_slice(&chunk)
+                }
+                Ok(Some(_)) => {
+                    return json_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        json!({"error": "the purge request is too large"}),
+                    )
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": format!("could not read the request body: {e}")}),
+                    )
+                }
+            }
+        }
+        let target = match PurgeTarget::parse(&body) {
+            Ok(target) => target,
+            Err(message) => {
+                return json_response(StatusCode::BAD_REQUEST, json!({"error": message}))
+            }
+        };
+        let key = target.key();
+        let report = self.purger.purge(vec![key]).await;
+        let removed = self.cache.remove_from_memory(|entry| target.selects(entry));
+        json_response(
+            StatusCode::OK,
+            json!({
+                "purged": target.describe(),
+                "sequence": report.seq,
+                "instances_told": report.told,
+                "instances_acknowledged": report.acknowledged,
+                "memory_entries_removed": removed,
+            }),
+        )
+    }
+
     fn authorized(&self, session: &ServerSession) -> bool {
         let Some(token) = &self.token else {
             return false;
@@ -157,6 +211,80 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+    }
+}
+
+/// Largest `POST /purge` body accepted.
+const MAX_PURGE_BODY: usize = 64 * 1024;
+
+/// What `POST /purge` names.
+#[derive(Debug, PartialEq, Eq)]
+enum PurgeTarget {
+    Path(String),
+    Tag(String),
+    Prefix(String),
+    All,
+}
+
+impl PurgeTarget {
+    fn parse(body: &[u8]) -> Result<PurgeTarget, String> {
+        const USAGE: &str = r#"send one of {"url": "/products/7"}, {"tag": "products"}, {"prefix": "/products/"}, {"all": true}"#;
+        let value: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| format!("the body is not JSON ({e}); {USAGE}"))?;
+        let object = value.as_object().ok_or_else(|| USAGE.to_owned())?;
+        if object.len() != 1 {
+            return Err(format!("name exactly one target; {USAGE}"));
+        }
+        let text = |v: &serde_json::Value| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| USAGE.to_owned())
+        };
+        match object.iter().next() {
+            Some((k, v)) if k == "url" => {
+                let url = text(v)?;
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|e| format!("{url:?} is not a URL or path: {e}"))?;
+                if !uri.path().starts_with('/') {
+                    return Err(format!("{url:?} has no absolute path; {USAGE}"));
+                }
+                Ok(PurgeTarget::Path(
+                    crate::routes::normalize_path(uri.path()).into_owned(),
+                ))
+            }
+            Some((k, v)) if k == "tag" => Ok(PurgeTarget::Tag(text(v)?)),
+            Some((k, v)) if k == "prefix" => Ok(PurgeTarget::Prefix(text(v)?)),
+            Some((k, v)) if k == "all" && v.as_bool() == Some(true) => Ok(PurgeTarget::All),
+            _ => Err(USAGE.to_owned()),
+        }
+    }
+
+    fn key(&self) -> String {
+        match self {
+            PurgeTarget::Path(path) => purge::path_key(path),
+            PurgeTarget::Tag(tag) => purge::tag_key(tag),
+            PurgeTarget::Prefix(prefix) => purge::prefix_key(prefix),
+            PurgeTarget::All => purge::prefix_key(""),
+        }
+    }
+
+    fn selects(&self, entry: &Entry) -> bool {
+        match self {
+            PurgeTarget::Path(path) => entry.path == *path,
+            PurgeTarget::Tag(tag) => entry.depends_on.contains(&purge::tag_key(tag)),
+            PurgeTarget::Prefix(prefix) => entry.path.starts_with(prefix.as_str()),
+            PurgeTarget::All => true,
+        }
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        match self {
+            PurgeTarget::Path(path) => json!({"url": path}),
+            PurgeTarget::Tag(tag) => json!({"tag": tag}),
+            PurgeTarget::Prefix(prefix) => json!({"prefix": prefix}),
+            PurgeTarget::All => json!({"all": true}),
+        }
     }
 }
 
@@ -233,6 +361,18 @@ impl ServeHttp for Admin {
                     "text/plain; version=0.0.4",
                     metrics().render().into_bytes(),
                 )
+            }
+            ("POST", "/purge") => {
+                if self.token.is_none() {
+                    return json_response(
+                        StatusCode::FORBIDDEN,
+                        json!({"error": "state-changing admin endpoints are off: set [admin] token to enable them"}),
+                    );
+                }
+                if !self.authorized(session) {
+                    return unauthorized("POST /purge needs the admin token as a bearer token");
+                }
+                self.purge(session).await
             }
             ("POST", "/reload") => {
                 if self.token.is_none() {

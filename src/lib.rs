@@ -16,6 +16,7 @@ pub mod http_client;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
+pub mod purge;
 pub mod ratelimit;
 pub mod reload;
 pub mod routes;

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub cache_memory_bytes: IntGauge,
     /// `cachegate_cache_memory_evictions_total`: entries pushed out for room.
     pub cache_memory_evictions: prometheus::IntCounter,
+    /// `cachegate_purges_total{outcome}`: ok, unacknowledged, local, store_error, resubscribed.
+    pub purges: IntCounterVec,
     /// `cachegate_rate_limit_decisions_total{route, outcome, decided_by}`
     pub rate_limit_decisions: IntCounterVec,
     /// `cachegate_store_operations_total{op, result}`
@@ -159,6 +161,12 @@ impl Metrics {
                 "cachegate_cache_results_total",
                 "Cache lookups by result and tier",
                 &["route", "result", "tier"],
+            ),
+            purges: counter(
+                &registry,
+                "cachegate_purges_total",
+                "Purges by outcome",
+                &["outcome"],
             ),
             rate_limit_decisions: counter(
                 &registry,

@@ -66,9 +66,14 @@ impl Problem {
         if !session.is_body_done() {
             session.set_keepalive(None);
         }
+        // A failed write means the client went away: a downstream error, logged as routine.
         session
             .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await
+            .await
+            .map_err(pingora::Error::into_down)?;
+        session
+            .write_response_body(Some(body), true)
+            .await
+            .map_err(pingora::Error::into_down)
     }
 }

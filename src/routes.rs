@@ -10,15 +10,18 @@ use http::{HeaderName, Method};
 use crate::auth::AuthPolicy;
 use crate::cache::policy::CachePolicy;
 use crate::config::{PolicyConfig, RouteConfig, SpanError};
+use crate::purge::template::path_params;
+use crate::purge::PurgeRule;
 use crate::ratelimit::RateLimitPolicy;
 
 /// A route's per-request policy; a request that matches no route gets the table's default.
-/// Purge will join authentication, rate limiting and caching here.
 #[derive(Debug, Default, Clone)]
 pub struct Policy {
     pub auth: AuthPolicy,
     pub rate_limit: Option<RateLimitPolicy>,
     pub cache: Option<CachePolicy>,
+    /// What a successful write on this route purges besides its own path.
+    pub purge: PurgeRule,
 }
 
 impl Policy {
@@ -29,6 +32,7 @@ impl Policy {
         auth_configured: bool,
     ) -> Result<Policy, Vec<SpanError>> {
         let mut errors = Vec::new();
+        let params = route.map_or_else(Vec::new, |r| path_params(r.path.get_ref()));
         let auth = route
             .and_then(|r| r.auth.as_ref())
             .or(defaults.auth.as_ref());
@@ -56,15 +60,26 @@ impl Policy {
             .and_then(|r| r.cache.as_ref())
             .or(defaults.cache.as_ref())
             .and_then(|config| {
-                CachePolicy::compile(config)
+                CachePolicy::compile(config, &params)
                     .map_err(|e| errors.extend(e))
                     .ok()
             });
+        let purge = route
+            .and_then(|r| r.purge.as_ref())
+            .or(defaults.purge.as_ref())
+            .map(|config| {
+                PurgeRule::compile(config, &params).unwrap_or_else(|e| {
+                    errors.extend(e);
+                    PurgeRule::default()
+                })
+            })
+            .unwrap_or_default();
         if errors.is_empty() {
             Ok(Policy {
                 auth,
                 rate_limit,
                 cache,
+                purge,
             })
         } else {
             Err(errors)
@@ -216,6 +231,18 @@ impl RouteTable {
             .iter()
             .copied()
             .find(|&id| self.routes[id].accepts(method))
+    }
+
+    /// The path parameters of `path` by the route template it matches (name, value).
+    pub fn params(&self, path: &str) -> Vec<(String, String)> {
+        match self.router.at(path) {
+            Ok(matched) => matched
+                .params
+                .iter()
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     pub fn route(&self, id: RouteId) -> &Route {

@@ -19,6 +19,7 @@ use crate::admin::Admin;
 use crate::cache::Cache;
 use crate::config::LoadedConfig;
 use crate::proxy::Gateway;
+use crate::purge::Purger;
 use crate::ratelimit::{self, Limiter};
 use crate::reload::{reload_on_sighup, Reloader};
 use crate::snapshot::Snapshot;
@@ -121,10 +122,16 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     server.bootstrap();
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let purger = {
+        // Its subscription to the other instances' purges runs on the control runtime.
+        let _guard = control.enter();
+        Purger::new(Some(store.clone()))
+    };
     let cache = Arc::new(Cache::new(
         config.cache.memory_capacity.0,
         config.cache.compress_above.0,
         Some(store.clone()),
+        purger.clone(),
     ));
     let reloader = Arc::new(Reloader::new(
         loaded.path.clone(),
@@ -145,6 +152,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
                 shared.clone(),
                 store.clone(),
                 cache.clone(),
+                purger.clone(),
                 reloader,
                 token,
             ),
@@ -153,7 +161,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         server.add_service(admin);
         tracing::info!(address, "admin listening");
     }
-    let gateway = Gateway::new(shared, limiter, cache);
+    let gateway = Gateway::new(shared, limiter, cache, purger);
     let mut service = http_proxy_service_with_name(&server.configuration, gateway, "cachegate");
     for listener in config.listeners.get_ref() {
         let address = listener.address.get_ref().as_str();

@@ -226,12 +226,24 @@ fn missing_environment_variable() {
 }
 
 #[test]
-fn unsupported_sections_are_rejected_not_ignored() {
+fn bad_purge_rules() {
     assert_error(
-        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\npurge = [\"/b\"]\n"),
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a/{{id}}\"\npurge = [\"/b/{{user}}\"]\n"),
         8,
-        9,
-        "`routes.purge` is not supported yet",
+        10,
+        "template \"/b/{user}\" uses `{user}`, but the route's path parameters are: id",
+    );
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\npurge = {{ paths = [\"/b\"], tag = [\"x\"] }}\n"),
+        8,
+        27,
+        "unknown field `tag`",
+    );
+    assert_error(
+        &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\ncache = {{ ttl = \"1m\", tags = [\"p:{{id}}\"] }}\n"),
+        8,
+        31,
+        "uses `{id}`, but the route's path has no parameters",
     );
 }
 

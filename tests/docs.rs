@@ -147,6 +147,10 @@ fn each_table_documents_exactly_its_keys() {
         accepted("[[routes]]\npath = \"/\"\nrate_limit = { @ }\n"),
     ));
     expected.extend(prefixed(
+        "purge.",
+        accepted("[[routes]]\npath = \"/\"\npurge = { @ }\n"),
+    ));
+    expected.extend(prefixed(
         "rate_limit.limits[].",
         accepted("[[routes]]\npath = \"/\"\nrate_limit = { limits = [ { @ } ] }\n"),
     ));

@@ -4,16 +4,17 @@
 //!
 //! Layout (integers big-endian): `version u8`, `flags u8` (bit 0: the rest is one zstd frame),
 //! then `status u16`, `stored_at_ms u64`, `fresh_for_ms u64`, `stale_while_revalidate_ms u64`,
-//! `stale_if_error_ms u64`, `keep_ms u64`, `vary count u16` then each name as `len u16 + bytes`,
-//! `header count u16` then each header as `name len u16 + name + value len u32 + value`, then
-//! `body len u32 + body`.
+//! `stale_if_error_ms u64`, `keep_ms u64`, `stamp u64`, `path len u16 + path`,
+//! `dependency count u16` then each as `len u16 + bytes`, `vary count u16` then each name as
+//! `len u16 + bytes`, `header count u16` then each header as
+//! `name len u16 + name + value len u32 + value`, then `body len u32 + body`.
 
 use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 const COMPRESSED: u8 = 1;
 /// Largest entry a compressed frame may expand to; anything claiming more is corrupt.
 const MAX_DECOMPRESSED: u64 = 256 * 1024 * 1024;
@@ -32,8 +33,31 @@ pub struct Entry {
     /// How long past freshness an entry with validators is kept to be revalidated
     /// (conditional request) instead of refetched whole.
     pub keep_ms: u64,
+    /// The purge sequence number known when the fill started (see [`crate::purge`]).
+    pub stamp: u64,
+    /// The request path, for prefix purges.
+    pub path: String,
+    /// The purge keys the entry depends on: its path and its tags.
+    pub depends_on: Vec<String>,
     /// Request headers the response varies on (lower case).
     pub vary: Vec<HeaderName>,
+}
+
+fn put_short(out: &mut BytesMut, bytes: &[u8]) {
+    let len = bytes.len().min(u16::MAX as usize);
+    out.put_u16(len as u16);
+    out.put_slice(&bytes[..len]);
+}
+
+fn get_short_text(data: &mut Bytes) -> Result<String, CorruptEntry> {
+    if data.remaining() < 2 {
+        return Err(CorruptEntry("cut short"));
+    }
+    let len = data.get_u16() as usize;
+    if data.remaining() < len {
+        return Err(CorruptEntry("cut short"));
+    }
+    String::from_utf8(data.split_to(len).to_vec()).map_err(|_| CorruptEntry("bad text"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +132,12 @@ impl Entry {
         out.put_u64(self.stale_while_revalidate_ms);
         out.put_u64(self.stale_if_error_ms);
         out.put_u64(self.keep_ms);
+        out.put_u64(self.stamp);
+        put_short(&mut out, self.path.as_bytes());
+        out.put_u16(self.depends_on.len() as u16);
+        for key in &self.depends_on {
+            put_short(&mut out, key.as_bytes());
+        }
         out.put_u16(self.vary.len() as u16);
         for name in &self.vary {
             out.put_u16(name.as_str().len() as u16);
@@ -151,7 +181,7 @@ impl Entry {
             }
             _ => return Err(CorruptEntry("unknown flags")),
         }
-        need(&data, 2 + 8 * 5 + 2)?;
+        need(&data, 2 + 8 * 6 + 2)?;
         let status = data.get_u16();
         if !(100..=999).contains(&status) {
             return Err(CorruptEntry("bad status"));
@@ -161,6 +191,15 @@ impl Entry {
         let stale_while_revalidate_ms = data.get_u64();
         let stale_if_error_ms = data.get_u64();
         let keep_ms = data.get_u64();
+        let stamp = data.get_u64();
+        let path = get_short_text(&mut data)?;
+        need(&data, 2)?;
+        let count = data.get_u16() as usize;
+        let mut depends_on = Vec::with_capacity(count.min(64));
+        for _ in 0..count {
+            depends_on.push(get_short_text(&mut data)?);
+        }
+        need(&data, 2)?;
         let vary_count = data.get_u16() as usize;
         let mut vary = Vec::with_capacity(vary_count.min(64));
         for _ in 0..vary_count {
@@ -200,6 +239,9 @@ impl Entry {
             stale_while_revalidate_ms,
             stale_if_error_ms,
             keep_ms,
+            stamp,
+            path,
+            depends_on,
             vary,
         })
     }
@@ -223,6 +265,9 @@ mod tests {
             stale_while_revalidate_ms: 30_000,
             stale_if_error_ms: 300_000,
             keep_ms: 600_000,
+            stamp: 42,
+            path: "/products/1".into(),
+            depends_on: vec!["path:/products/1".into(), "tag:products".into()],
             vary: vec![HeaderName::from_static("accept")],
         }
     }

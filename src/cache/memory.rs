@@ -80,6 +80,20 @@ impl MemoryTier {
         self.variants.insert(primary, Arc::new(names));
     }
 
+    /// Removes every entry `matches` selects; returns how many.
+    pub fn remove_matching(&self, matches: impl Fn(&Entry) -> bool) -> u64 {
+        let doomed: Vec<Arc<String>> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| matches(entry))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            self.entries.invalidate(key.as_str());
+        }
+        doomed.len() as u64
+    }
+
     /// Entries and their weighed bytes (after pending maintenance).
     pub fn stats(&self) -> (u64, u64) {
         self.entries.run_pending_tasks();

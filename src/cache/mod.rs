@@ -51,6 +51,7 @@ use self::key::{CacheKey, KeyParts};
 use self::memory::MemoryTier;
 use self::policy::CachePolicy;
 use crate::config::CacheScope;
+use crate::purge::{self, Purger};
 use crate::store::Store;
 
 /// Prefix of the shared tier's keys in the store.
@@ -63,6 +64,8 @@ const LEASE_PREFIX: &str = "cachegate:cache-lease:";
 const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often an instance waiting on another's lease looks for the entry in the shared tier.
 const LEASE_POLL: Duration = Duration::from_millis(20);
+/// The longest an entry lives in the shared tier; purge marks outlive it.
+const MAX_SHARED_TTL: Duration = Duration::from_secs(23 * 3600);
 
 /// Response headers never stored: they describe one exchange, not the resource.
 const PER_EXCHANGE: [&str; 5] = [
@@ -112,6 +115,8 @@ pub struct Cache {
     shared: Option<Arc<dyn Store>>,
     /// Shared-tier entries larger than this many bytes are compressed.
     compress_above: Option<u64>,
+    /// Says whether an entry was purged since its fill started.
+    purger: Arc<Purger>,
 }
 
 /// A request as the cache sees it.
@@ -123,6 +128,8 @@ pub struct CacheRequest<'a> {
     pub headers: &'a HeaderMap,
     /// The verified token's subject, if any.
     pub user: Option<&'a str>,
+    /// The route rule's tags, filled in from the path.
+    pub tags: &'a [String],
 }
 
 /// A stored response that answers a request.
@@ -164,6 +171,14 @@ pub struct SharedWrite {
     ttl: Duration,
 }
 
+/// When a request went to the origin, and the purge sequence number known then: a purge after
+/// it makes what it brings back stale (see [`crate::purge`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FillStart {
+    pub sent_at: SystemTime,
+    pub stamp: u64,
+}
+
 /// A response being captured for the cache while it streams to the client.
 pub struct Fill {
     variant: CacheKey,
@@ -176,6 +191,9 @@ pub struct Fill {
     stale_while_revalidate_ms: u64,
     stale_if_error_ms: u64,
     keep_ms: u64,
+    stamp: u64,
+    path: String,
+    depends_on: Vec<String>,
     max_object: u64,
     body: BytesMut,
     /// The whole body arrived.
@@ -268,13 +286,32 @@ impl Cache {
     /// A cache with an in-process tier of `memory_capacity` bytes, and a shared tier in `store`
     /// when that store is shared between instances.
     /// Entries above `compress_above` bytes are compressed in the shared tier (`0`: never).
-    pub fn new(memory_capacity: u64, compress_above: u64, store: Option<Arc<dyn Store>>) -> Cache {
+    pub fn new(
+        memory_capacity: u64,
+        compress_above: u64,
+        store: Option<Arc<dyn Store>>,
+        purger: Arc<Purger>,
+    ) -> Cache {
         Cache {
             flights: Arc::default(),
             memory: MemoryTier::new(memory_capacity),
             shared: store.filter(|s| s.kind() == "redis"),
             compress_above: (compress_above > 0).then_some(compress_above),
+            purger,
         }
+    }
+
+    /// Marks a fill starting now (before the request goes to the origin).
+    pub fn fill_start(&self) -> FillStart {
+        FillStart {
+            sent_at: SystemTime::now(),
+            stamp: self.purger.stamp(),
+        }
+    }
+
+    fn is_current(&self, entry: &Entry) -> bool {
+        self.purger
+            .is_current(entry.stamp, &entry.path, &entry.depends_on)
     }
 
     fn primary_key(policy: &CachePolicy, request: &CacheRequest<'_>) -> CacheKey {
@@ -320,15 +357,26 @@ impl Cache {
         let in_memory = self
             .memory
             .get(variant.as_str())
-            .filter(|e| state(e, now) != State::Gone);
+            .filter(|e| state(e, now) != State::Gone && self.is_current(e));
         if let Some(entry) = in_memory.as_ref().filter(|e| state(e, now) == State::Fresh) {
             return Lookup::Hit(hit("memory", entry.clone(), now));
         }
         // Not fresh in process: another instance may have stored a newer one.
-        let shared = self
+        let shared = match self
             .lookup_shared(&primary, known_vary.is_none(), variant, request)
             .await
-            .filter(|(_, e)| state(e, now) != State::Gone);
+            .filter(|(_, e)| state(e, now) != State::Gone)
+        {
+            Some((key, entry))
+                if self
+                    .purger
+                    .is_current_shared(entry.stamp, &entry.path, &entry.depends_on)
+                    .await =>
+            {
+                Some((key, entry))
+            }
+            _ => None,
+        };
         let (tier, entry) = match (in_memory, shared) {
             (Some(local), Some((key, remote))) => {
                 if remote.stored_at_ms > local.stored_at_ms {
@@ -418,8 +466,9 @@ impl Cache {
         request: &CacheRequest<'_>,
         status: u16,
         response: &HeaderMap,
-        sent_at: SystemTime,
+        start: FillStart,
     ) -> Option<Fill> {
+        let FillStart { sent_at, stamp } = start;
         let received_at = SystemTime::now();
         let request_cc = if policy.honor_client_cache_control {
             CacheControl::parse(request.headers)
@@ -483,6 +532,11 @@ impl Cache {
             headers.remove(name);
         }
         headers.remove(SET_COOKIE);
+        headers.remove(purge::SURROGATE_KEY);
+        let mut depends_on = vec![purge::path_key(request.path)];
+        depends_on.extend(request.tags.iter().map(|t| purge::tag_key(t)));
+        depends_on.extend(purge::response_tags(response).map(|t| purge::tag_key(&t)));
+        depends_on.dedup();
         headers.insert(AGE, age.as_secs().into());
         let mut vary = policy.vary.clone();
         for name in vary_names(response) {
@@ -501,6 +555,9 @@ impl Cache {
             stale_while_revalidate_ms,
             stale_if_error_ms,
             keep_ms,
+            stamp,
+            path: request.path.to_owned(),
+            depends_on,
             max_object: policy.max_object,
             body: BytesMut::new(),
             complete: false,
@@ -524,6 +581,9 @@ impl Cache {
             stale_while_revalidate_ms: fill.stale_while_revalidate_ms,
             stale_if_error_ms: fill.stale_if_error_ms,
             keep_ms: fill.keep_ms,
+            stamp: fill.stamp,
+            path: fill.path,
+            depends_on: fill.depends_on,
             vary: fill.vary.clone(),
         };
         let shared = self.shared.as_ref().map(|_| SharedWrite {
@@ -536,7 +596,8 @@ impl Cache {
                 .map(HeaderName::as_str)
                 .collect::<Vec<_>>()
                 .join(","),
-            ttl: Duration::from_millis(entry.fresh_for_ms + entry.retained_ms()),
+            ttl: Duration::from_millis(entry.fresh_for_ms + entry.retained_ms())
+                .min(MAX_SHARED_TTL),
         });
         let entry = Arc::new(entry);
         self.memory
@@ -556,7 +617,7 @@ impl Cache {
         request: &CacheRequest<'_>,
         stale: &Entry,
         not_modified: &HeaderMap,
-        sent_at: SystemTime,
+        start: FillStart,
     ) -> (Arc<Entry>, Option<SharedWrite>) {
         let mut headers = stale.headers.clone();
         for name in not_modified.keys() {
@@ -572,7 +633,7 @@ impl Cache {
             headers.remove(AGE);
         }
         let stored = self
-            .plan_fill(policy, primary, request, stale.status, &headers, sent_at)
+            .plan_fill(policy, primary, request, stale.status, &headers, start)
             .and_then(|mut fill| {
                 fill.body = BytesMut::from(stale.body.as_ref());
                 fill.complete = true;
@@ -681,6 +742,12 @@ impl Cache {
             .measure_prefix(L2_PREFIX, limit)
             .await
             .map(|r| r.map_err(|e| e.to_string()))
+    }
+
+    /// Removes the in-process entries `matches` selects (for the admin API; purges themselves
+    /// need no removal, see [`crate::purge`]); returns how many went.
+    pub fn remove_from_memory(&self, matches: impl Fn(&Entry) -> bool) -> u64 {
+        self.memory.remove_matching(matches)
     }
 
     /// Entries and bytes in the in-process tier.

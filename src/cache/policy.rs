@@ -8,6 +8,7 @@ use toml::Spanned;
 use super::freshness::StoreRule;
 use super::key::QueryRule;
 use crate::config::{CachePolicyConfig, CacheScope, QueryConfig, SpanError};
+use crate::purge::template::Template;
 
 const DEFAULT_STATUSES: [u16; 7] = [200, 203, 204, 300, 301, 404, 410];
 const DEFAULT_MAX_OBJECT: u64 = 1024 * 1024;
@@ -30,12 +31,27 @@ pub struct CachePolicy {
     pub scope: CacheScope,
     pub max_object: u64,
     pub honor_client_cache_control: bool,
+    /// Tags of every stored entry; `{name}` is filled from the route's path.
+    pub tags: Vec<Template>,
 }
 
 impl CachePolicy {
-    pub fn compile(config: &Spanned<CachePolicyConfig>) -> Result<CachePolicy, Vec<SpanError>> {
+    /// Compiles a rule for a route whose path has `params` (none for `[defaults]`).
+    pub fn compile(
+        config: &Spanned<CachePolicyConfig>,
+        params: &[String],
+    ) -> Result<CachePolicy, Vec<SpanError>> {
         let c = config.get_ref();
         let mut errors = Vec::new();
+        let tags = c
+            .tags
+            .iter()
+            .filter_map(|t| {
+                Template::compile(t, params)
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            })
+            .collect();
         let mut vary = Vec::new();
         for name in &c.vary {
             match HeaderName::from_bytes(name.trim().as_bytes()) {
@@ -92,6 +108,7 @@ impl CachePolicy {
             scope: c.scope,
             max_object: c.max_object.map_or(DEFAULT_MAX_OBJECT, |b| b.0),
             honor_client_cache_control: c.honor_client_cache_control.unwrap_or(per_user),
+            tags,
         })
     }
 

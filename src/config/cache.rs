@@ -84,6 +84,10 @@ pub struct CachePolicyConfig {
     /// authorised). Without it such requests bypass the cache.
     #[serde(default)]
     pub allow_authorized: bool,
+    /// Tags of every entry the rule stores (`{name}` is the route's path parameter), which a
+    /// write's `purge` rule or the admin API can invalidate together.
+    #[serde(default)]
+    pub tags: Vec<Spanned<String>>,
     /// Store responses with `Set-Cookie`, without the cookie. Without it they are not stored.
     #[serde(default)]
     pub strip_set_cookie: bool,

@@ -8,6 +8,7 @@
 mod auth;
 mod cache;
 mod error;
+mod purge;
 mod ratelimit;
 pub mod values;
 
@@ -21,6 +22,7 @@ pub use auth::{
 };
 pub use cache::{CacheConfig, CachePolicyConfig, CacheScope, QueryConfig};
 pub use error::{line_col, ConfigError, ConfigErrors, SpanError};
+pub use purge::{PurgeConfig, PurgeConfigOrPaths};
 pub use ratelimit::{KeyConfig, LimitConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig};
 pub use values::{ByteSize, Dur, EnvString};
 
@@ -224,7 +226,8 @@ pub struct PolicyConfig {
     pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
     /// Serve GET/HEAD from cache under this rule.
     pub cache: Option<Spanned<CachePolicyConfig>>,
-    pub purge: Option<Spanned<toml::Value>>,
+    /// What a successful write invalidates.
+    pub purge: Option<Spanned<PurgeConfigOrPaths>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,7 +245,8 @@ pub struct RouteConfig {
     pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
     /// Replaces `defaults.cache` for this route.
     pub cache: Option<Spanned<CachePolicyConfig>>,
-    pub purge: Option<Spanned<toml::Value>>,
+    /// Replaces `defaults.purge` for this route.
+    pub purge: Option<Spanned<PurgeConfigOrPaths>>,
 }
 
 impl RouteConfig {
@@ -447,33 +451,7 @@ fn validate(config: &Config) -> Vec<SpanError> {
             ));
         }
     }
-    unsupported(
-        &config.defaults.purge,
-        "defaults.purge",
-        "purge on write",
-        &mut errors,
-    );
-    for route in &config.routes {
-        unsupported(&route.purge, "routes.purge", "purge on write", &mut errors);
-    }
     errors
-}
-
-fn unsupported(
-    section: &Option<Spanned<toml::Value>>,
-    key: &str,
-    feature: &str,
-    errors: &mut Vec<SpanError>,
-) {
-    if let Some(section) = section {
-        errors.push(SpanError::new(
-            section.span(),
-            format!(
-                "`{key}` is not supported yet: {feature} is not implemented in cachegate {}; remove this section",
-                env!("CARGO_PKG_VERSION")
-            ),
-        ));
-    }
 }
 
 enum PemKind {

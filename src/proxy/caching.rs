@@ -7,7 +7,6 @@
 //! the entry instead (pingora's filters cannot turn a body-less `304` into a `200` with a body).
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{
@@ -24,7 +23,8 @@ use pingora::{Error, ErrorType};
 use super::{RequestCtx, REQUEST_ID};
 use crate::cache::entry::Entry;
 use crate::cache::{
-    Cache, CacheRequest, Fill, Flight, FlightGuard, Hit, Lookup, SharedWrite, COALESCE_WAIT,
+    Cache, CacheRequest, Fill, FillStart, Flight, FlightGuard, Hit, Lookup, SharedWrite,
+    COALESCE_WAIT,
 };
 use crate::metrics::metrics;
 
@@ -70,7 +70,8 @@ pub enum CachePhase {
 /// A request the cache forwarded to the origin.
 pub struct Miss {
     primary: crate::cache::key::CacheKey,
-    sent_at: SystemTime,
+    /// When the request was forwarded, and the purge sequence then.
+    start: FillStart,
     /// Captures the response when it may be stored.
     fill: Option<Fill>,
     /// Held while this request leads the fetch for its key; dropped at the end.
@@ -122,6 +123,7 @@ fn cache_request<'a>(session: &'a Session, ctx: &'a RequestCtx) -> CacheRequest<
         query: req.uri.query(),
         headers: &req.headers,
         user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+        tags: &ctx.cache_tags,
     }
 }
 
@@ -160,6 +162,10 @@ pub async fn lookup(
     let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
         return Ok(false);
     };
+    if !policy.tags.is_empty() {
+        let params = snapshot.routes.params(session.req_header().uri.path());
+        ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
+    }
     let outcome = cache.lookup(policy, &cache_request(session, ctx)).await;
     let route = ctx.route_name();
     match outcome {
@@ -226,7 +232,7 @@ pub async fn lookup(
             count(route, "miss", "memory");
             ctx.cache = CachePhase::Miss(Box::new(Miss {
                 primary,
-                sent_at: SystemTime::now(),
+                start: cache.fill_start(),
                 fill: None,
                 _flight: flight,
                 stale,
@@ -320,13 +326,16 @@ async fn write_entry(
     let no_body = serving.not_modified
         || session.req_header().method == Method::HEAD
         || entry.body.is_empty();
+    // A failed write means the client went away: a downstream error, logged as routine.
     session
         .write_response_header(Box::new(header), no_body)
-        .await?;
+        .await
+        .map_err(Error::into_down)?;
     if !no_body {
         session
             .write_response_body(Some(entry.body.clone()), true)
-            .await?;
+            .await
+            .map_err(Error::into_down)?;
     }
     Ok(())
 }
@@ -447,7 +456,7 @@ pub fn on_response(
     };
     match &ctx.cache {
         CachePhase::Miss(miss) => {
-            let (primary, sent_at) = (miss.primary.clone(), miss.sent_at);
+            let (primary, start) = (miss.primary.clone(), miss.start);
             let status = response.status.as_u16();
             if let Some(entry) = miss.stale.clone() {
                 let answer = if miss.revalidating && status == 304 {
@@ -457,7 +466,7 @@ pub fn on_response(
                         &cache_request(session, ctx),
                         &entry,
                         &response.headers,
-                        sent_at,
+                        start,
                     );
                     Some((
                         Answer {
@@ -491,7 +500,7 @@ pub fn on_response(
                 &cache_request(session, ctx),
                 response.status.as_u16(),
                 &response.headers,
-                sent_at,
+                start,
             );
             let status = if fill.is_some() {
                 "cachegate; fwd=miss; stored"

@@ -8,6 +8,7 @@
 
 mod caching;
 mod forwarding;
+mod purging;
 mod refresh;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -26,6 +27,7 @@ use crate::auth::{self, Identity, Rejection};
 use crate::cache::Cache;
 use crate::metrics::{method_label, metrics};
 use crate::problem::Problem;
+use crate::purge::Purger;
 use crate::ratelimit::{Limiter, RequestFacts, Verdict};
 use crate::routes::{normalize_path, RouteId};
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -42,14 +44,21 @@ pub struct Gateway {
     snapshot: SharedSnapshot,
     limiter: Limiter,
     cache: Arc<Cache>,
+    purger: Arc<Purger>,
 }
 
 impl Gateway {
-    pub fn new(snapshot: SharedSnapshot, limiter: Limiter, cache: Arc<Cache>) -> Gateway {
+    pub fn new(
+        snapshot: SharedSnapshot,
+        limiter: Limiter,
+        cache: Arc<Cache>,
+        purger: Arc<Purger>,
+    ) -> Gateway {
         Gateway {
             snapshot,
             limiter,
             cache,
+            purger,
         }
     }
 }
@@ -88,6 +97,10 @@ pub struct RequestCtx {
     pub client_ip: IpAddr,
     /// Where the request stands with the cache.
     pub cache: caching::CachePhase,
+    /// The cache rule's tags for this request, filled in from its path.
+    pub cache_tags: Vec<String>,
+    /// What this request's write purged, for the access log.
+    pub purged: Option<crate::purge::PurgeReport>,
     /// The rate-limit decision, whose headers go on the response.
     pub rate_limit: Option<Verdict>,
     /// The verified token's identity, when the route checked one and it was present.
@@ -297,6 +310,8 @@ impl ProxyHttp for Gateway {
             client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             rate_limit: None,
             cache: caching::CachePhase::default(),
+            cache_tags: Vec::new(),
+            purged: None,
             identity: None,
             auth_failure: None,
             started: Instant::now(),
@@ -451,7 +466,8 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         forwarding::upstream_response(upstream_response);
-        caching::on_response(&self.cache, session, ctx, upstream_response)
+        caching::on_response(&self.cache, session, ctx, upstream_response)?;
+        purging::on_response(&self.purger, session, ctx, upstream_response).await
     }
 
     fn response_body_filter(
@@ -590,6 +606,7 @@ impl ProxyHttp for Gateway {
             rate_limit,
             subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
             auth_failure = ctx.auth_failure,
+            purge = ctx.purged.and_then(|p| p.seq),
             error = e.map(|e| e.etype().as_str()),
         );
     }

@@ -16,7 +16,7 @@ use super::RequestCtx;
 use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
 use crate::cache::policy::CachePolicy;
-use crate::cache::{Cache, CacheRequest, FlightGuard};
+use crate::cache::{Cache, CacheRequest, FillStart, FlightGuard};
 use crate::metrics::metrics;
 use crate::snapshot::Snapshot;
 
@@ -33,6 +33,9 @@ pub struct Refresh {
     client_headers: HeaderMap,
     host: Option<String>,
     user: Option<String>,
+    tags: Vec<String>,
+    /// The purge sequence number when the refresh was decided.
+    stamp: u64,
     /// The route's name, for metrics.
     route: String,
     /// Held to the end, so this instance refreshes the key once at a time.
@@ -49,6 +52,8 @@ impl Refresh {
         ctx: &RequestCtx,
         flight: FlightGuard,
     ) -> Refresh {
+        // Before the request is made: a purge from now on makes this refresh stale.
+        let stamp = cache.fill_start().stamp;
         let client = session.req_header();
         let mut upstream_request = client.clone();
         upstream_request.set_method(Method::GET);
@@ -71,6 +76,8 @@ impl Refresh {
             client_headers: client.headers.clone(),
             user: ctx.identity.as_ref().and_then(|i| i.subject.clone()),
             route: ctx.route_name().to_owned(),
+            tags: ctx.cache_tags.clone(),
+            stamp,
             _flight: flight,
         }
     }
@@ -117,7 +124,10 @@ impl Refresh {
             request = request.header(name, value);
         }
         let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
-        let sent_at = SystemTime::now();
+        let start = FillStart {
+            sent_at: SystemTime::now(),
+            stamp: self.stamp,
+        };
         let response = client.request(request).await.map_err(|e| e.to_string())?;
         let (parts, body) = response.into_parts();
         let (path, query) = (
@@ -131,6 +141,7 @@ impl Refresh {
             query,
             headers: &self.client_headers,
             user: self.user.as_deref(),
+            tags: &self.tags,
         };
         if parts.status == http::StatusCode::NOT_MODIFIED {
             let (_, shared) = self.cache.revalidated(
@@ -139,7 +150,7 @@ impl Refresh {
                 &cache_request,
                 &self.stale,
                 &parts.headers,
-                sent_at,
+                start,
             );
             if let Some(shared) = shared {
                 self.cache.store_shared(shared).await;
@@ -152,7 +163,7 @@ impl Refresh {
             &cache_request,
             parts.status.as_u16(),
             &parts.headers,
-            sent_at,
+            start,
         ) else {
             return Err(format!("the origin's {} is not storable", parts.status));
         };

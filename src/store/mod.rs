@@ -8,6 +8,7 @@
 
 pub mod gcra;
 mod memory;
+mod purge;
 mod redis;
 
 use std::fmt;
@@ -83,6 +84,53 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Records a purge of `keys` by `instance` (see [`crate::purge`]): takes the next purge
+    /// sequence number, marks every key with it and publishes the purge to every instance.
+    /// Returns the number and how many instances were told. Shared stores only.
+    async fn publish_purge(
+        &self,
+        _instance: &str,
+        _keys: &[String],
+    ) -> Result<(u64, u64), StoreError> {
+        Err(StoreError::Unavailable("not a shared store".to_owned()))
+    }
+
+    /// The marks recorded for `keys`, in order (`None`: never purged, or forgotten).
+    async fn purge_marks(&self, _keys: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        Err(StoreError::Unavailable("not a shared store".to_owned()))
+    }
+
+    /// The current purge sequence number and every prefix mark.
+    async fn purge_state(&self) -> Result<(u64, Vec<(String, u64)>), StoreError> {
+        Err(StoreError::Unavailable("not a shared store".to_owned()))
+    }
+
+    /// Tells `instance` this one has applied its purge `seq`.
+    async fn acknowledge_purge(&self, _instance: &str, _seq: u64) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("not a shared store".to_owned()))
+    }
+
+    /// The stream of purge events from every instance; `None` for stores that are not shared,
+    /// and after the first call.
+    fn purge_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {
+        None
+    }
+}
+
+/// What the shared store reports about purges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeEvent {
+    /// The subscription is (again) in place; purges published while it was not were missed.
+    Subscribed,
+    /// An instance purged `keys` with sequence number `seq`.
+    Purged {
+        seq: u64,
+        instance: String,
+        keys: Vec<String>,
+    },
+    /// Some instance applied `instance`'s purge `seq`.
+    Acknowledged { seq: u64, instance: String },
 }
 
 /// Builds the configured store. A Redis store starts connecting in the background on the current

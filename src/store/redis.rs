@@ -18,12 +18,15 @@ use redis::{AsyncCommands, RedisError, Script};
 use crate::metrics::metrics;
 
 use super::gcra::{GcraOutcome, GcraRequest, REFUND_SCRIPT, SCRIPT};
-use super::{Store, StoreError};
+use super::purge;
+use super::{PurgeEvent, Store, StoreError};
 
 /// How often the background task checks that Redis answers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Budget of the purge operations: a write waits for them, but a write is not a cache hit.
+const PURGE_BUDGET: Duration = Duration::from_millis(500);
 
 /// Limits on how long the request path waits for Redis.
 #[derive(Debug, Clone)]
@@ -129,6 +132,10 @@ pub struct RedisStore {
     circuit: Circuit,
     gcra: Script,
     refund: Script,
+    purge: Script,
+    /// For the purge subscription (a dedicated connection; on a cluster, to the first node).
+    pubsub: redis::Client,
+    subscribed: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -165,7 +172,12 @@ fn backend_error(e: RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    fn new(display_url: String, backend: Backend, options: RedisOptions) -> Arc<RedisStore> {
+    fn new(
+        display_url: String,
+        backend: Backend,
+        options: RedisOptions,
+        pubsub: redis::Client,
+    ) -> Arc<RedisStore> {
         let store = Arc::new(RedisStore {
             display_url,
             backend,
@@ -180,6 +192,9 @@ impl RedisStore {
             options,
             gcra: Script::new(SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
+            purge: super::purge::purge_script(),
+            pubsub,
+            subscribed: AtomicBool::new(false),
         });
         tokio::spawn(watch_health(Arc::downgrade(&store)));
         store
@@ -206,7 +221,7 @@ impl RedisStore {
             requests: manager()?,
             health: manager()?,
         };
-        Ok(RedisStore::new(redact(url), backend, options))
+        Ok(RedisStore::new(redact(url), backend, options, client))
     }
 
     /// A store on a Redis Cluster, from its seed nodes. Returns at once, like [`RedisStore::connect`].
@@ -216,6 +231,12 @@ impl RedisStore {
     ) -> Result<Arc<RedisStore>, StoreError> {
         redis::cluster::ClusterClient::new(nodes.to_vec())
             .map_err(|e| StoreError::Backend(format!("invalid redis_cluster: {e}")))?;
+        let first = nodes.first().map_or("", String::as_str);
+        let pubsub = match &options.tls_ca_pem {
+            Some(pem) => redis::Client::build_with_tls(first, tls_certificates(pem)),
+            None => redis::Client::open(first),
+        }
+        .map_err(|e| StoreError::Backend(format!("invalid redis_cluster node: {e}")))?;
         let display = format!(
             "cluster[{}]",
             nodes
@@ -228,7 +249,7 @@ impl RedisStore {
             nodes: nodes.to_vec(),
             connection: ArcSwapOption::empty(),
         };
-        Ok(RedisStore::new(display, backend, options))
+        Ok(RedisStore::new(display, backend, options, pubsub))
     }
 
     /// Whether the last health check reached Redis.
@@ -483,6 +504,78 @@ impl Store for RedisStore {
             Ok(Err(e)) => Err(backend_error(e)),
             Err(_) => Err(StoreError::Unavailable("PING timed out".to_owned())),
         }
+    }
+
+    async fn publish_purge(
+        &self,
+        instance: &str,
+        keys: &[String],
+    ) -> Result<(u64, u64), StoreError> {
+        let script = &self.purge;
+        let (seq, told): (u64, u64) = self
+            .guarded(
+                "purge",
+                PURGE_BUDGET.max(self.options.budget),
+                |mut c| async move {
+                    let mut invocation = script.prepare_invoke();
+                    invocation
+                        .key(purge::SEQ_KEY)
+                        .key(purge::PREFIXES_KEY)
+                        .arg(purge::PURGE_CHANNEL)
+                        .arg(purge::MARK_TTL.as_secs())
+                        .arg(instance);
+                    for key in keys {
+                        invocation.key(purge::mark_key(key)).arg(key);
+                    }
+                    invocation.invoke_async(&mut c).await
+                },
+            )
+            .await?;
+        Ok((seq, told))
+    }
+
+    async fn purge_marks(&self, keys: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks: Vec<String> = keys.iter().map(|k| purge::mark_key(k)).collect();
+        let marks = &marks;
+        self.guarded("purge_marks", self.options.budget, |mut c| async move {
+            redis::cmd("MGET").arg(marks).query_async(&mut c).await
+        })
+        .await
+    }
+
+    async fn purge_state(&self) -> Result<(u64, Vec<(String, u64)>), StoreError> {
+        self.guarded("purge_state", PURGE_BUDGET, |mut c| async move {
+            let seq: Option<u64> = c.get(purge::SEQ_KEY).await?;
+            let prefixes: Vec<(String, u64)> = c.hgetall(purge::PREFIXES_KEY).await?;
+            Ok((seq.unwrap_or(0), prefixes))
+        })
+        .await
+    }
+
+    async fn acknowledge_purge(&self, instance: &str, seq: u64) -> Result<(), StoreError> {
+        let message = purge::ack_message(instance, seq);
+        let message = &message;
+        self.guarded("purge_ack", PURGE_BUDGET, |mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(purge::ACK_CHANNEL)
+                .arg(message)
+                .query_async::<u64>(&mut c)
+                .await
+                .map(drop)
+        })
+        .await
+    }
+
+    fn purge_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {
+        if self.subscribed.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(purge::subscribe(self.pubsub.clone(), events));
+        Some(receiver)
     }
 
     /// SCANs (never KEYS) and sums STRLEN in pipelines of one SCAN page. On a cluster only the

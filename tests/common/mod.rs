@@ -235,6 +235,12 @@ impl Gateway {
     pub fn logs(&self) -> String {
         self.process.logs()
     }
+
+    /// The admin listener's port; panics when the configuration has none.
+    pub fn admin_port(&self) -> u16 {
+        let config = std::fs::read_to_string(&self.config).expect("reading the config");
+        admin_port(&config).expect("the configuration has an [admin] address")
+    }
 }
 
 /// The admin listener's port in a configuration, if it has one.

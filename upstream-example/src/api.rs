@@ -13,7 +13,7 @@
 //! | any | `/__headers` | the request's method and headers as JSON |
 //! | POST | `/__sink` | streams the body through SHA-256: `{"bytes":N,"sha256":".."}`; counted again as `POST /__sink completed` once the whole body arrived |
 //! | GET | `/__bytes/{n}` | `n` bytes of the pattern `i % 251`, streamed |
-//! | GET | `/__respond?status=&cache-control=&expires=&vary=&set-cookie=&etag=&last-modified=&fail-after=` | a response with those headers (`304` when `If-None-Match` equals `etag`; `503` once this endpoint has answered more than `fail-after` times); the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
+//! | any | `/__respond[/...]?status=&cache-control=&expires=&vary=&set-cookie=&etag=&last-modified=&cache-groups=&surrogate-key=&cache-group-invalidation=&location=&content-location=&fail-after=` | a response with those headers (`304` when `If-None-Match` equals `etag`; `503` once this endpoint has answered more than `fail-after` times); the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
 //!
 //! Errors are JSON `{"error": code, "message": text}`; validation errors add `"fields"`.
 
@@ -39,7 +39,7 @@ pub type ResponseBody = BoxBody<Bytes, Infallible>;
 
 /// Largest JSON request body the products API accepts.
 const MAX_JSON_BODY: usize = 1 << 20;
-const MAX_PER_PAGE: u64 = 100;
+const MAX_PER_PAGE: u64 = 1000;
 
 pub struct App {
     pub db: Arc<Db>,
@@ -76,8 +76,12 @@ pub async fn handle(
             }
             resp
         }
-        (["__respond"], &Method::GET) => {
+        (["__respond", ..], &Method::GET) => {
             app.stats.record("GET /__respond");
+            respond_as_asked(&app, &req)
+        }
+        (["__respond", ..], _) => {
+            app.stats.record("WRITE /__respond");
             respond_as_asked(&app, &req)
         }
         (["__bytes", n], &Method::GET) => {
@@ -414,7 +418,17 @@ fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody
                     *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                 }
             }
-            "cache-control" | "expires" | "vary" | "set-cookie" | "etag" | "last-modified" => {
+            "cache-control"
+            | "expires"
+            | "vary"
+            | "set-cookie"
+            | "etag"
+            | "last-modified"
+            | "cache-groups"
+            | "surrogate-key"
+            | "cache-group-invalidation"
+            | "location"
+            | "content-location" => {
                 if let (Ok(name), Ok(value)) = (
                     hyper::header::HeaderName::from_bytes(name.as_bytes()),
                     HeaderValue::from_str(&value),

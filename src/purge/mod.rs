@@ -1,0 +1,575 @@
+//! Purge on write: a write (any method but GET, HEAD, OPTIONS and TRACE) that succeeds
+//! invalidates the cached reads it changed, in every tier and on every instance, before its
+//! response reaches the client.
+//!
+//! Invalidation is by *purge marks*, not by deleting entries. Every purge gets the next number
+//! of one shared sequence (`INCR` in Redis; a counter without it) and marks each key it
+//! invalidates — `path:/products/7`, `tag:products`, `prefix:/products/` — with that number.
+//! Every entry records the sequence number known when its fill *started* (its stamp) and the keys
+//! it depends on (its path and tags). An entry is served only while no key it depends on carries
+//! a mark above its stamp. So:
+//!
+//! - a fill that began before a purge can never be served after it, whenever it is stored (its
+//!   stamp is below the mark) — the race of cache-aside invalidation cannot happen;
+//! - all variants, query strings and users of a path go at once, without listing them;
+//! - L1 hits need no Redis I/O: each instance keeps the marks it knows in memory. A purge is
+//!   published (Redis pub/sub) and the writer waits until every subscribed instance has applied
+//!   it and acknowledged, within a bound, before releasing the write's response;
+//! - an instance whose subscription dropped may have missed purges: when it resubscribes, every
+//!   entry stamped before the current sequence is treated as stale (its L1 is cold again);
+//! - entries read from Redis are checked against the marks stored in Redis, so an instance that
+//!   just started needs no history;
+//! - with Redis unreachable, a write still purges locally: the keys are marked as purged "until
+//!   further notice" (never served) and the purge is replayed through Redis when it returns, so
+//!   entries stored in Redis before the outage cannot come back.
+
+pub mod template;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName};
+use http::Method;
+use toml::Spanned;
+
+use self::template::Template;
+use crate::config::{PurgeConfigOrPaths, SpanError};
+use crate::metrics::metrics;
+use crate::store::{PurgeEvent, Store};
+
+/// How long a writer waits for every instance to acknowledge its purge.
+const ACK_WAIT: Duration = Duration::from_millis(250);
+/// Marks kept in memory; evicting one makes every older entry stale (see [`Marks::floor`]).
+const MARK_CAPACITY: u64 = 1_000_000;
+/// The mark of a key purged while Redis was unreachable, until the purge is replayed.
+const PENDING: u64 = u64::MAX;
+/// How often purges made while Redis was unreachable are retried.
+const REPLAY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Whether `method` writes: everything but the safe methods, extension methods included.
+pub fn is_write(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Tags the origin gives a response (space-separated); read, then removed before the client
+/// sees the response.
+pub const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+/// Tags the origin gives a response (RFC 9875: a structured list of strings).
+pub const CACHE_GROUPS: HeaderName = HeaderName::from_static("cache-groups");
+/// Tags a write's response asks to invalidate (RFC 9875).
+pub const CACHE_GROUP_INVALIDATION: HeaderName =
+    HeaderName::from_static("cache-group-invalidation");
+
+/// The members of RFC 9875 list fields (`"a", "b"`; parameters ignored).
+fn group_list<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = String> + 'a {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|member| {
+            let member = member.split(';').next().unwrap_or_default().trim();
+            let member = member
+                .strip_prefix('"')
+                .and_then(|m| m.strip_suffix('"'))
+                .unwrap_or(member);
+            (!member.is_empty()).then(|| member.to_owned())
+        })
+}
+
+/// The tags an origin's response carries: `Cache-Groups` members and `Surrogate-Key` words.
+pub fn response_tags(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    let surrogate = headers
+        .get_all(&SURROGATE_KEY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(str::split_whitespace)
+        .map(str::to_owned);
+    group_list(headers, &CACHE_GROUPS).chain(surrogate)
+}
+
+/// The tags a write's response asks to invalidate (`Cache-Group-Invalidation`).
+pub fn invalidated_tags(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    group_list(headers, &CACHE_GROUP_INVALIDATION)
+}
+
+/// The mark key of a path (every query, variant and user of it).
+pub fn path_key(path: &str) -> String {
+    format!("path:{path}")
+}
+
+/// The mark key of a tag.
+pub fn tag_key(tag: &str) -> String {
+    format!("tag:{tag}")
+}
+
+/// The mark key of a path prefix (`""`: everything).
+pub fn prefix_key(prefix: &str) -> String {
+    format!("prefix:{prefix}")
+}
+
+/// A route's compiled `purge` rule.
+#[derive(Debug, Clone, Default)]
+pub struct PurgeRule {
+    pub paths: Vec<Template>,
+    pub tags: Vec<Template>,
+    statuses: Option<Vec<u16>>,
+}
+
+impl PurgeRule {
+    /// Compiles a rule for a route whose path has `params`.
+    pub fn compile(
+        config: &Spanned<PurgeConfigOrPaths>,
+        params: &[String],
+    ) -> Result<PurgeRule, Vec<SpanError>> {
+        let rule = &config.get_ref().0;
+        let (paths, tags, statuses) = (&rule.paths, &rule.tags, rule.statuses.as_ref());
+        let mut errors = Vec::new();
+        let mut compile = |list: &[Spanned<String>]| -> Vec<Template> {
+            list.iter()
+                .filter_map(|t| {
+                    Template::compile(t, params)
+                        .map_err(|e| errors.push(e))
+                        .ok()
+                })
+                .collect()
+        };
+        let paths = compile(paths);
+        let tags = compile(tags);
+        if let Some(statuses) = statuses {
+            if statuses.iter().any(|s| !(100..=599).contains(s)) {
+                errors.push(SpanError::new(
+                    config.span(),
+                    "purge statuses must be HTTP statuses (100-599)",
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(PurgeRule {
+                paths,
+                tags,
+                statuses: statuses.cloned(),
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Whether a write answered with `status` purges: the rule's statuses, or any 2xx and 3xx.
+    pub fn triggers(&self, status: u16) -> bool {
+        match &self.statuses {
+            Some(list) => list.contains(&status),
+            None => (200..400).contains(&status),
+        }
+    }
+}
+
+/// What an instance knows of the purges so far.
+struct Marks {
+    /// The highest purge sequence number known.
+    seq: AtomicU64,
+    /// Entries stamped below this are stale whatever their keys say: raised when a mark is
+    /// evicted from memory and when a lost subscription may have missed purges.
+    floor: Arc<AtomicU64>,
+    /// Key → sequence number of its last purge.
+    by_key: moka::sync::Cache<String, u64>,
+    /// Prefix → sequence number of its last purge (few; checked against every entry's path).
+    prefixes: RwLock<Vec<(String, u64)>>,
+}
+
+impl Marks {
+    fn new() -> Marks {
+        let floor = Arc::new(AtomicU64::new(0));
+        let raised = floor.clone();
+        Marks {
+            seq: AtomicU64::new(0),
+            by_key: moka::sync::Cache::builder()
+                .max_capacity(MARK_CAPACITY)
+                .eviction_listener(move |_key, mark: u64, cause| {
+                    if cause.was_evicted() && mark != PENDING {
+                        raised.fetch_max(mark, Ordering::AcqRel);
+                    }
+                })
+                .build(),
+            floor,
+            prefixes: RwLock::default(),
+        }
+    }
+
+    /// Records that `keys` were purged with sequence number `seq` (marks only rise).
+    fn apply(&self, seq: u64, keys: &[String]) {
+        for key in keys {
+            if let Some(prefix) = key.strip_prefix("prefix:") {
+                let mut prefixes = self.prefixes.write().expect("prefix marks poisoned");
+                match prefixes.iter_mut().find(|(p, _)| p == prefix) {
+                    Some((_, mark)) => *mark = (*mark).max(seq),
+                    None => prefixes.push((prefix.to_owned(), seq)),
+                }
+            } else {
+                let current = self.by_key.get(key).unwrap_or(0);
+                if seq > current || current == PENDING {
+                    self.by_key.insert(key.clone(), seq);
+                }
+            }
+        }
+        // After the marks: a fill stamped with this number started after they were in place.
+        if seq != PENDING {
+            self.seq.fetch_max(seq, Ordering::AcqRel);
+        }
+    }
+
+    fn is_current(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
+        if stamp < self.floor.load(Ordering::Acquire) {
+            return false;
+        }
+        if keys
+            .iter()
+            .any(|k| self.by_key.get(k).is_some_and(|mark| mark > stamp))
+        {
+            return false;
+        }
+        let prefixes = self.prefixes.read().expect("prefix marks poisoned");
+        !prefixes
+            .iter()
+            .any(|(prefix, mark)| *mark > stamp && path.starts_with(prefix.as_str()))
+    }
+}
+
+/// The outcome of one purge, for the admin API and the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// The purge's sequence number; `None` when Redis could not be reached (local only).
+    pub seq: Option<u64>,
+    /// Instances told (this one included), and how many acknowledged within the wait.
+    pub told: u64,
+    pub acknowledged: u64,
+}
+
+/// Acknowledgements of this instance's purges, by sequence number.
+#[derive(Default)]
+struct Acks {
+    counts: HashMap<u64, u64>,
+    waiting: HashMap<u64, Arc<tokio::sync::Notify>>,
+}
+
+/// Applies and spreads purges, and says whether an entry is still current.
+pub struct Purger {
+    marks: Marks,
+    /// The shared store (Redis), when there is one.
+    shared: Option<Arc<dyn Store>>,
+    /// Identifies this instance's purges in acknowledgements.
+    instance: String,
+    acks: Mutex<Acks>,
+    /// Keys purged while Redis was unreachable, to replay when it returns.
+    pending: Mutex<Vec<String>>,
+    /// A local sequence, used without a shared store.
+    local_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Purger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Purger")
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+impl Purger {
+    /// A purger spreading purges through `store` when it is shared (Redis); it subscribes to the
+    /// other instances' purges on the current tokio runtime.
+    pub fn new(store: Option<Arc<dyn Store>>) -> Arc<Purger> {
+        let shared = store.filter(|s| s.kind() == "redis");
+        let purger = Arc::new(Purger {
+            marks: Marks::new(),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            acks: Mutex::default(),
+            pending: Mutex::default(),
+            local_seq: AtomicU64::new(0),
+            shared,
+        });
+        if let Some(events) = purger.shared.as_ref().and_then(|s| s.purge_events()) {
+            tokio::spawn(listen(Arc::downgrade(&purger), events));
+            tokio::spawn(replay_pending(Arc::downgrade(&purger)));
+        }
+        purger
+    }
+
+    /// The stamp of a fill starting now.
+    pub fn stamp(&self) -> u64 {
+        self.marks.seq.load(Ordering::Acquire)
+    }
+
+    /// Whether an entry stamped `stamp`, for `path`, depending on `keys`, may still be served by
+    /// what this instance knows.
+    pub fn is_current(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
+        self.marks.is_current(stamp, path, keys)
+    }
+
+    /// Like [`Purger::is_current`] for an entry read from Redis: first learns the marks Redis
+    /// holds for its keys (an instance does not know purges from before it started). If Redis
+    /// cannot say, the entry is not served.
+    pub async fn is_current_shared(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
+        let Some(store) = &self.shared else {
+            return self.is_current(stamp, path, keys);
+        };
+        match store.purge_marks(keys).await {
+            Ok(marks) => {
+                for (key, mark) in keys.iter().zip(marks) {
+                    if let Some(mark) = mark {
+                        self.marks.apply(mark, std::slice::from_ref(key));
+                    }
+                }
+                self.is_current(stamp, path, keys)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Purges `keys` everywhere: marks them here, records them in Redis, tells every instance,
+    /// and waits (bounded) until all have applied them. Without Redis, or when it fails, the
+    /// purge is local and replayed through Redis later.
+    pub async fn purge(&self, keys: Vec<String>) -> PurgeReport {
+        self.spread(keys, false).await
+    }
+
+    /// [`Purger::purge`]; a `replay` that fails again is not counted again.
+    async fn spread(&self, keys: Vec<String>, replay: bool) -> PurgeReport {
+        let m = metrics();
+        if keys.is_empty() {
+            return PurgeReport {
+                seq: None,
+                told: 0,
+                acknowledged: 0,
+            };
+        }
+        let Some(store) = &self.shared else {
+            let seq = self.local_seq.fetch_add(1, Ordering::AcqRel) + 1;
+            self.marks.apply(seq, &keys);
+            m.purges.with_label_values(&["local"]).inc();
+            return PurgeReport {
+                seq: Some(seq),
+                told: 1,
+                acknowledged: 1,
+            };
+        };
+        match store.publish_purge(&self.instance, &keys).await {
+            Ok((seq, told)) => {
+                self.marks.apply(seq, &keys);
+                let acknowledged = self.wait_for_acks(seq, told).await;
+                let outcome = if acknowledged >= told {
+                    "ok"
+                } else {
+                    tracing::warn!(
+                        seq,
+                        told,
+                        acknowledged,
+                        "purge: not every instance acknowledged in time; they may serve the purged entries briefly"
+                    );
+                    "unacknowledged"
+                };
+                m.purges.with_label_values(&[outcome]).inc();
+                PurgeReport {
+                    seq: Some(seq),
+                    told,
+                    acknowledged,
+                }
+            }
+            Err(e) => {
+                if !replay {
+                    tracing::warn!(error = %e, "purge: Redis unreachable; purged in this instance only, to be replayed");
+                    m.purges.with_label_values(&["store_error"]).inc();
+                }
+                self.marks.apply(PENDING, &keys);
+                self.pending
+                    .lock()
+                    .expect("pending purges poisoned")
+                    .extend(keys);
+                PurgeReport {
+                    seq: None,
+                    told: 1,
+                    acknowledged: 1,
+                }
+            }
+        }
+    }
+
+    async fn wait_for_acks(&self, seq: u64, told: u64) -> u64 {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        self.acks
+            .lock()
+            .expect("acks poisoned")
+            .waiting
+            .insert(seq, notify.clone());
+        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        let acknowledged = loop {
+            let notified = notify.notified();
+            let count = self
+                .acks
+                .lock()
+                .expect("acks poisoned")
+                .counts
+                .get(&seq)
+                .copied()
+                .unwrap_or(0);
+            if count >= told || tokio::time::Instant::now() >= deadline {
+                break count;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        };
+        let mut acks = self.acks.lock().expect("acks poisoned");
+        acks.waiting.remove(&seq);
+        acks.counts.remove(&seq);
+        acknowledged
+    }
+
+    fn acknowledged(&self, seq: u64) {
+        let mut acks = self.acks.lock().expect("acks poisoned");
+        *acks.counts.entry(seq).or_default() += 1;
+        if let Some(notify) = acks.waiting.get(&seq) {
+            notify.notify_one();
+        }
+        // Acknowledgements that arrive after their writer gave up are not kept.
+        if acks.counts.len() > 10_000 {
+            let waiting: Vec<u64> = acks.waiting.keys().copied().collect();
+            acks.counts.retain(|seq, _| waiting.contains(seq));
+        }
+    }
+
+    /// (Re)subscribed: learns the current sequence and prefix marks; after a lost subscription,
+    /// everything stamped before now is stale (purges may have been missed); replays the purges
+    /// made while Redis was unreachable.
+    async fn subscribed(self: &Arc<Self>, first: bool) {
+        let Some(store) = &self.shared else { return };
+        match store.purge_state().await {
+            Ok((seq, prefixes)) => {
+                for (prefix, mark) in prefixes {
+                    self.marks.apply(mark, &[prefix_key(&prefix)]);
+                }
+                if !first {
+                    self.marks.floor.fetch_max(seq, Ordering::AcqRel);
+                    metrics().purges.with_label_values(&["resubscribed"]).inc();
+                }
+                self.marks.seq.fetch_max(seq, Ordering::AcqRel);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "purge: could not read the purge sequence");
+            }
+        }
+        let purger = self.clone();
+        tokio::spawn(async move { purger.replay().await });
+    }
+
+    /// Sends the purges made while Redis was unreachable (they stay pending if it still is).
+    async fn replay(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending purges poisoned"));
+        if !pending.is_empty() {
+            let report = self.spread(pending, true).await;
+            if report.seq.is_some() {
+                tracing::info!(seq = ?report.seq, "purge: replayed the purges made while Redis was unreachable");
+            }
+        }
+    }
+}
+
+/// Retries pending purges every [`REPLAY_INTERVAL`]: Redis may come back without the
+/// subscription ever dropping (a stalled server, a partition that heals quickly).
+async fn replay_pending(purger: std::sync::Weak<Purger>) {
+    loop {
+        tokio::time::sleep(REPLAY_INTERVAL).await;
+        let Some(purger) = purger.upgrade() else {
+            return;
+        };
+        purger.replay().await;
+    }
+}
+
+/// Applies the purge events of the shared store for as long as the purger lives.
+async fn listen(
+    purger: std::sync::Weak<Purger>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>,
+) {
+    let mut first = true;
+    while let Some(event) = events.recv().await {
+        let Some(purger) = purger.upgrade() else {
+            return;
+        };
+        match event {
+            PurgeEvent::Subscribed => {
+                purger.subscribed(first).await;
+                first = false;
+            }
+            PurgeEvent::Purged {
+                seq,
+                instance,
+                keys,
+            } => {
+                purger.marks.apply(seq, &keys);
+                if let Some(store) = &purger.shared {
+                    if let Err(e) = store.acknowledge_purge(&instance, seq).await {
+                        tracing::debug!(error = %e, "purge: could not acknowledge");
+                    }
+                }
+            }
+            PurgeEvent::Acknowledged { seq, instance } => {
+                if instance == purger.instance {
+                    purger.acknowledged(seq);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_invalidate_entries_stamped_before_them() {
+        let marks = Marks::new();
+        let keys = vec![path_key("/products/1"), tag_key("products")];
+        assert!(marks.is_current(0, "/products/1", &keys));
+        marks.apply(3, &[tag_key("products")]);
+        assert!(!marks.is_current(2, "/products/1", &keys), "filled before");
+        assert!(marks.is_current(3, "/products/1", &keys), "filled after");
+        assert!(marks.is_current(0, "/other", &[path_key("/other")]));
+        marks.apply(5, &[prefix_key("/products/")]);
+        assert!(!marks.is_current(4, "/products/1", &keys));
+        assert!(marks.is_current(4, "/orders/1", &[]));
+        marks.apply(PENDING, &[path_key("/orders/1")]);
+        assert!(!marks.is_current(u64::MAX - 1, "/orders/1", &[path_key("/orders/1")]));
+        assert_eq!(
+            marks.seq.load(Ordering::Relaxed),
+            5,
+            "pending marks move no sequence"
+        );
+    }
+
+    #[test]
+    fn tags_come_from_cache_groups_and_surrogate_key() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            CACHE_GROUPS,
+            "\"products\", \"product:7\";x=1".parse().unwrap(),
+        );
+        headers.append(SURROGATE_KEY, "listing  shop:2".parse().unwrap());
+        let tags: Vec<String> = response_tags(&headers).collect();
+        assert_eq!(tags, ["products", "product:7", "listing", "shop:2"]);
+        headers.append(CACHE_GROUP_INVALIDATION, "\"products\"".parse().unwrap());
+        assert_eq!(invalidated_tags(&headers).collect::<Vec<_>>(), ["products"]);
+    }
+
+    #[test]
+    fn writes_are_every_method_but_the_safe_ones() {
+        for safe in ["GET", "HEAD", "OPTIONS", "TRACE"] {
+            assert!(!is_write(&Method::from_bytes(safe.as_bytes()).unwrap()));
+        }
+        for write in ["POST", "PUT", "PATCH", "DELETE", "PROPPATCH", "PURGE"] {
+            assert!(is_write(&Method::from_bytes(write.as_bytes()).unwrap()));
+        }
+    }
+}

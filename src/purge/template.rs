@@ -1,0 +1,120 @@
+//! Path and tag templates: text with `{name}` placeholders filled from a route's path parameters.
+
+use toml::Spanned;
+
+use crate::config::SpanError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Param(String),
+}
+
+/// A compiled template such as `/products/{id}` or `product:{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<Part>);
+
+impl Template {
+    /// Compiles `source`; every `{name}` must be one of `params` (the route's path parameters).
+    pub fn compile(source: &Spanned<String>, params: &[String]) -> Result<Template, SpanError> {
+        let text = source.get_ref();
+        let mut parts = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_owned()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                return Err(SpanError::new(
+                    source.span(),
+                    format!("template {text:?} has a `{{` without its `}}`"),
+                ));
+            };
+            let name = rest[open + 1..open + close].trim_start_matches('*');
+            if !params.iter().any(|p| p == name) {
+                let known = if params.is_empty() {
+                    "the route's path has no parameters".to_owned()
+                } else {
+                    format!("the route's path parameters are: {}", params.join(", "))
+                };
+                return Err(SpanError::new(
+                    source.span(),
+                    format!("template {text:?} uses `{{{name}}}`, but {known}"),
+                ));
+            }
+            parts.push(Part::Param(name.to_owned()));
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_owned()));
+        }
+        Ok(Template(parts))
+    }
+
+    /// The template filled with `params` (name → value); a missing parameter fills as empty.
+    pub fn expand(&self, params: &[(String, String)]) -> String {
+        let mut out = String::new();
+        for part in &self.0 {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Param(name) => {
+                    if let Some((_, value)) = params.iter().find(|(n, _)| n == name) {
+                        out.push_str(value);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The parameter names of a route path template: `/products/{id}/{*rest}` → `id`, `rest`.
+pub fn path_params(template: &str) -> Vec<String> {
+    template
+        .split('/')
+        .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| name.trim_start_matches('*').to_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spanned(text: &str) -> Spanned<String> {
+        toml::from_str::<toml::Table>(&format!("v = {text:?}"))
+            .ok()
+            .and_then(|_| {
+                #[derive(serde::Deserialize)]
+                struct V {
+                    v: Spanned<String>,
+                }
+                toml::from_str::<V>(&format!("v = {text:?}"))
+                    .ok()
+                    .map(|v| v.v)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn templates_fill_from_route_parameters() {
+        let params = path_params("/shops/{shop}/products/{id}");
+        assert_eq!(params, ["shop", "id"]);
+        let t = Template::compile(&spanned("/shops/{shop}/products/{id}"), &params).unwrap();
+        let values = [("shop".into(), "s1".into()), ("id".into(), "7".into())];
+        assert_eq!(t.expand(&values), "/shops/s1/products/7");
+        let tag = Template::compile(&spanned("product:{id}"), &params).unwrap();
+        assert_eq!(tag.expand(&values), "product:7");
+        let plain = Template::compile(&spanned("/products"), &params).unwrap();
+        assert_eq!(plain.expand(&values), "/products");
+    }
+
+    #[test]
+    fn unknown_parameters_and_broken_braces_are_config_errors() {
+        let params = path_params("/products/{id}");
+        let e = Template::compile(&spanned("/users/{user}"), &params).unwrap_err();
+        assert!(e.message.contains("`{user}`"), "{}", e.message);
+        assert!(e.message.contains("id"), "{}", e.message);
+        assert!(Template::compile(&spanned("/products/{id"), &params).is_err());
+    }
+}
