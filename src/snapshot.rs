@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub limits: Limits,
     /// Who may tell us the client's address.
     pub trusted_proxies: TrustedProxies,
+    /// The token that authorises `PURGE` requests on the main listeners, when they are on.
+    pub purge_method_token: Option<String>,
 }
 
 impl Snapshot {
@@ -56,6 +58,12 @@ impl Snapshot {
                     max_request_body_bytes: config.limits.max_request_body_bytes.0,
                 },
                 trusted_proxies: TrustedProxies::compile(&config.server.trusted_proxies),
+                purge_method_token: config
+                    .admin
+                    .as_ref()
+                    .filter(|a| a.purge_method.as_ref().is_some_and(|p| *p.get_ref()))
+                    .and_then(|a| a.token.as_ref())
+                    .map(|t| t.as_str().to_owned()),
             }),
             _ => {
                 errors.sort_by_key(|e| e.span.start);

@@ -248,6 +248,16 @@ fn bad_purge_rules() {
 }
 
 #[test]
+fn purge_method_needs_the_admin_token() {
+    assert_error(
+        &format!("{VALID_BASE}[admin]\naddress = \"127.0.0.1:9901\"\npurge_method = true\n"),
+        8,
+        16,
+        "purge_method needs [admin] token",
+    );
+}
+
+#[test]
 fn missing_tls_files() {
     assert_error(
         &VALID_BASE.replace(

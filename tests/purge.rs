@@ -512,3 +512,113 @@ async fn no_read_that_starts_after_a_write_returns_sees_an_older_version() {
         &stale[..stale.len().min(10)]
     );
 }
+
+#[tokio::test]
+async fn write_through_makes_the_next_read_a_hit_with_the_new_body() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        "",
+        r#"
+[[routes]]
+path = "/products/{id}"
+methods = ["GET", "HEAD"]
+cache = { ttl = "60s" }
+[[routes]]
+path = "/products/{id}"
+methods = ["PATCH"]
+purge = { write_through = true }
+[[routes]]
+path = "/__respond/{*rest}"
+cache = { ttl = "60s" }
+"#,
+    );
+    warm(&gw, "/products/1").await;
+    let written = send(&gw, Method::PATCH, "/products/1", r#"{"stock": 7}"#).await;
+    assert_eq!(written.status, StatusCode::OK);
+    let read = get(&gw, "/products/1").await;
+    assert_eq!(x_cache(&read), "HIT", "stored from the write's response");
+    assert_eq!(read.body, written.body);
+    assert_eq!(read.json()["stock"], 7);
+    assert_eq!(upstream.served("GET /products/{id}").await, 1);
+
+    // A write without write-through on the same resource supersedes it.
+    let put = send(
+        &gw,
+        Method::PUT,
+        "/products/1",
+        r#"{"name": "Replaced", "description": "d", "price": 1, "stock": 1}"#,
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::OK);
+    let read = get(&gw, "/products/1").await;
+    assert_eq!(
+        (x_cache(&read), read.json()["name"].as_str()),
+        ("MISS", Some("Replaced"))
+    );
+
+    // Without the rule, a Content-Location naming the target also says the body is the resource.
+    let target = "/__respond/doc?content-location=/__respond/doc";
+    warm(&gw, target).await;
+    let written = send(&gw, Method::PUT, target, "{}").await;
+    assert_eq!(written.status, StatusCode::OK);
+    let read = get(&gw, target).await;
+    assert_eq!(x_cache(&read), "HIT");
+    assert_eq!(
+        read.body, written.body,
+        "the write's response, not the old entry"
+    );
+}
+
+#[tokio::test]
+async fn the_purge_method_on_the_main_port_is_off_unless_configured_and_needs_the_token() {
+    let upstream = Upstream::start();
+    let token = "purge-token-0123456789";
+    let purge = Method::from_bytes(b"PURGE").unwrap();
+    let on = admin_gateway_with(
+        &upstream,
+        &format!("token = \"{token}\"\npurge_method = true\n"),
+    );
+    warm(&on, "/products/1").await;
+    warm(&on, "/products/2").await;
+    let refused = send(&on, purge.clone(), "/products/1", "").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(x_cache(&get(&on, "/products/1").await), "HIT");
+    let auth = format!("Bearer {token}");
+    let purged = Client::new()
+        .send(
+            purge.clone(),
+            &on.url("/products/1"),
+            &[HOST[0], ("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(purged.status, StatusCode::OK);
+    assert_eq!(purged.json()["memory_entries_removed"], 1);
+    assert_eq!(x_cache(&get(&on, "/products/1").await), "MISS");
+    assert_eq!(x_cache(&get(&on, "/products/2").await), "HIT");
+
+    // Off by default: PURGE is just another write method, passed to the origin.
+    let off = admin_gateway_with(&upstream, &format!("token = \"{token}\"\n"));
+    let passed = Client::new()
+        .send(
+            purge,
+            &off.url("/products/1"),
+            &[HOST[0], ("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        passed.status,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "the origin's answer"
+    );
+}
+
+fn admin_gateway_with(upstream: &Upstream, admin: &str) -> Gateway {
+    gateway(
+        upstream,
+        &format!("[admin]\naddress = \"127.0.0.1:{}\"\n{admin}", free_port()),
+        "[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"60s\" }\n",
+    )
+}

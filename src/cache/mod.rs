@@ -314,6 +314,25 @@ impl Cache {
             .is_current(entry.stamp, &entry.path, &entry.depends_on)
     }
 
+    /// Write-through: the response to a write that carries the target's full new
+    /// representation, planned as the GET entry for the same URL (`request` is the write, seen
+    /// as a GET). `start` must carry the write's own purge sequence number, so the entry is
+    /// current after that purge and stale after any later one.
+    pub fn plan_write_through(
+        &self,
+        policy: &CachePolicy,
+        request: &CacheRequest<'_>,
+        response: &HeaderMap,
+        start: FillStart,
+    ) -> Option<(CacheKey, Fill)> {
+        if policy.scope == CacheScope::User && request.user.is_none() {
+            return None;
+        }
+        let primary = Cache::primary_key(policy, request);
+        let fill = self.plan_fill(policy, &primary, request, 200, response, start)?;
+        Some((primary, fill))
+    }
+
     fn primary_key(policy: &CachePolicy, request: &CacheRequest<'_>) -> CacheKey {
         CacheKey::primary(&KeyParts {
             host: request.host,

@@ -69,6 +69,9 @@ pub struct AdminConfig {
     /// Bearer token for `/metrics` and for anything that changes state (`POST /reload`).
     /// Without it, state-changing endpoints are refused. `/healthz` and `/readyz` stay open.
     pub token: Option<EnvString>,
+    /// Also accept `PURGE <url>` on the main listeners, authorised by this token as a bearer
+    /// token. Off by default; needs `token`.
+    pub purge_method: Option<Spanned<bool>>,
 }
 
 /// Process-level settings for the server.
@@ -428,6 +431,14 @@ fn validate(config: &Config) -> Vec<SpanError> {
     }
 
     if let Some(admin) = &config.admin {
+        let purge_method = admin.purge_method.as_ref().filter(|p| *p.get_ref());
+        let no_token = admin.token.as_ref().is_none_or(|t| t.as_str().is_empty());
+        if let (Some(purge_method), true) = (purge_method, no_token) {
+            errors.push(SpanError::new(
+                purge_method.span(),
+                "purge_method needs [admin] token: PURGE requests are authorised by it",
+            ));
+        }
         let address = admin.address.get_ref().as_str();
         if address.parse::<std::net::SocketAddr>().is_err() {
             errors.push(SpanError::new(

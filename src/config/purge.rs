@@ -20,6 +20,10 @@ pub struct PurgeConfig {
     pub tags: Vec<Spanned<String>>,
     /// Statuses that trigger the purge. Default: every 2xx and 3xx.
     pub statuses: Option<Vec<u16>>,
+    /// A `200` answer to `PUT`/`PATCH` is the target's full new representation: store it as the
+    /// target's GET entry (write-through) instead of only purging.
+    #[serde(default)]
+    pub write_through: bool,
 }
 
 /// `purge = ["/products", "/products/{id}"]` (paths only), or the full table.

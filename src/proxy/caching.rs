@@ -525,6 +525,49 @@ pub fn on_response(
     Ok(())
 }
 
+/// Write-through: captures the response to a write as the GET entry of its URL, stamped with the
+/// write's purge sequence number `stamp`. Returns whether it will be stored.
+pub fn write_through(
+    cache: &Cache,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    policy: &crate::cache::policy::CachePolicy,
+    response: &ResponseHeader,
+    stamp: u64,
+) -> bool {
+    let req = session.req_header();
+    let request = CacheRequest {
+        method: &Method::GET,
+        host: request_host(req),
+        path: req.uri.path(),
+        query: req.uri.query(),
+        headers: &req.headers,
+        user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+        tags: &ctx.cache_tags,
+    };
+    let start = FillStart {
+        sent_at: std::time::SystemTime::now(),
+        stamp,
+    };
+    let Some((primary, fill)) =
+        cache.plan_write_through(policy, &request, &response.headers, start)
+    else {
+        return false;
+    };
+    ctx.cache = CachePhase::Miss(Box::new(Miss {
+        primary,
+        start,
+        fill: Some(fill),
+        _flight: None,
+        stale: None,
+        revalidating: false,
+        lease: false,
+        answer: None,
+        shared_write: None,
+    }));
+    true
+}
+
 /// Captures a body chunk of a response being filled, giving up past `max_object`; when the last
 /// chunk has arrived, stores the entry in process before that chunk goes to the client.
 pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, body: &Option<Bytes>, end_of_stream: bool) {

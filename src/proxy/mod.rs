@@ -382,6 +382,13 @@ impl ProxyHttp for Gateway {
             }
         }
 
+        if let Some(token) = ctx.snapshot.purge_method_token.clone() {
+            if session.req_header().method.as_str() == "PURGE" {
+                purging::purge_request(&self.purger, &self.cache, session, ctx, &token).await?;
+                return Ok(true);
+            }
+        }
+
         let req = session.req_header();
         ctx.route = ctx.snapshot.routes.find(&req.method, req.uri.path());
         if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
@@ -467,7 +474,7 @@ impl ProxyHttp for Gateway {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         forwarding::upstream_response(upstream_response);
         caching::on_response(&self.cache, session, ctx, upstream_response)?;
-        purging::on_response(&self.purger, session, ctx, upstream_response).await
+        purging::on_response(&self.purger, &self.cache, session, ctx, upstream_response).await
     }
 
     fn response_body_filter(

@@ -3,13 +3,15 @@
 //! representation (see [`crate::purge`]).
 
 use http::header::{CONTENT_LOCATION, LOCATION};
-use http::Uri;
+use http::{Method, Uri};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
 use super::caching::request_host;
 use super::RequestCtx;
+use crate::cache::Cache;
+use crate::problem::Problem;
 use crate::purge::{self, path_key, tag_key, Purger};
 use crate::routes::normalize_path;
 
@@ -19,6 +21,7 @@ use crate::routes::normalize_path;
 /// `Content-Location` targets on the same host (RFC 9111 §4.4).
 pub async fn on_response(
     purger: &Purger,
+    cache: &Cache,
     session: &Session,
     ctx: &mut RequestCtx,
     response: &mut ResponseHeader,
@@ -50,8 +53,102 @@ pub async fn on_response(
     }
     keys.sort_unstable();
     keys.dedup();
-    ctx.purged = Some(purger.purge(keys).await);
+    let report = purger.purge(keys).await;
+    ctx.purged = Some(report);
+    if let Some(seq) = report.seq {
+        write_through(cache, session, ctx, rule.write_through, response, seq);
+    }
     Ok(())
+}
+
+/// Write-through (opt-in): a `PUT` or `PATCH` answered `200` whose body is the target's full new
+/// representation — the rule says so, or `Content-Location` names the target — becomes the GET
+/// entry of the target, under the GET route's cache rule, stamped with the write's own purge so
+/// any later purge supersedes it.
+fn write_through(
+    cache: &Cache,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    enabled: bool,
+    response: &ResponseHeader,
+    seq: u64,
+) {
+    let req = session.req_header();
+    if response.status.as_u16() != 200 || !matches!(req.method, Method::PUT | Method::PATCH) {
+        return;
+    }
+    let path = req.uri.path();
+    let names_target = response
+        .headers
+        .get(CONTENT_LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| same_host_path(t, request_host(req)))
+        .is_some_and(|target| target == path);
+    if !(enabled || names_target) {
+        return;
+    }
+    let snapshot = ctx.snapshot.clone();
+    let read_route = snapshot.routes.find(&Method::GET, path);
+    let Some(policy) = &snapshot.routes.policy(read_route).cache else {
+        return;
+    };
+    if !policy.tags.is_empty() {
+        let params = snapshot.routes.params(path);
+        ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
+    }
+    super::caching::write_through(cache, session, ctx, policy, response, seq);
+}
+
+/// `PURGE <url>` on a main listener (when `[admin] purge_method` is on): purges the URL's path
+/// everywhere, like `POST /purge` with `{"url": ...}`, authorised by the admin token.
+pub async fn purge_request(
+    purger: &Purger,
+    cache: &Cache,
+    session: &mut Session,
+    ctx: &RequestCtx,
+    token: &str,
+) -> Result<()> {
+    let authorised = session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| {
+            crate::admin::constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+        });
+    if !authorised {
+        return Problem::new(401, "PURGE needs the admin token as a bearer token")
+            .with_header(
+                http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"cachegate-purge\"".to_owned(),
+            )
+            .send(session, &ctx.request_id)
+            .await;
+    }
+    let path = session.req_header().uri.path().to_owned();
+    let report = purger.purge(vec![path_key(&path)]).await;
+    let removed = cache.remove_from_memory(|entry| entry.path == path);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "purged": {"url": path},
+        "sequence": report.seq,
+        "instances_told": report.told,
+        "instances_acknowledged": report.acknowledged,
+        "memory_entries_removed": removed,
+    }))
+    .expect("JSON values serialize");
+    let mut header = ResponseHeader::build(200, Some(4))?;
+    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(super::REQUEST_ID, ctx.request_id.as_str())?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await
+        .map_err(pingora::Error::into_down)?;
+    session
+        .write_response_body(Some(body.into()), true)
+        .await
+        .map_err(pingora::Error::into_down)
 }
 
 /// The normalised path of a `Location`-like URI reference when it points at `host` (a relative

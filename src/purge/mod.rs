@@ -119,6 +119,8 @@ pub struct PurgeRule {
     pub paths: Vec<Template>,
     pub tags: Vec<Template>,
     statuses: Option<Vec<u16>>,
+    /// A `200` to `PUT`/`PATCH` carries the full new representation: store it as the GET entry.
+    pub write_through: bool,
 }
 
 impl PurgeRule {
@@ -154,6 +156,7 @@ impl PurgeRule {
                 paths,
                 tags,
                 statuses: statuses.cloned(),
+                write_through: rule.write_through,
             })
         } else {
             Err(errors)
