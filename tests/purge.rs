@@ -622,3 +622,110 @@ fn admin_gateway_with(upstream: &Upstream, admin: &str) -> Gateway {
         "[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"60s\" }\n",
     )
 }
+
+#[tokio::test]
+async fn purges_and_shared_entries_work_on_a_redis_cluster() {
+    let cluster = common::RedisCluster::start();
+    let upstream = Upstream::start();
+    let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("{s:?}")).collect();
+    let store = format!(
+        "[store]\nredis_cluster = [{}]\ntimeout = \"200ms\"\n",
+        seeds.join(", ")
+    );
+    let admin_a = free_port();
+    let with_admin = format!(
+        "{store}[admin]\naddress = \"127.0.0.1:{admin_a}\"\ntoken = \"cluster-token-0123\"\n"
+    );
+    let a = gateway(&upstream, &with_admin, PRODUCT_ROUTES);
+    let b = gateway(&upstream, &store, PRODUCT_ROUTES);
+    // The cluster connection comes up in the background: wait until B shares A's entries.
+    get(&a, "/products/2").await;
+    let shared = common::eventually(Duration::from_secs(10), || async {
+        x_cache(&get(&b, "/products/2").await) == "HIT"
+    })
+    .await;
+    assert!(shared, "B reads A's entry from the cluster: {}", b.logs());
+    for round in 1..=3 {
+        warm(&b, "/products/2").await;
+        let written = send(
+            &a,
+            Method::PATCH,
+            "/products/2",
+            &format!(r#"{{"stock": {round}}}"#),
+        )
+        .await;
+        assert_eq!(written.status, StatusCode::OK);
+        let read = get(&b, "/products/2").await;
+        assert_eq!(read.json()["stock"], round, "round {round}");
+    }
+    // Both instances subscribe where the purge script publishes, so both are counted and both
+    // acknowledge.
+    let report = admin_purge(
+        admin_a,
+        Some("cluster-token-0123"),
+        r#"{"tag": "products"}"#,
+    )
+    .await;
+    assert_eq!(
+        (
+            report.json()["instances_told"].as_u64(),
+            report.json()["instances_acknowledged"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{:?}",
+        report.json()
+    );
+}
+
+async fn metric(gw: &Gateway, line: &str) -> bool {
+    let text = String::from_utf8_lossy(
+        &Client::new()
+            .get(&format!("http://127.0.0.1:{}/metrics", gw.admin_port()))
+            .await
+            .body,
+    )
+    .into_owned();
+    text.lines().any(|l| l == line)
+}
+
+#[tokio::test]
+async fn a_redis_restart_with_its_data_lost_does_not_reset_the_purge_sequence() {
+    let redis_port = free_port();
+    let redis = Redis::start_on(redis_port);
+    let upstream = Upstream::start();
+    let a = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    let b = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    for round in 1..=3 {
+        send(
+            &a,
+            Method::PATCH,
+            "/products/3",
+            &format!(r#"{{"stock": {round}}}"#),
+        )
+        .await;
+    }
+    warm(&b, "/products/3").await;
+
+    drop(redis);
+    let _restarted = Redis::start_on(redis_port);
+    for gw in [&a, &b] {
+        let resubscribed = common::eventually(Duration::from_secs(10), || {
+            metric(gw, r#"cachegate_purges_total{outcome="resubscribed"} 1"#)
+        })
+        .await;
+        assert!(resubscribed, "{}", gw.logs());
+    }
+    // The restarted Redis counts on from where the instances were, so this purge outranks
+    // the entry B stored before the restart.
+    let written = send(&a, Method::PATCH, "/products/3", r#"{"stock": 4}"#).await;
+    assert_eq!(written.status, StatusCode::OK);
+    let read = get(&b, "/products/3").await;
+    assert_eq!(
+        read.json()["stock"],
+        4,
+        "{} / A: {} / B: {}",
+        x_cache(&read),
+        a.logs(),
+        b.logs()
+    );
+}

@@ -37,7 +37,7 @@ use toml::Spanned;
 use self::template::Template;
 use crate::config::{PurgeConfigOrPaths, SpanError};
 use crate::metrics::metrics;
-use crate::store::{PurgeEvent, Store};
+use crate::store::{PurgeEvent, Store, StoreError};
 
 /// How long a writer waits for every instance to acknowledge its purge.
 const ACK_WAIT: Duration = Duration::from_millis(250);
@@ -183,6 +183,8 @@ struct Marks {
     by_key: moka::sync::Cache<String, u64>,
     /// Prefix → sequence number of its last purge (few; checked against every entry's path).
     prefixes: RwLock<Vec<(String, u64)>>,
+    /// `false` from a resubscription until the shared state is read again: nothing is current.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl Marks {
@@ -201,6 +203,7 @@ impl Marks {
                 .build(),
             floor,
             prefixes: RwLock::default(),
+            synced: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -227,7 +230,7 @@ impl Marks {
     }
 
     fn is_current(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
-        if stamp < self.floor.load(Ordering::Acquire) {
+        if !self.synced.load(Ordering::Acquire) || stamp < self.floor.load(Ordering::Acquire) {
             return false;
         }
         if keys
@@ -360,11 +363,22 @@ impl Purger {
                 acknowledged: 1,
             };
         };
-        match store.publish_purge(&self.instance, &keys).await {
+        let mut published = store
+            .publish_purge(&self.instance, &keys, self.stamp())
+            .await;
+        if published.is_err() && !replay {
+            // A connection that broke since its last use (Redis restarted) fails once, then
+            // reconnects: try again before falling back to a local purge.
+            published = store
+                .publish_purge(&self.instance, &keys, self.stamp())
+                .await;
+        }
+        match published {
             Ok((seq, told)) => {
                 self.marks.apply(seq, &keys);
                 let acknowledged = self.wait_for_acks(seq, told).await;
-                let outcome = if acknowledged >= told {
+                // Nobody told, not even this instance: its subscription is not up (yet).
+                let outcome = if told > 0 && acknowledged >= told {
                     "ok"
                 } else {
                     tracing::warn!(
@@ -448,23 +462,52 @@ impl Purger {
     /// made while Redis was unreachable.
     async fn subscribed(self: &Arc<Self>, first: bool) {
         let Some(store) = &self.shared else { return };
-        match store.purge_state().await {
-            Ok((seq, prefixes)) => {
-                for (prefix, mark) in prefixes {
-                    self.marks.apply(mark, &[prefix_key(&prefix)]);
+        if !first {
+            // Purges may have been missed: nothing is served from cache until the state is read.
+            self.marks.synced.store(false, Ordering::Release);
+            metrics().purges.with_label_values(&["resubscribed"]).inc();
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.read_state(store.as_ref(), first).await {
+                Ok(()) => {
+                    self.marks.synced.store(true, Ordering::Release);
+                    break;
                 }
-                if !first {
-                    self.marks.floor.fetch_max(seq, Ordering::AcqRel);
-                    metrics().purges.with_label_values(&["resubscribed"]).inc();
+                Err(e) => {
+                    tracing::debug!(error = %e, "purge: could not read the purge sequence; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
-                self.marks.seq.fetch_max(seq, Ordering::AcqRel);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "purge: could not read the purge sequence");
             }
         }
         let purger = self.clone();
         tokio::spawn(async move { purger.replay().await });
+    }
+
+    /// Learns the shared sequence and prefix marks. On the first subscription only fills started
+    /// before this instance knew the sequence (stamp 0) may predate a purge. After a lost
+    /// subscription any entry may: a keyless purge opens a new epoch (its number is above
+    /// anything seen, even if Redis lost its data), and everything stamped before it is stale.
+    async fn read_state(&self, store: &dyn Store, first: bool) -> Result<(), StoreError> {
+        let floor = if first {
+            None
+        } else {
+            Some(
+                store
+                    .publish_purge(&self.instance, &[], self.stamp())
+                    .await?
+                    .0,
+            )
+        };
+        let (seq, prefixes) = store.purge_state(self.stamp()).await?;
+        for (prefix, mark) in prefixes {
+            self.marks.apply(mark, &[prefix_key(&prefix)]);
+        }
+        let floor = floor.unwrap_or(seq.min(1));
+        self.marks.floor.fetch_max(floor, Ordering::AcqRel);
+        self.marks.seq.fetch_max(seq.max(floor), Ordering::AcqRel);
+        Ok(())
     }
 
     /// Sends the purges made while Redis was unreachable (they stay pending if it still is).

@@ -86,12 +86,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 
     /// Records a purge of `keys` by `instance` (see [`crate::purge`]): takes the next purge
-    /// sequence number, marks every key with it and publishes the purge to every instance.
+    /// sequence number — above `after`, the highest the instance has seen, even if the store
+    /// lost its data — marks every key with it and publishes the purge to every instance.
     /// Returns the number and how many instances were told. Shared stores only.
     async fn publish_purge(
         &self,
         _instance: &str,
         _keys: &[String],
+        _after: u64,
     ) -> Result<(u64, u64), StoreError> {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
@@ -101,8 +103,9 @@ pub trait Store: Send + Sync + fmt::Debug {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 
-    /// The current purge sequence number and every prefix mark.
-    async fn purge_state(&self) -> Result<(u64, Vec<(String, u64)>), StoreError> {
+    /// The current purge sequence number — first raised to `at_least` if it is lower (the store
+    /// lost its data: the sequence must never go back) — and every prefix mark.
+    async fn purge_state(&self, _at_least: u64) -> Result<(u64, Vec<(String, u64)>), StoreError> {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 

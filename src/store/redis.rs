@@ -133,8 +133,9 @@ pub struct RedisStore {
     gcra: Script,
     refund: Script,
     purge: Script,
-    /// For the purge subscription (a dedicated connection; on a cluster, to the first node).
-    pubsub: redis::Client,
+    purge_raise: Script,
+    /// Where the purge subscription connects.
+    pubsub: purge::Subscription,
     subscribed: AtomicBool,
 }
 
@@ -176,7 +177,7 @@ impl RedisStore {
         display_url: String,
         backend: Backend,
         options: RedisOptions,
-        pubsub: redis::Client,
+        pubsub: purge::Subscription,
     ) -> Arc<RedisStore> {
         let store = Arc::new(RedisStore {
             display_url,
@@ -193,6 +194,7 @@ impl RedisStore {
             gcra: Script::new(SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
             purge: super::purge::purge_script(),
+            purge_raise: Script::new(super::purge::RAISE_SCRIPT),
             pubsub,
             subscribed: AtomicBool::new(false),
         });
@@ -221,7 +223,12 @@ impl RedisStore {
             requests: manager()?,
             health: manager()?,
         };
-        Ok(RedisStore::new(redact(url), backend, options, client))
+        let pubsub = purge::Subscription {
+            url: url.to_owned(),
+            tls_ca_pem: options.tls_ca_pem.clone(),
+            cluster: false,
+        };
+        Ok(RedisStore::new(redact(url), backend, options, pubsub))
     }
 
     /// A store on a Redis Cluster, from its seed nodes. Returns at once, like [`RedisStore::connect`].
@@ -231,12 +238,11 @@ impl RedisStore {
     ) -> Result<Arc<RedisStore>, StoreError> {
         redis::cluster::ClusterClient::new(nodes.to_vec())
             .map_err(|e| StoreError::Backend(format!("invalid redis_cluster: {e}")))?;
-        let first = nodes.first().map_or("", String::as_str);
-        let pubsub = match &options.tls_ca_pem {
-            Some(pem) => redis::Client::build_with_tls(first, tls_certificates(pem)),
-            None => redis::Client::open(first),
-        }
-        .map_err(|e| StoreError::Backend(format!("invalid redis_cluster node: {e}")))?;
+        let pubsub = purge::Subscription {
+            url: nodes.first().cloned().unwrap_or_default(),
+            tls_ca_pem: options.tls_ca_pem.clone(),
+            cluster: true,
+        };
         let display = format!(
             "cluster[{}]",
             nodes
@@ -510,6 +516,7 @@ impl Store for RedisStore {
         &self,
         instance: &str,
         keys: &[String],
+        after: u64,
     ) -> Result<(u64, u64), StoreError> {
         let script = &self.purge;
         let (seq, told): (u64, u64) = self
@@ -523,6 +530,7 @@ impl Store for RedisStore {
                         .key(purge::PREFIXES_KEY)
                         .arg(purge::PURGE_CHANNEL)
                         .arg(purge::MARK_TTL.as_secs())
+                        .arg(after)
                         .arg(instance);
                     for key in keys {
                         invocation.key(purge::mark_key(key)).arg(key);
@@ -546,11 +554,16 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn purge_state(&self) -> Result<(u64, Vec<(String, u64)>), StoreError> {
+    async fn purge_state(&self, at_least: u64) -> Result<(u64, Vec<(String, u64)>), StoreError> {
+        let raise = &self.purge_raise;
         self.guarded("purge_state", PURGE_BUDGET, |mut c| async move {
-            let seq: Option<u64> = c.get(purge::SEQ_KEY).await?;
+            let seq: u64 = raise
+                .key(purge::SEQ_KEY)
+                .arg(at_least)
+                .invoke_async(&mut c)
+                .await?;
             let prefixes: Vec<(String, u64)> = c.hgetall(purge::PREFIXES_KEY).await?;
-            Ok((seq.unwrap_or(0), prefixes))
+            Ok((seq, prefixes))
         })
         .await
     }
