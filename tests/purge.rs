@@ -534,7 +534,19 @@ cache = { ttl = "60s" }
 "#,
     );
     warm(&gw, "/products/1").await;
-    let written = send(&gw, Method::PATCH, "/products/1", r#"{"stock": 7}"#).await;
+    // Writers usually carry credentials; they do not stop the entry being stored for readers.
+    let written = Client::new()
+        .send(
+            Method::PATCH,
+            &gw.url("/products/1"),
+            &[
+                HOST[0],
+                ("content-type", "application/json"),
+                ("authorization", "Bearer writer"),
+            ],
+            Bytes::from_static(br#"{"stock": 7}"#),
+        )
+        .await;
     assert_eq!(written.status, StatusCode::OK);
     let read = get(&gw, "/products/1").await;
     assert_eq!(x_cache(&read), "HIT", "stored from the write's response");

@@ -536,12 +536,16 @@ pub fn write_through(
     stamp: u64,
 ) -> bool {
     let req = session.req_header();
+    // The entry serves the read route's audience, not the writer: the writer's credentials do not
+    // decide whether it may be stored (the rule's opt-in does).
+    let mut headers = req.headers.clone();
+    headers.remove(http::header::AUTHORIZATION);
     let request = CacheRequest {
         method: &Method::GET,
         host: request_host(req),
         path: req.uri.path(),
         query: req.uri.query(),
-        headers: &req.headers,
+        headers: &headers,
         user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
         tags: &ctx.cache_tags,
     };
