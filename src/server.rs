@@ -52,7 +52,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     // pingora gives each service its own.
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("cachegate-control")
+        .thread_name(crate::store::BACKGROUND_THREADS)
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the background runtime: {e}"))?;

@@ -185,6 +185,9 @@ struct Marks {
     prefixes: RwLock<Vec<(String, u64)>>,
     /// `false` from a resubscription until the shared state is read again: nothing is current.
     synced: std::sync::atomic::AtomicBool,
+    /// The sequence number from which this instance has seen every purge (its first subscription);
+    /// entries stamped earlier may predate purges it never heard of.
+    complete_from: AtomicU64,
 }
 
 impl Marks {
@@ -204,6 +207,7 @@ impl Marks {
             floor,
             prefixes: RwLock::default(),
             synced: std::sync::atomic::AtomicBool::new(true),
+            complete_from: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -316,13 +320,16 @@ impl Purger {
         self.marks.is_current(stamp, path, keys)
     }
 
-    /// Like [`Purger::is_current`] for an entry read from Redis: first learns the marks Redis
-    /// holds for its keys (an instance does not know purges from before it started). If Redis
-    /// cannot say, the entry is not served.
+    /// Like [`Purger::is_current`] for an entry read from Redis. An entry stamped before this
+    /// instance subscribed may predate purges it never heard of: for those, the marks Redis
+    /// holds for its keys are read first (if Redis cannot say, the entry is not served).
     pub async fn is_current_shared(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
         let Some(store) = &self.shared else {
             return self.is_current(stamp, path, keys);
         };
+        if stamp >= self.marks.complete_from.load(Ordering::Acquire) {
+            return self.is_current(stamp, path, keys);
+        }
         match store.purge_marks(keys).await {
             Ok(marks) => {
                 for (key, mark) in keys.iter().zip(marks) {
@@ -507,6 +514,8 @@ impl Purger {
         let floor = floor.unwrap_or(seq.min(1));
         self.marks.floor.fetch_max(floor, Ordering::AcqRel);
         self.marks.seq.fetch_max(seq.max(floor), Ordering::AcqRel);
+        // Subscribed before the state was read: every purge numbered above `seq` reaches us.
+        self.marks.complete_from.fetch_min(seq, Ordering::AcqRel);
         Ok(())
     }
 

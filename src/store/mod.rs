@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 pub use self::gcra::{GcraOutcome, GcraRequest};
 pub use self::memory::{GcraTable, MemoryStore};
-pub use self::redis::{RedisOptions, RedisStore};
+pub use self::redis::{RedisOptions, RedisStore, BACKGROUND_THREADS};
 
 /// Why a store operation failed. Callers degrade (bypass, fall back) rather than fail requests.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,6 +25,8 @@ use super::{PurgeEvent, Store, StoreError};
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Name prefix of the gateway's background runtime's threads (see `server`).
+pub const BACKGROUND_THREADS: &str = "cachegate-control";
 /// Budget of the purge operations: a write waits for them, but a write is not a cache hit.
 const PURGE_BUDGET: Duration = Duration::from_millis(500);
 
@@ -289,7 +291,17 @@ impl RedisStore {
                 "circuit open after repeated failures".to_owned(),
             ));
         }
-        let Some(connection) = self.connection() else {
+        // Background work (purge subscription bookkeeping, replays) keeps off the request
+        // connection: its I/O driver belongs on the proxy runtime, where a request first uses it.
+        let background = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with(BACKGROUND_THREADS));
+        let connection = if background {
+            self.health_connection()
+        } else {
+            self.connection()
+        };
+        let Some(connection) = connection else {
             self.circuit.record(false);
             m.store_operations
                 .with_label_values(&[name, "not_connected"])
