@@ -93,6 +93,9 @@ impl Admin {
             (!reachable).then(|| format!("no origin accepts connections: {}", origins.join(", "))),
         ));
         checks.push(("store", self.store.health().err()));
+        if let Some(purge) = self.purger.readiness() {
+            checks.push(("purge", purge.err()));
+        }
         if let Some(auth) = &snapshot.auth {
             checks.push(("auth", auth.ready().err()));
         }

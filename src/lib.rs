@@ -3,7 +3,8 @@
 //! A request flows one way through the modules: [`routes`] matches it against the
 //! [`snapshot`] of the configuration, [`auth`] checks its token, [`ratelimit`] counts it,
 //! [`cache`] may answer it, and otherwise [`proxy`] carries it through pingora's phases to the
-//! [`upstream`] group; errors are answered by [`problem`]. State shared between requests and
+//! [`upstream`] group; a write's response [`purge`]s what it changed; errors are answered by
+//! [`problem`]. State shared between requests and
 //! instances lives behind the [`store`] boundary. [`config`] parses and validates the TOML file;
 //! [`server`] starts and stops everything; [`reload`] swaps configurations; [`admin`] answers
 //! operators on a separate listener, including [`metrics`].

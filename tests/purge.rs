@@ -56,6 +56,17 @@ addresses = ["{}"]
     ))
 }
 
+/// Waits until the gateway is ready, which with Redis includes hearing the other instances'
+/// purges (a write made before that would not wait for this instance's acknowledgement).
+async fn ready(gw: &Gateway) {
+    let url = format!("http://127.0.0.1:{}/readyz", gw.admin_port());
+    let ready = common::eventually(Duration::from_secs(10), || async {
+        Client::new().get(&url).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(ready, "not ready: {}", gw.logs());
+}
+
 fn on_redis(redis: &Redis) -> String {
     format!(
         "[store]\nredis_url = \"{}\"\ntimeout = \"200ms\"\n",
@@ -257,6 +268,8 @@ async fn a_write_through_one_instance_is_seen_at_once_through_another() {
     let upstream = Upstream::start();
     let a = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
     let b = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    ready(&a).await;
+    ready(&b).await;
     for round in 0..10 {
         warm(&b, "/products/4").await;
         let (via, other) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
@@ -382,6 +395,7 @@ async fn a_write_while_redis_stalls_still_purges_and_is_replayed_when_it_returns
     let redis = Redis::start();
     let upstream = Upstream::start();
     let a = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    ready(&a).await;
     warm(&a, "/products/5").await;
     // The entry is in Redis too.
     assert!(
@@ -408,6 +422,7 @@ async fn a_write_while_redis_stalls_still_purges_and_is_replayed_when_it_returns
     .await;
     assert!(replayed, "the purge was replayed: {}", a.logs());
     let fresh = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    ready(&fresh).await;
     let read = get(&fresh, "/products/5").await;
     assert_eq!(read.json()["stock"], 555);
     let text = String::from_utf8_lossy(
@@ -438,6 +453,8 @@ async fn no_read_that_starts_after_a_write_returns_sees_an_older_version() {
     let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "15"]);
     let a = Arc::new(gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES));
     let b = Arc::new(gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES));
+    ready(&a).await;
+    ready(&b).await;
     let until = Instant::now() + Duration::from_secs(3);
 
     let mut tasks = Vec::new();
@@ -650,6 +667,8 @@ async fn purges_and_shared_entries_work_on_a_redis_cluster() {
     );
     let a = gateway(&upstream, &with_admin, PRODUCT_ROUTES);
     let b = gateway(&upstream, &store, PRODUCT_ROUTES);
+    ready(&a).await;
+    ready(&b).await;
     // The cluster connection comes up in the background: wait until B shares A's entries.
     get(&a, "/products/2").await;
     let shared = common::eventually(Duration::from_secs(10), || async {
@@ -707,6 +726,8 @@ async fn a_redis_restart_with_its_data_lost_does_not_reset_the_purge_sequence() 
     let upstream = Upstream::start();
     let a = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
     let b = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    ready(&a).await;
+    ready(&b).await;
     for round in 1..=3 {
         send(
             &a,
@@ -726,6 +747,7 @@ async fn a_redis_restart_with_its_data_lost_does_not_reset_the_purge_sequence() 
         })
         .await;
         assert!(resubscribed, "{}", gw.logs());
+        ready(gw).await;
     }
     // The restarted Redis counts on from where the instances were, so this purge outranks
     // the entry B stored before the restart.

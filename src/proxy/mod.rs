@@ -1,10 +1,15 @@
-//! The pingora phases. Each phase is glue: it calls into `routes`, `upstream`, `forwarding` and
-//! `problem`, and holds no policy of its own. Data flows one way:
+//! The pingora phases. Each phase is glue: it calls into `routes`, `auth`, `ratelimit`, `cache`
+//! (through `caching`), `purge` (through `purging`), `upstream`, `forwarding` and `problem`, and
+//! holds no policy of its own. Data flows one way:
 //!
 //! `early_request_filter` (request id) → `request_filter` (limits, path normalisation, route
-//! match) → `upstream_peer` (round robin) → `upstream_request_filter` (forwarding headers) →
-//! `request_body_filter` (body limit) → `upstream_response_filter` / `response_filter` (headers
-//! back) → `logging`. Failures end in `fail_to_proxy`, which answers with problem+json.
+//! match, authentication, rate limit, cache lookup: a hit is answered here) → `upstream_peer`
+//! (round robin) → `upstream_request_filter` (forwarding headers, revalidation conditions) →
+//! `request_body_filter` (body limit) → `upstream_response_filter` (what to store; a write's
+//! purge, before the response is released) → `response_body_filter` (capture for the cache) →
+//! `response_filter` (headers back) → `logging` (shared-tier write, metrics, access log).
+//! Failures end in `fail_to_proxy`, which answers with a stale entry when one may serve, or
+//! problem+json.
 
 mod caching;
 mod forwarding;

@@ -309,6 +309,18 @@ impl Purger {
         purger
     }
 
+    /// With a shared store, whether this instance hears every purge (`None` without one): not
+    /// until its subscription is up and the shared state was read.
+    pub fn readiness(&self) -> Option<Result<(), String>> {
+        self.shared.as_ref()?;
+        let subscribed = self.marks.complete_from.load(Ordering::Acquire) != u64::MAX;
+        Some(if subscribed && self.marks.synced.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err("not yet subscribed to the other instances' purges".to_owned())
+        })
+    }
+
     /// The stamp of a fill starting now.
     pub fn stamp(&self) -> u64 {
         self.marks.seq.load(Ordering::Acquire)

@@ -413,10 +413,8 @@ fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody
                     *resp.status_mut() = status;
                 }
             }
-            "fail-after" => {
-                if value.parse::<u64>().is_ok_and(|n| served > n) {
-                    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                }
+            "fail-after" if value.parse::<u64>().is_ok_and(|n| served > n) => {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             }
             "cache-control"
             | "expires"
