@@ -191,30 +191,23 @@ impl Admin {
         let key = target.key();
         let report = self.purger.purge(vec![key]).await;
         let removed = self.cache.remove_from_memory(|entry| target.selects(entry));
-        json_response(
-            StatusCode::OK,
-            json!({
-                "purged": target.describe(),
-                "sequence": report.seq,
-                "instances_told": report.told,
-                "instances_acknowledged": report.acknowledged,
-                "memory_entries_removed": removed,
-            }),
-        )
+        json_response(StatusCode::OK, report.answer(target.describe(), removed))
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
-        let Some(token) = &self.token else {
-            return false;
-        };
-        session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+        self.token
+            .as_deref()
+            .is_some_and(|token| bears_token(&session.req_header().headers, token))
     }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
+pub(crate) fn bears_token(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
 }
 
 /// Largest `POST /purge` body accepted.
@@ -292,7 +285,7 @@ impl PurgeTarget {
 }
 
 /// Compares secrets without leaking where they differ through timing.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

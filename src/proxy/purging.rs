@@ -108,16 +108,7 @@ pub async fn purge_request(
     ctx: &RequestCtx,
     token: &str,
 ) -> Result<()> {
-    let authorised = session
-        .req_header()
-        .headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| {
-            crate::admin::constant_time_eq(given.trim().as_bytes(), token.as_bytes())
-        });
-    if !authorised {
+    if !crate::admin::bears_token(&session.req_header().headers, token) {
         return Problem::new(401, "PURGE needs the admin token as a bearer token")
             .with_header(
                 http::header::WWW_AUTHENTICATE,
@@ -129,14 +120,8 @@ pub async fn purge_request(
     let path = session.req_header().uri.path().to_owned();
     let report = purger.purge(vec![path_key(&path)]).await;
     let removed = cache.remove_from_memory(|entry| entry.path == path);
-    let body = serde_json::to_vec(&serde_json::json!({
-        "purged": {"url": path},
-        "sequence": report.seq,
-        "instances_told": report.told,
-        "instances_acknowledged": report.acknowledged,
-        "memory_entries_removed": removed,
-    }))
-    .expect("JSON values serialize");
+    let body = serde_json::to_vec(&report.answer(serde_json::json!({"url": path}), removed))
+        .expect("JSON values serialize");
     let mut header = ResponseHeader::build(200, Some(4))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;

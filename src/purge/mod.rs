@@ -260,6 +260,25 @@ pub struct PurgeReport {
     pub acknowledged: u64,
 }
 
+impl PurgeReport {
+    /// The answer to an operator's purge (`POST /purge`, `PURGE`): what went, the purge's
+    /// number, how many instances heard and confirmed it, and how many in-process entries this
+    /// instance dropped.
+    pub fn answer(
+        &self,
+        purged: serde_json::Value,
+        memory_entries_removed: u64,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "purged": purged,
+            "sequence": self.seq,
+            "instances_told": self.told,
+            "instances_acknowledged": self.acknowledged,
+            "memory_entries_removed": memory_entries_removed,
+        })
+    }
+}
+
 /// Acknowledgements of this instance's purges, by sequence number.
 #[derive(Default)]
 struct Acks {
