@@ -172,7 +172,7 @@ pub async fn lookup(
         Lookup::Hit(hit) => {
             count(route, "hit", hit.tier);
             ctx.cache = CachePhase::Hit;
-            serve_hit(session, ctx, hit).await?;
+            serve_hit(session, ctx, hit, false).await?;
             Ok(true)
         }
         Lookup::StaleWhileRevalidate { hit, primary } => {
@@ -190,7 +190,7 @@ pub async fn lookup(
                 tokio::spawn(refresh.run());
             }
             ctx.cache = CachePhase::Stale;
-            serve_stale_while_revalidate(session, ctx, hit).await?;
+            serve_hit(session, ctx, hit, true).await?;
             Ok(true)
         }
         Lookup::Miss { primary, stale } => {
@@ -207,7 +207,7 @@ pub async fn lookup(
                         {
                             count(route, "hit", "coalesced");
                             ctx.cache = CachePhase::Hit;
-                            serve_hit(session, ctx, hit).await?;
+                            serve_hit(session, ctx, hit, false).await?;
                             return Ok(true);
                         }
                     }
@@ -223,7 +223,7 @@ pub async fn lookup(
                     {
                         count(route, "hit", "coalesced");
                         ctx.cache = CachePhase::Hit;
-                        serve_hit(session, ctx, hit).await?;
+                        serve_hit(session, ctx, hit, false).await?;
                         return Ok(true);
                     }
                     None
@@ -340,34 +340,21 @@ async fn write_entry(
     Ok(())
 }
 
-async fn serve_stale_while_revalidate(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    hit: Hit,
-) -> Result<()> {
+/// Serves a stored entry as a hit (`stale`: inside stale-while-revalidate), answering the
+/// client's own conditions from it.
+async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit, stale: bool) -> Result<()> {
     let unchanged = not_modified(session.req_header(), &hit.entry);
-    let cache_status = format!(
-        "cachegate; hit; ttl={}; detail=stale-while-revalidate",
-        hit.ttl_secs
-    );
-    let serving = Serving {
-        status: if unchanged { 304 } else { hit.entry.status },
-        age_secs: hit.age_secs,
-        cache_status: &cache_status,
-        x_cache: "STALE",
-        not_modified: unchanged,
+    let (detail, x_cache) = if stale {
+        ("; detail=stale-while-revalidate", "STALE")
+    } else {
+        ("", "HIT")
     };
-    write_entry(session, ctx, &hit.entry, serving).await
-}
-
-async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit) -> Result<()> {
-    let unchanged = not_modified(session.req_header(), &hit.entry);
-    let cache_status = format!("cachegate; hit; ttl={}", hit.ttl_secs);
+    let cache_status = format!("cachegate; hit; ttl={}{detail}", hit.ttl_secs);
     let serving = Serving {
         status: if unchanged { 304 } else { hit.entry.status },
         age_secs: hit.age_secs,
         cache_status: &cache_status,
-        x_cache: "HIT",
+        x_cache,
         not_modified: unchanged,
     };
     write_entry(session, ctx, &hit.entry, serving).await
