@@ -182,7 +182,8 @@ impl Admin {
                 }
             }
         }
-        let target = match PurgeTarget::parse(&body) {
+        let routes = &self.snapshot.load().routes;
+        let target = match PurgeTarget::parse(&body, |path| routes.canonical_target(path)) {
             Ok(target) => target,
             Err(message) => {
                 return json_response(StatusCode::BAD_REQUEST, json!({"error": message}))
@@ -223,7 +224,11 @@ enum PurgeTarget {
 }
 
 impl PurgeTarget {
-    fn parse(body: &[u8]) -> Result<PurgeTarget, String> {
+    /// Reads a purge request; `canonical` gives a URL's path the form entries are stored under.
+    fn parse(
+        body: &[u8],
+        canonical: impl Fn(&str) -> Option<String>,
+    ) -> Result<PurgeTarget, String> {
         const USAGE: &str = r#"send one of {"url": "/products/7"}, {"tag": "products"}, {"prefix": "/products/"}, {"all": true}"#;
         let value: serde_json::Value = serde_json::from_slice(body)
             .map_err(|e| format!("the body is not JSON ({e}); {USAGE}"))?;
@@ -245,9 +250,9 @@ impl PurgeTarget {
                 if !uri.path().starts_with('/') {
                     return Err(format!("{url:?} has no absolute path; {USAGE}"));
                 }
-                Ok(PurgeTarget::Path(
-                    crate::routes::normalize_path(uri.path()).into_owned(),
-                ))
+                canonical(uri.path())
+                    .map(PurgeTarget::Path)
+                    .ok_or_else(|| format!("{url:?} is not a path this gateway accepts"))
             }
             Some((k, v)) if k == "tag" => Ok(PurgeTarget::Tag(text(v)?)),
             Some((k, v)) if k == "prefix" => Ok(PurgeTarget::Prefix(text(v)?)),

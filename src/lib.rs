@@ -1,7 +1,7 @@
 //! cachegate: a reverse-proxy caching gateway for HTTP CRUD APIs, built on pingora.
 //!
-//! A request flows one way through the modules: [`routes`] matches it against the
-//! [`snapshot`] of the configuration, [`auth`] checks its token, [`ratelimit`] counts it,
+//! A request flows one way through the modules: [`routing`] makes its path canonical and
+//! matches it against the [`snapshot`] of the configuration, [`auth`] checks its token, [`ratelimit`] counts it,
 //! [`cache`] may answer it, and otherwise [`proxy`] carries it through pingora's phases to the
 //! [`upstream`] group; a write's response [`purge`]s what it changed; errors are answered by
 //! [`problem`]. State shared between requests and
@@ -20,7 +20,7 @@ pub mod proxy;
 pub mod purge;
 pub mod ratelimit;
 pub mod reload;
-pub mod routes;
+pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod store;

@@ -12,7 +12,8 @@ use arc_swap::ArcSwap;
 use crate::auth::Authenticator;
 use crate::config::{ConfigErrors, LoadedConfig};
 use crate::ratelimit::TrustedProxies;
-use crate::routes::RouteTable;
+use crate::routing::canonical::PathRules;
+use crate::routing::RouteTable;
 use crate::upstream::UpstreamGroup;
 
 #[derive(Debug)]
@@ -45,8 +46,13 @@ impl Snapshot {
                 .map_err(|e| errors.extend(e)),
             None => Ok(None),
         };
-        let routes = RouteTable::compile(&config.routes, &config.defaults, config.auth.is_some())
-            .map_err(|e| errors.extend(e));
+        let routes = RouteTable::compile(
+            &config.routes,
+            &config.defaults,
+            config.auth.is_some(),
+            PathRules::from_config(&config.server),
+        )
+        .map_err(|e| errors.extend(e));
         let upstream = UpstreamGroup::compile(&config.upstream).map_err(|e| errors.extend(e));
         match (routes, upstream, auth) {
             (Ok(routes), Ok(upstream), Ok(auth)) if errors.is_empty() => Ok(Snapshot {

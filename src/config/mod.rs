@@ -92,6 +92,15 @@ pub struct ServerConfig {
     /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` headers name the real client. From
     /// anyone else those headers are ignored when deciding the client IP.
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// Paths differing only in letter case are one resource to the origin (`/Kit/RL` is
+    /// `/kit/rl`); the origin then receives them in lower case.
+    pub case_insensitive_paths: bool,
+    /// `"ignore"` (default) or `"significant"`.
+    pub trailing_slash: TrailingSlash,
+    /// `"reject"` (default) or `"strip"`.
+    pub path_parameters: PathParameters,
+    /// `"reject"` (default) or `"keep"`.
+    pub encoded_slash: EncodedSlash,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +112,10 @@ impl Default for ServerConfig {
             upgrade_sock: None,
             log_format: None,
             trusted_proxies: Vec::new(),
+            case_insensitive_paths: false,
+            trailing_slash: TrailingSlash::default(),
+            path_parameters: PathParameters::default(),
+            encoded_slash: EncodedSlash::default(),
         }
     }
 }
@@ -231,6 +244,55 @@ pub struct PolicyConfig {
     pub cache: Option<Spanned<CachePolicyConfig>>,
     /// What a successful write invalidates.
     pub purge: Option<Spanned<PurgeConfigOrPaths>>,
+    /// `"pass"` (the default): requests no route matches are proxied under this policy.
+    /// `"deny"`: they are refused with `404` (`405` when the path has routes for other methods).
+    #[serde(default)]
+    pub unmatched: Unmatched,
+}
+
+/// What happens to a request no route matches (`[defaults] unmatched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// It is proxied under the `[defaults]` policy.
+    #[default]
+    Pass,
+    /// It is refused: `404`, or `405` with `Allow` when its path has routes for other methods.
+    Deny,
+}
+
+/// Whether `/a/` and `/a` are one resource to the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrailingSlash {
+    /// One resource (Express, Starlette, Rails and most frameworks): `/a/` is routed, keyed and
+    /// forwarded as `/a`.
+    #[default]
+    Ignore,
+    /// Two resources: the slash is kept.
+    Significant,
+}
+
+/// What the gateway does with `;` path parameters (`/a;jsessionid=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathParameters {
+    /// `400`: origins disagree on what they mean.
+    #[default]
+    Reject,
+    /// Removed from every segment, as servlet containers do, before routing and forwarding.
+    Strip,
+}
+
+/// What the gateway does with an encoded slash (`%2F`) or a backslash in a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodedSlash {
+    /// `400`: some origins decode it into a separator.
+    #[default]
+    Reject,
+    /// Kept as data inside its segment (for origins that never decode it).
+    Keep,
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,6 +23,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderName, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::Method;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -30,11 +31,13 @@ use pingora::ErrorType;
 
 use crate::auth::{self, Identity, Rejection};
 use crate::cache::Cache;
+use crate::config::Unmatched;
 use crate::metrics::{method_label, metrics};
 use crate::problem::Problem;
 use crate::purge::Purger;
 use crate::ratelimit::{Limiter, RequestFacts, Verdict};
-use crate::routes::{normalize_path, RouteId};
+use crate::routing::canonical::{canonical_method, canonical_path};
+use crate::routing::RouteId;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -148,6 +151,25 @@ fn header_bytes(req: &RequestHeader) -> u64 {
     (line + fields) as u64
 }
 
+/// Replaces the request's target with `path` and its query, in origin form.
+fn set_path(session: &mut Session, path: &str) -> Result<()> {
+    let req = session.req_header();
+    let target = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    match target.parse() {
+        Ok(uri) => {
+            session.req_header_mut().set_uri(uri);
+            Ok(())
+        }
+        Err(_) => Error::e_explain(
+            ErrorType::HTTPStatus(400),
+            "the request target is not valid",
+        ),
+    }
+}
+
 /// What the upstream request says about the client (see [`forwarding::upstream_request`]).
 fn forwarded<'a>(session: &Session, ctx: &'a RequestCtx) -> forwarding::Forwarded<'a> {
     forwarding::Forwarded {
@@ -206,6 +228,69 @@ fn detail_for(status: u16, e: &Error, ctx: &RequestCtx) -> String {
 }
 
 impl Gateway {
+    /// The canonical-path phase: rewrites the request's path to its canonical form (see
+    /// [`crate::routing::canonical`]), so everything after it — and the origin — sees one
+    /// spelling. Refuses paths that have none with `400`.
+    async fn canonicalize(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        let path = match canonical_path(req.uri.path(), &ctx.snapshot.routes.paths) {
+            Ok(std::borrow::Cow::Borrowed(_)) if req.uri.authority().is_none() => return Ok(false),
+            Ok(path) => path.into_owned(),
+            Err(e) => {
+                Problem::new(400, e.to_string())
+                    .send(session, &ctx.request_id)
+                    .await?;
+                return Ok(true);
+            }
+        };
+        // Absolute-form (`GET http://host/p`) and HTTP/2 carry the host in the target: it is the
+        // Host (RFC 9112 §3.2.2), for the origin and the cache key alike.
+        if let Some(authority) = session
+            .req_header()
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+        {
+            session
+                .req_header_mut()
+                .insert_header(http::header::HOST, authority)?;
+        }
+        set_path(session, &path).map(|()| false)
+    }
+
+    /// The routing phase: matches the canonical path once, rewrites typed parameters into their
+    /// canonical form, and refuses unmatched requests when `[defaults] unmatched = "deny"`.
+    async fn route(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        let resolution = ctx.snapshot.routes.resolve(&req.method, req.uri.path());
+        if let Some(path) = &resolution.rewritten {
+            set_path(session, path)?;
+        }
+        ctx.route = resolution.route;
+        if ctx.route.is_some() || ctx.snapshot.routes.unmatched == Unmatched::Pass {
+            return Ok(false);
+        }
+        let method = session.req_header().method.clone();
+        let problem = if resolution.allowed.is_empty() {
+            Problem::new(
+                404,
+                "no route of this gateway matches the request path, and unmatched requests are refused",
+            )
+        } else {
+            let allowed: Vec<&str> = resolution.allowed.iter().map(Method::as_str).collect();
+            Problem::new(
+                405,
+                format!(
+                    "{method} is not routed for this path; routed methods: {}",
+                    allowed.join(", ")
+                ),
+            )
+            .with_header(http::header::ALLOW, allowed.join(", "))
+        };
+        problem.send(session, &ctx.request_id).await?;
+        Ok(true)
+    }
+
     /// The authentication phase: strips gateway-set headers, checks the token against the
     /// route's policy, and either forwards the identity or answers 401/403 itself.
     async fn authenticate(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -371,20 +456,11 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        if let std::borrow::Cow::Owned(normalized) = normalize_path(req.uri.path()) {
-            let target = match req.uri.query() {
-                Some(q) => format!("{normalized}?{q}"),
-                None => normalized,
-            };
-            match target.parse() {
-                Ok(uri) => session.req_header_mut().set_uri(uri),
-                Err(_) => {
-                    Problem::new(400, "the request path is not valid")
-                        .send(session, &ctx.request_id)
-                        .await?;
-                    return Ok(true);
-                }
-            }
+        if let Some(method) = canonical_method(&req.method) {
+            session.req_header_mut().set_method(method);
+        }
+        if self.canonicalize(session, ctx).await? {
+            return Ok(true);
         }
 
         if let Some(token) = ctx.snapshot.purge_method_token.clone() {
@@ -394,8 +470,10 @@ impl ProxyHttp for Gateway {
             }
         }
 
+        if self.route(session, ctx).await? {
+            return Ok(true);
+        }
         let req = session.req_header();
-        ctx.route = ctx.snapshot.routes.find(&req.method, req.uri.path());
         if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
             ctx.client_ip = ctx
                 .snapshot

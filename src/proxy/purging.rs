@@ -13,7 +13,6 @@ use super::RequestCtx;
 use crate::cache::Cache;
 use crate::problem::Problem;
 use crate::purge::{self, path_key, tag_key, Purger};
-use crate::routes::normalize_path;
 
 /// Reads the origin's purge headers (removing `Surrogate-Key`, which is for caches only), and
 /// for a write answered with a triggering status purges: the request's own path, the route
@@ -47,7 +46,8 @@ pub async fn on_response(
     let host = request_host(req);
     for name in [LOCATION, CONTENT_LOCATION] {
         let target = response.headers.get(&name).and_then(|v| v.to_str().ok());
-        if let Some(target) = target.and_then(|t| same_host_path(t, host)) {
+        let target = target.and_then(|t| same_host_path(t, host));
+        if let Some(target) = target.and_then(|t| snapshot.routes.canonical_target(&t)) {
             keys.push(path_key(&target));
         }
     }
@@ -83,6 +83,7 @@ fn write_through(
         .get(CONTENT_LOCATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|t| same_host_path(t, request_host(req)))
+        .and_then(|t| ctx.snapshot.routes.canonical_target(&t))
         .is_some_and(|target| target == path);
     if !(enabled || names_target) {
         return;
@@ -117,7 +118,15 @@ pub async fn purge_request(
             .send(session, &ctx.request_id)
             .await;
     }
-    let path = session.req_header().uri.path().to_owned();
+    let Some(path) = ctx
+        .snapshot
+        .routes
+        .canonical_target(session.req_header().uri.path())
+    else {
+        return Problem::new(400, "the path to purge has no canonical form")
+            .send(session, &ctx.request_id)
+            .await;
+    };
     let report = purger.purge(vec![path_key(&path)]).await;
     let removed = cache.remove_from_memory(|entry| entry.path == path);
     let body = serde_json::to_vec(&report.answer(serde_json::json!({"url": path}), removed))
@@ -136,8 +145,8 @@ pub async fn purge_request(
         .map_err(pingora::Error::into_down)
 }
 
-/// The normalised path of a `Location`-like URI reference when it points at `host` (a relative
-/// reference always does).
+/// The path of a `Location`-like URI reference when it points at `host` (a relative reference
+/// always does), as written: callers make it canonical.
 fn same_host_path(target: &str, host: Option<&str>) -> Option<String> {
     let uri: Uri = target.parse().ok()?;
     if let Some(authority) = uri.authority() {
@@ -148,7 +157,7 @@ fn same_host_path(target: &str, host: Option<&str>) -> Option<String> {
     } else if !target.starts_with('/') {
         return None;
     }
-    Some(normalize_path(uri.path()).into_owned())
+    Some(uri.path().to_owned())
 }
 
 #[cfg(test)]
@@ -171,9 +180,5 @@ mod tests {
             None
         );
         assert_eq!(same_host_path("products/9", host), None);
-        assert_eq!(
-            same_host_path("/a/../products/./9", host).as_deref(),
-            Some("/products/9")
-        );
     }
 }

@@ -656,3 +656,99 @@ pub fn hs256_token(secret: &str, sub: &str) -> String {
     )
     .expect("signing a test token")
 }
+
+/// A response to a hand-written request, read until the server closes the connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Lower-case names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Sends `head` (request line and headers, `\r\n`-separated, without the blank line) and `body`
+/// over a fresh connection, byte for byte as written, with `Connection: close` added; for the
+/// spellings a well-behaved client library will not produce.
+pub async fn raw_request(port: u16, head: &str, body: &[u8]) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connecting");
+    let mut request = format!("{head}\r\nconnection: close\r\n\r\n").into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request).await.expect("writing");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("the response timed out")
+        .expect("reading");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect::<Vec<_>>();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The quickstart configuration (config/quickstart.toml) with its listener on `{port}`, its
+/// admin listener on `admin_port` and `upstream` as its origin: the tests run what users run.
+pub fn quickstart_config(upstream: &str, admin_port: u16) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/quickstart.toml");
+    std::fs::read_to_string(path)
+        .expect("reading config/quickstart.toml")
+        .replace("127.0.0.1:8080", "127.0.0.1:{port}")
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin_port}"))
+        .replace("${UPSTREAM_URL:-http://127.0.0.1:3000}", upstream)
+        .replace("threads = 2", "threads = 1")
+}
+
+/// A [`config_for`] configuration with more `[server]` settings.
+pub fn with_server_settings(config: &str, settings: &str) -> String {
+    config.replacen("[server]\n", &format!("[server]\n{settings}\n"), 1)
+}

@@ -1,0 +1,678 @@
+//! Routing: a request's path is first made [`canonical`], then matched once against path
+//! templates compiled into a [`matchit`] router — most specific path first, then the first route
+//! (in file order) whose methods include the request's.
+//!
+//! A template may type its parameters (`/products/{id:int}`): the origin parses `07` and `+7` as
+//! `7`, so the gateway rewrites the path to `/products/7` before anything keys on it, and a write
+//! to `/products/07` purges what a read of `/products/7` cached.
+//!
+//! Every later phase reads the matched route's policy; nothing re-matches paths.
+
+pub mod canonical;
+
+use http::{HeaderName, Method};
+
+use self::canonical::PathRules;
+
+use crate::auth::AuthPolicy;
+use crate::cache::policy::CachePolicy;
+use crate::config::{PolicyConfig, RouteConfig, SpanError, Unmatched};
+use crate::purge::template::path_params;
+use crate::purge::PurgeRule;
+use crate::ratelimit::RateLimitPolicy;
+
+/// A route's per-request policy; a request that matches no route gets the table's default.
+#[derive(Debug, Default, Clone)]
+pub struct Policy {
+    pub auth: AuthPolicy,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub cache: Option<CachePolicy>,
+    /// What a successful write on this route purges besides its own path.
+    pub purge: PurgeRule,
+}
+
+impl Policy {
+    /// A route's policy: each section it sets replaces the default's.
+    fn compile(
+        route: Option<&RouteConfig>,
+        defaults: &PolicyConfig,
+        auth_configured: bool,
+    ) -> Result<Policy, Vec<SpanError>> {
+        let mut errors = Vec::new();
+        let params = route.map_or_else(Vec::new, |r| path_params(r.path.get_ref()));
+        let auth = route
+            .and_then(|r| r.auth.as_ref())
+            .or(defaults.auth.as_ref());
+        let auth = match auth {
+            Some(config) => AuthPolicy::compile(config, auth_configured).unwrap_or_else(|e| {
+                errors.extend(e);
+                AuthPolicy::default()
+            }),
+            None => AuthPolicy::default(),
+        };
+        // Counters are scoped by route name: routes sharing a name share counters.
+        let (rate_limit, scope) = match route.and_then(|r| r.rate_limit.as_ref()) {
+            Some(config) => (
+                Some(config),
+                route.map_or("default", RouteConfig::display_name),
+            ),
+            None => (defaults.rate_limit.as_ref(), "default"),
+        };
+        let rate_limit = rate_limit.and_then(|config| {
+            RateLimitPolicy::compile(config, scope)
+                .map_err(|e| errors.extend(e))
+                .ok()
+        });
+        let cache = route
+            .and_then(|r| r.cache.as_ref())
+            .or(defaults.cache.as_ref())
+            .and_then(|config| {
+                CachePolicy::compile(config, &params)
+                    .map_err(|e| errors.extend(e))
+                    .ok()
+            });
+        let purge = route
+            .and_then(|r| r.purge.as_ref())
+            .or(defaults.purge.as_ref())
+            .map(|config| {
+                PurgeRule::compile(config, &params).unwrap_or_else(|e| {
+                    errors.extend(e);
+                    PurgeRule::default()
+                })
+            })
+            .unwrap_or_default();
+        if errors.is_empty() {
+            Ok(Policy {
+                auth,
+                rate_limit,
+                cache,
+                purge,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// How a path parameter's value is read by the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    /// Any text, compared as is.
+    Text,
+    /// An integer: `07`, `+7` and `7` are one value, written `7`.
+    Int,
+}
+
+/// A template as the router knows it: `{id:int}` becomes `{id}`, with the type kept aside.
+#[derive(Debug, Clone)]
+struct CompiledTemplate {
+    /// The router's form of the template (types removed, canonical spelling).
+    path: String,
+    /// Parameter types, by name; only typed templates need rewriting.
+    types: Vec<(String, ParamType)>,
+}
+
+impl CompiledTemplate {
+    fn new(template: &str, rules: &PathRules) -> Result<CompiledTemplate, String> {
+        let mut path = String::with_capacity(template.len());
+        let mut types = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let static_part = &rest[..open];
+            path.push_str(&fold_static(static_part, rules));
+            let close = rest[open..]
+                .find('}')
+                .map(|c| open + c)
+                .ok_or_else(|| "unclosed `{`".to_owned())?;
+            let inner = &rest[open + 1..close];
+            let (name, kind) = match inner.split_once(':') {
+                None => (inner, ParamType::Text),
+                Some((name, "int")) if !name.starts_with('*') => (name, ParamType::Int),
+                Some((_, other)) => {
+                    return Err(format!(
+                        "unknown parameter type `{other}` in `{{{inner}}}`: the only type is `int`, as in `{{id:int}}`"
+                    ))
+                }
+            };
+            path.push('{');
+            path.push_str(name);
+            path.push('}');
+            if kind != ParamType::Text {
+                types.push((name.to_owned(), kind));
+            }
+            rest = &rest[close + 1..];
+        }
+        path.push_str(&fold_static(rest, rules));
+        if rules.ignore_trailing_slash && path.len() > 1 && path.ends_with('/') {
+            path.pop();
+        }
+        Ok(CompiledTemplate { path, types })
+    }
+
+    /// `path` (which matched this template) with its typed parameters in canonical form, when
+    /// that differs from the path as it came.
+    fn rewrite(&self, params: &matchit::Params<'_, '_>) -> Option<String> {
+        let mut changed = false;
+        let mut out = String::with_capacity(self.path.len() + 16);
+        let mut rest = self.path.as_str();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let close = open
+                + rest[open..]
+                    .find('}')
+                    .expect("compiled templates pair braces");
+            let name = rest[open + 1..close].trim_start_matches('*');
+            let value = params.get(name).unwrap_or_default();
+            match self.types.iter().find(|(n, _)| n == name) {
+                Some((_, ParamType::Int)) => match canonical_int(value) {
+                    Some(canonical) => {
+                        changed |= canonical != value;
+                        out.push_str(&canonical);
+                    }
+                    None => out.push_str(value),
+                },
+                _ => out.push_str(value),
+            }
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        changed.then_some(out)
+    }
+}
+
+/// Static template text in the spelling canonical paths use (lower case on case-insensitive
+/// origins).
+fn fold_static(text: &str, rules: &PathRules) -> String {
+    if rules.case_insensitive {
+        text.to_ascii_lowercase()
+    } else {
+        text.to_owned()
+    }
+}
+
+/// `07`, `+7`, `-0` → `7`, `7`, `0`; `None` for anything that is not an integer.
+fn canonical_int(value: &str) -> Option<String> {
+    let (negative, digits) = match value.as_bytes().first()? {
+        b'-' => (true, &value[1..]),
+        b'+' => (false, &value[1..]),
+        _ => (false, value),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = digits.trim_start_matches('0');
+    Some(match (digits.is_empty(), negative) {
+        (true, _) => "0".to_owned(),
+        (false, true) => format!("-{digits}"),
+        (false, false) => digits.to_owned(),
+    })
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Name for logs and metrics.
+    pub name: String,
+    /// The template as written, e.g. `/products/{id:int}`.
+    pub template: String,
+    /// `None` means every method.
+    pub methods: Option<Vec<Method>>,
+    pub policy: Policy,
+}
+
+impl Route {
+    fn accepts(&self, method: &Method) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+}
+
+/// Index of a route in its [`RouteTable`].
+pub type RouteId = usize;
+
+/// Routes sharing one template, in file order.
+#[derive(Debug, Clone)]
+struct TemplateRoutes {
+    ids: Vec<RouteId>,
+    template: CompiledTemplate,
+}
+
+/// Where a request's canonical path and method lead.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    /// The matched route; `None` for the defaults.
+    pub route: Option<RouteId>,
+    /// The path with its typed parameters in canonical form, when that changed it.
+    pub rewritten: Option<String>,
+    /// When the path matched a template but no route there takes the method: the methods that
+    /// would be routed.
+    pub allowed: Vec<Method>,
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    router: matchit::Router<TemplateRoutes>,
+    routes: Vec<Route>,
+    default_policy: Policy,
+    /// How paths are made canonical before they are matched.
+    pub paths: PathRules,
+    /// What happens to requests that match no route.
+    pub unmatched: Unmatched,
+    /// Every header the gateway sets from token claims, on any route. Removed from every incoming
+    /// request so a client can never supply them itself.
+    gateway_headers: Vec<HeaderName>,
+}
+
+impl RouteTable {
+    /// Compiles the routes of a configuration; every error points at the offending value.
+    pub fn compile(
+        configs: &[RouteConfig],
+        defaults: &PolicyConfig,
+        auth_configured: bool,
+        paths: PathRules,
+    ) -> Result<RouteTable, Vec<SpanError>> {
+        let mut errors = Vec::new();
+        let default_policy = Policy::compile(None, defaults, auth_configured).unwrap_or_else(|e| {
+            errors.extend(e);
+            Policy::default()
+        });
+        let mut routes: Vec<Route> = Vec::new();
+        // Routes by template, kept in insertion order.
+        let mut by_template: Vec<TemplateRoutes> = Vec::new();
+        let mut spans = Vec::new();
+
+        for config in configs {
+            let template = config.path.get_ref();
+            let compiled = match check_template(template)
+                .and_then(|()| CompiledTemplate::new(template, &paths))
+                .and_then(|c| check_router_template(&c.path).map(|()| c))
+            {
+                Ok(compiled) => compiled,
+                Err(message) => {
+                    errors.push(SpanError::new(
+                        config.path.span(),
+                        format!("invalid route template `{template}`: {message}"),
+                    ));
+                    continue;
+                }
+            };
+            let methods = match &config.methods {
+                None => None,
+                Some(list) => {
+                    let mut methods = Vec::new();
+                    for m in list {
+                        match parse_method(m.get_ref()) {
+                            Ok(method) => methods.push(method),
+                            Err(message) => errors.push(SpanError::new(m.span(), message)),
+                        }
+                    }
+                    Some(methods)
+                }
+            };
+            let policy = match Policy::compile(Some(config), defaults, auth_configured) {
+                Ok(policy) => policy,
+                Err(e) => {
+                    errors.extend(e);
+                    continue;
+                }
+            };
+            let id = routes.len();
+            let route = Route {
+                name: config.display_name().to_owned(),
+                template: template.clone(),
+                methods,
+                policy,
+            };
+            match by_template
+                .iter_mut()
+                .find(|t| t.template.path == compiled.path)
+            {
+                Some(TemplateRoutes { ids, template: t }) => {
+                    if t.types != compiled.types {
+                        errors.push(SpanError::new(
+                            config.path.span(),
+                            format!(
+                                "`{template}` types its parameters differently from route `{}` on the same path; declare them the same way on every route",
+                                routes[ids[0]].name
+                            ),
+                        ));
+                        continue;
+                    }
+                    if let Some(&other) = ids.iter().find(|&&other| overlap(&routes[other], &route))
+                    {
+                        errors.push(SpanError::new(
+                            config.path.span(),
+                            format!(
+                                "duplicate route: `{template}` is already defined for {} by route `{}`; give the routes disjoint `methods` or remove one",
+                                describe_overlap(&routes[other], &route),
+                                routes[other].name
+                            ),
+                        ));
+                        continue;
+                    }
+                    ids.push(id);
+                }
+                None => by_template.push(TemplateRoutes {
+                    ids: vec![id],
+                    template: compiled,
+                }),
+            }
+            spans.push(config.path.span());
+            routes.push(route);
+        }
+
+        let mut router = matchit::Router::new();
+        for entry in by_template {
+            let template = entry.template.path.clone();
+            let first = entry.ids[0];
+            if let Err(e) = router.insert(template.as_str(), entry) {
+                errors.push(SpanError::new(
+                    spans[first].clone(),
+                    format!(
+                        "route template `{template}` cannot be used: {e}. Static segments may overlap parameters, but a `{{param}}` and a `{{*catch_all}}` (or two differently named parameters) cannot share a position"
+                    ),
+                ));
+            }
+        }
+
+        let mut gateway_headers: Vec<HeaderName> = Vec::new();
+        for policy in routes.iter().map(|r| &r.policy).chain([&default_policy]) {
+            for (_, header) in &policy.auth.forward_claims {
+                if !gateway_headers.contains(header) {
+                    gateway_headers.push(header.clone());
+                }
+            }
+        }
+
+        if errors.is_empty() {
+            Ok(RouteTable {
+                router,
+                routes,
+                default_policy,
+                paths,
+                unmatched: defaults.unmatched,
+                gateway_headers,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Routes a request by its canonical path: the route, the path with typed parameters in
+    /// canonical form, and, when only the method failed to match, the methods that would.
+    pub fn resolve(&self, method: &Method, path: &str) -> Resolution {
+        let Ok(matched) = self.router.at(path) else {
+            return Resolution::default();
+        };
+        let entry = matched.value;
+        let route = entry
+            .ids
+            .iter()
+            .copied()
+            .find(|&id| self.routes[id].accepts(method));
+        let allowed = match route {
+            Some(_) => Vec::new(),
+            None => entry
+                .ids
+                .iter()
+                .flat_map(|&id| self.routes[id].methods.clone().unwrap_or_default())
+                .collect(),
+        };
+        let rewritten = if entry.template.types.is_empty() {
+            None
+        } else {
+            entry.template.rewrite(&matched.params)
+        };
+        Resolution {
+            route,
+            rewritten,
+            allowed,
+        }
+    }
+
+    /// The route for a canonical path, or `None` when the default policy applies.
+    pub fn find(&self, method: &Method, path: &str) -> Option<RouteId> {
+        self.resolve(method, path).route
+    }
+
+    /// A path as the gateway keys and purges it: canonical, with typed parameters rewritten.
+    /// `None` when the path has no canonical form.
+    pub fn canonical_target(&self, path: &str) -> Option<String> {
+        let path = canonical::canonical_path(path, &self.paths).ok()?;
+        match self.resolve(&Method::GET, &path).rewritten {
+            Some(rewritten) => Some(rewritten),
+            None => Some(path.into_owned()),
+        }
+    }
+
+    /// The path parameters of `path` by the route template it matches (name, value).
+    pub fn params(&self, path: &str) -> Vec<(String, String)> {
+        match self.router.at(path) {
+            Ok(matched) => matched
+                .params
+                .iter()
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn route(&self, id: RouteId) -> &Route {
+        &self.routes[id]
+    }
+
+    /// The policy for a request: its route's, or the default.
+    pub fn policy(&self, id: Option<RouteId>) -> &Policy {
+        id.map_or(&self.default_policy, |id| &self.routes[id].policy)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Headers only the gateway may set (see [`RouteTable::compile`]).
+    pub fn gateway_headers(&self) -> &[HeaderName] {
+        &self.gateway_headers
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+fn overlap(a: &Route, b: &Route) -> bool {
+    match (&a.methods, &b.methods) {
+        (Some(x), Some(y)) => x.iter().any(|m| y.contains(m)),
+        _ => true,
+    }
+}
+
+fn describe_overlap(a: &Route, b: &Route) -> String {
+    match (&a.methods, &b.methods) {
+        (Some(x), Some(y)) => {
+            let shared: Vec<&str> = x
+                .iter()
+                .filter(|m| y.contains(m))
+                .map(Method::as_str)
+                .collect();
+            shared.join(", ")
+        }
+        _ => "every method".to_owned(),
+    }
+}
+
+fn check_template(template: &str) -> Result<(), String> {
+    if !template.starts_with('/') {
+        return Err("it must start with `/`".to_owned());
+    }
+    if template.contains('?') || template.contains('#') {
+        return Err("templates match paths only; remove the query or fragment".to_owned());
+    }
+    let mut depth = 0i32;
+    for c in template.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            _ => {}
+        }
+        if !(0..=1).contains(&depth) {
+            return Err(
+                "braces must pair up, as in `/products/{id}` or `/files/{*rest}`".to_owned(),
+            );
+        }
+    }
+    if depth != 0 {
+        return Err("unclosed `{`; write parameters as `{id}` or `{*rest}`".to_owned());
+    }
+    Ok(())
+}
+
+/// Lets the router judge the rest (empty names, catch-all placement) with its own words.
+fn check_router_template(path: &str) -> Result<(), String> {
+    matchit::Router::<()>::new()
+        .insert(path, ())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_method(text: &str) -> Result<Method, String> {
+    if text != text.to_ascii_uppercase() {
+        return Err(format!(
+            "method `{text}` must be written in upper case: `{}`",
+            text.to_ascii_uppercase()
+        ));
+    }
+    Method::from_bytes(text.as_bytes())
+        .map_err(|_| format!("`{text}` is not a valid HTTP method name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use toml::Spanned;
+
+    fn route(path: &str, methods: Option<&[&str]>) -> RouteConfig {
+        RouteConfig {
+            name: None,
+            path: Spanned::new(0..0, path.to_owned()),
+            methods: methods.map(|m| {
+                m.iter()
+                    .map(|s| Spanned::new(0..0, s.to_string()))
+                    .collect()
+            }),
+            auth: None,
+            rate_limit: None,
+            cache: None,
+            purge: None,
+        }
+    }
+
+    #[test]
+    fn most_specific_path_wins_then_first_matching_method() {
+        let table = RouteTable::compile(
+            &[
+                route("/files/{*rest}", None),
+                route("/products/{id}", Some(&["GET"])),
+                route("/products/{id}", Some(&["PUT", "DELETE"])),
+                route("/products/special", None),
+                route("/files/readme", None),
+            ],
+            &PolicyConfig::default(),
+            false,
+            PathRules::default(),
+        )
+        .unwrap();
+        assert_eq!(table.find(&Method::GET, "/products/7"), Some(1));
+        assert_eq!(table.find(&Method::DELETE, "/products/7"), Some(2));
+        assert_eq!(table.find(&Method::POST, "/products/7"), None);
+        assert_eq!(table.find(&Method::GET, "/products/special"), Some(3));
+        assert_eq!(table.find(&Method::GET, "/files/a/b"), Some(0));
+        assert_eq!(table.find(&Method::GET, "/files/readme"), Some(4));
+        assert_eq!(table.find(&Method::GET, "/other"), None);
+    }
+
+    #[test]
+    fn duplicates_and_bad_templates_are_errors() {
+        let errors = RouteTable::compile(
+            &[
+                route("/a", Some(&["GET", "PUT"])),
+                route("/a", Some(&["PUT"])),
+                route("a", None),
+                route("/b/{id", None),
+                route("/c", Some(&["get"])),
+            ],
+            &PolicyConfig::default(),
+            false,
+            PathRules::default(),
+        )
+        .unwrap_err();
+        let text: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert!(
+            text[0].contains("duplicate route") && text[0].contains("PUT"),
+            "{text:?}"
+        );
+        assert!(text[1].contains("must start with `/`"), "{text:?}");
+        assert!(text[2].contains("unclosed"), "{text:?}");
+        assert!(text[3].contains("upper case"), "{text:?}");
+    }
+
+    #[test]
+    fn typed_parameters_are_rewritten_to_their_canonical_form() {
+        let table = RouteTable::compile(
+            &[
+                route("/products/{id:int}", Some(&["GET"])),
+                route("/products/{id:int}", Some(&["PUT"])),
+                route("/Files/{*rest}/", None),
+            ],
+            &PolicyConfig::default(),
+            false,
+            PathRules {
+                case_insensitive: true,
+                ..PathRules::default()
+            },
+        )
+        .unwrap();
+        let r = table.resolve(&Method::PUT, "/products/007");
+        assert_eq!(r.route, Some(1));
+        assert_eq!(r.rewritten.as_deref(), Some("/products/7"));
+        assert_eq!(
+            table
+                .resolve(&Method::GET, "/products/+7")
+                .rewritten
+                .as_deref(),
+            Some("/products/7")
+        );
+        assert_eq!(table.resolve(&Method::GET, "/products/7").rewritten, None);
+        assert_eq!(table.resolve(&Method::GET, "/products/abc").rewritten, None);
+        let r = table.resolve(&Method::DELETE, "/products/7");
+        assert_eq!((r.route, r.allowed), (None, vec![Method::GET, Method::PUT]));
+        assert_eq!(
+            table.find(&Method::GET, "/files/a/b"),
+            Some(2),
+            "templates are folded too"
+        );
+        assert_eq!(
+            table.canonical_target("/Products/0012/").as_deref(),
+            Some("/products/12")
+        );
+
+        let errors = RouteTable::compile(
+            &[
+                route("/a/{id:int}", Some(&["GET"])),
+                route("/a/{id}", Some(&["PUT"])),
+                route("/b/{x:uuid}", None),
+            ],
+            &PolicyConfig::default(),
+            false,
+            PathRules::default(),
+        )
+        .unwrap_err();
+        assert!(
+            errors[0]
+                .message
+                .contains("types its parameters differently"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].message.contains("unknown parameter type `uuid`"),
+            "{errors:?}"
+        );
+    }
+}
