@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use common::{eventually, free_port, Client, Gateway, JwksServer, Response, Upstream};
+use common::{config_for, eventually, free_port, Client, Gateway, JwksServer, Response, Upstream};
 use hyper::{Method, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -831,5 +831,112 @@ async fn jwks_is_refreshed_on_its_interval() {
         })
         .await,
         "the rotated key was never picked up by the periodic refresh"
+    );
+}
+
+/// With `issuer` and `audience` set, a token must carry both claims (every algorithm family); a
+/// header `crit` naming any extension is refused (RFC 7515 §4.1.11); two `Authorization` headers
+/// are a `400`. None of it reaches the origin.
+#[tokio::test]
+async fn configured_claims_are_required_crit_is_refused_and_one_authorization_only() {
+    let upstream = Upstream::start();
+    let gateway = static_keys_gateway(&upstream);
+    let before = upstream.served("ANY /__headers").await;
+    for alg in [Algorithm::RS256, Algorithm::ES256, Algorithm::HS256] {
+        let mut no_iss = claims("alice", "read");
+        no_iss.as_object_mut().unwrap().remove("iss");
+        let token = sign(alg, &no_iss);
+        let resp = call(&gateway, Method::GET, "/__headers", Some(&token), &[]).await;
+        assert_invalid(&resp, "issuer", &token);
+
+        let mut no_aud = claims("alice", "read");
+        no_aud.as_object_mut().unwrap().remove("aud");
+        let token = sign(alg, &no_aud);
+        let resp = call(&gateway, Method::GET, "/__headers", Some(&token), &[]).await;
+        assert_invalid(&resp, "audience", &token);
+
+        let mut header = Header::new(alg);
+        header.crit = Some(vec!["urn:example:unknown".to_owned()]);
+        let token = sign_with_header(&header, &claims("alice", "read"), &encoding_key(alg));
+        let resp = call(&gateway, Method::GET, "/__headers", Some(&token), &[]).await;
+        assert_invalid(&resp, "crit", &token);
+    }
+
+    let good = format!(
+        "Bearer {}",
+        sign(Algorithm::HS256, &claims("alice", "read"))
+    );
+    let resp = Client::new()
+        .send(
+            Method::GET,
+            &gateway.url("/__headers"),
+            &[("authorization", &good), ("authorization", "Bearer forged")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(resp.status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&resp.body).contains("more than one Authorization"));
+    assert_eq!(upstream.served("ANY /__headers").await, before);
+    let resp = call(&gateway, Method::GET, "/__headers", Some(&good[7..]), &[]).await;
+    assert_eq!(resp.status, StatusCode::OK, "the good token alone passes");
+}
+
+/// With no `audience` configured, a token meant for some audience is refused.
+#[tokio::test]
+async fn a_token_for_an_audience_is_refused_when_none_is_configured() {
+    let upstream = Upstream::start();
+    let gateway = Gateway::start(&config_for(
+        &[&upstream.url()],
+        &format!(
+            r#"
+[auth]
+realm = "test"
+[[auth.providers]]
+algorithms = ["HS256"]
+secret = "{SECRET}"
+[[routes]]
+path = "/__headers"
+auth = "required"
+"#
+        ),
+    ));
+    let with_aud = sign(Algorithm::HS256, &claims("alice", "read"));
+    let resp = call(&gateway, Method::GET, "/__headers", Some(&with_aud), &[]).await;
+    assert_invalid(&resp, "audience", &with_aud);
+    let mut without = claims("alice", "read");
+    without.as_object_mut().unwrap().remove("aud");
+    let token = sign(Algorithm::HS256, &without);
+    let resp = call(&gateway, Method::GET, "/__headers", Some(&token), &[]).await;
+    assert_eq!(resp.status, StatusCode::OK);
+}
+
+/// Fifty concurrent tokens with made-up key ids cause at most one JWKS fetch per
+/// `min_refresh_interval`: the unknown-kid refresh is single-flight.
+#[tokio::test]
+async fn concurrent_unknown_kids_share_one_jwks_fetch() {
+    let upstream = Upstream::start();
+    let jwks = JwksServer::start(json!({"keys": [rsa_jwk("rsa.jwk.json", "k1")]})).await;
+    let admin_port = free_port();
+    let gateway = Gateway::start(&jwks_config(
+        &upstream,
+        admin_port,
+        &format!("jwks_url = \"{}\"", jwks.url()),
+    ));
+    assert_becomes_ready(admin_port, &gateway).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the configured floor
+    let before = jwks.hits();
+    let calls = (0..50).map(|i| {
+        let token = sign_kid("rsa2.key.pem", &format!("made-up-{i}"), "mallory");
+        let gateway = &gateway;
+        async move {
+            let resp = call(gateway, Method::GET, "/__headers", Some(&token), &[]).await;
+            assert_invalid(&resp, "unknown key id", &token);
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    let fetches = jwks.hits() - before;
+    assert!(
+        fetches <= 1,
+        "{fetches} JWKS fetches for 50 concurrent unknown kids"
     );
 }

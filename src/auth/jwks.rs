@@ -121,6 +121,11 @@ impl JwksSource {
     /// Fetches the key set now and swaps it in; on failure the previous set stays.
     pub async fn fetch(&self) -> Result<usize, String> {
         let _one_at_a_time = self.fetching.lock().await;
+        self.fetch_locked().await
+    }
+
+    /// [`JwksSource::fetch`], for a caller holding `fetching`.
+    async fn fetch_locked(&self) -> Result<usize, String> {
         *self.last_fetch.lock().expect("jwks mutex") = Some(Instant::now());
         let jwks_url = if self.discover {
             let discovery = format!("{}/.well-known/openid-configuration", self.url);
@@ -152,18 +157,21 @@ impl JwksSource {
         Ok(count)
     }
 
-    /// Fetches again if the last fetch is older than the floor; returns whether it did.
-    /// Called when a token names a key id the current set lacks.
+    /// Fetches again if the last fetch is older than the floor; returns whether the key set may
+    /// have changed since the caller looked (it fetched, or another caller fetched meanwhile).
+    /// Called when a token names a key id the current set lacks. Single-flight: concurrent
+    /// callers wait for one fetch instead of each starting their own.
     pub async fn refresh_for_unknown_kid(&self) -> bool {
-        let due = self
-            .last_fetch
-            .lock()
-            .expect("jwks mutex")
-            .is_none_or(|at| at.elapsed() >= self.min_refresh_interval);
-        if !due {
+        let asked_at = Instant::now();
+        let _one_at_a_time = self.fetching.lock().await;
+        let last = *self.last_fetch.lock().expect("jwks mutex");
+        if last.is_some_and(|at| at >= asked_at) {
+            return true;
+        }
+        if last.is_some_and(|at| at.elapsed() < self.min_refresh_interval) {
             return false;
         }
-        match self.fetch().await {
+        match self.fetch_locked().await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(url = %self.url, error = %e, "auth: JWKS refresh failed; keeping the last good key set");

@@ -526,20 +526,26 @@ impl Authenticator {
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
         validation.validate_exp = true;
-        let required: Vec<&str> = if self.require_exp {
-            vec!["exp"]
-        } else {
-            vec![]
-        };
+        // A configured issuer or audience is a claim the token must carry, not one it may omit.
+        let mut required = Vec::new();
+        if self.require_exp {
+            required.push("exp");
+        }
+        if !self.issuers.is_empty() {
+            required.push("iss");
+        }
+        if !self.audiences.is_empty() {
+            required.push("aud");
+        }
         validation.set_required_spec_claims(&required);
         if self.issuers.is_empty() {
             validation.iss = None;
         } else {
             validation.set_issuer(&self.issuers);
         }
-        if self.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
+        // With no audience configured, `aud` stays validated against none: a token meant for
+        // some audience is not meant for this gateway (RFC 7519 §4.1.3).
+        if !self.audiences.is_empty() {
             validation.set_audience(&self.audiences);
         }
 
@@ -562,9 +568,6 @@ impl Authenticator {
         }
         let claims = outcome?;
 
-        if !self.audiences.is_empty() && !claims.contains_key("aud") {
-            return Err(Reason::WrongAudience);
-        }
         for (name, expected) in &self.required_claims {
             match claims.get(name) {
                 None => return Err(Reason::MissingClaim(name.clone())),
@@ -638,6 +641,13 @@ fn read_header(token: &str) -> Result<(Algorithm, Option<String>), Reason> {
     if alg.eq_ignore_ascii_case("none") {
         return Err(Reason::Unsigned);
     }
+    // RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` names an extension it does
+    // not understand; this gateway understands none.
+    if header.contains_key("crit") {
+        return Err(Reason::Malformed(
+            "the header lists critical extensions (crit) this gateway does not understand",
+        ));
+    }
     let alg = alg
         .parse::<Algorithm>()
         .map_err(|_| Reason::AlgorithmNotAllowed(alg.chars().take(16).collect()))?;
@@ -651,6 +661,9 @@ fn reason_for(kind: &ErrorKind) -> Reason {
         ErrorKind::ImmatureSignature => Reason::NotYetValid,
         ErrorKind::InvalidIssuer => Reason::WrongIssuer,
         ErrorKind::InvalidAudience => Reason::WrongAudience,
+        // A configured issuer or audience the token does not name is the wrong one.
+        ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => Reason::WrongIssuer,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => Reason::WrongAudience,
         ErrorKind::MissingRequiredClaim(claim) => Reason::MissingClaim(claim.clone()),
         ErrorKind::InvalidSignature => Reason::BadSignature,
         ErrorKind::InvalidAlgorithm => Reason::AlgorithmNotAllowed("for this key".to_owned()),

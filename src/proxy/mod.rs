@@ -294,6 +294,21 @@ impl Gateway {
     /// The authentication phase: strips gateway-set headers, checks the token against the
     /// route's policy, and either forwards the identity or answers 401/403 itself.
     async fn authenticate(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // `Authorization` is a singleton field: with two, the gateway and the origin could each
+        // believe a different one.
+        let authorizations = session
+            .req_header()
+            .headers
+            .get_all(http::header::AUTHORIZATION);
+        if authorizations.iter().nth(1).is_some() {
+            Problem::new(
+                400,
+                "the request carries more than one Authorization header; send exactly one",
+            )
+            .send(session, &ctx.request_id)
+            .await?;
+            return Ok(true);
+        }
         let snapshot = ctx.snapshot.clone();
         for name in snapshot.routes.gateway_headers() {
             session.req_header_mut().remove_header(name);
