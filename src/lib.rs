@@ -13,6 +13,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod header_rules;
 pub mod http_client;
 pub mod metrics;
 pub mod problem;

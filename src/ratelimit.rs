@@ -39,7 +39,8 @@ impl TrustedProxies {
         )
     }
 
-    fn trusts(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is a configured trusted proxy.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|net| net.contains(&ip))
     }
 

@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub trusted_proxies: TrustedProxies,
     /// The token that authorises `PURGE` requests on the main listeners, when they are on.
     pub purge_method_token: Option<String>,
+    /// Override headers passed to the origin (lower case).
+    pub forward_override_headers: Vec<String>,
 }
 
 impl Snapshot {
@@ -70,6 +72,12 @@ impl Snapshot {
                     .filter(|a| a.purge_method.as_ref().is_some_and(|p| *p.get_ref()))
                     .and_then(|a| a.token.as_ref())
                     .map(|t| t.as_str().to_owned()),
+                forward_override_headers: config
+                    .server
+                    .forward_override_headers
+                    .iter()
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .collect(),
             }),
             _ => {
                 errors.sort_by_key(|e| e.span.start);

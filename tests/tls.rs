@@ -131,3 +131,70 @@ addresses = ["https://127.0.0.1:{}"]
     assert_eq!(resp.status, StatusCode::BAD_GATEWAY);
     assert_eq!(upstream.served("GET /products/{id}").await, 1);
 }
+
+/// The scheme is part of the cache key: with a plain and a TLS listener, an answer stored for
+/// `https` (which an origin may make a redirect or give https links) never serves `http`, and
+/// the other way round — even for the same Host. HTTP/2's `:authority` is the key's host.
+#[tokio::test]
+async fn the_scheme_and_the_http2_authority_are_in_the_cache_key() {
+    let upstream = Upstream::start();
+    let dir = tempfile::TempDir::new().unwrap();
+    let (cert, key, cert_der) = self_signed_cert(dir.path());
+    let tls_port = common::free_port();
+    let gateway = Gateway::start(&format!(
+        r#"
+[server]
+threads = 1
+grace_period = "1s"
+[[listeners]]
+address = "127.0.0.1:{{port}}"
+[[listeners]]
+address = "127.0.0.1:{tls_port}"
+tls = {{ cert_file = "{}", key_file = "{}" }}
+[upstream]
+addresses = ["{}"]
+[[routes]]
+path = "/__headers"
+cache = {{ ttl = "60s" }}
+"#,
+        cert.display(),
+        key.display(),
+        upstream.url()
+    ));
+    let authority = format!("127.0.0.1:{tls_port}");
+    let tls = tls_client(&cert_der);
+    let over_tls = || async {
+        let resp = tls
+            .request(
+                Request::get(format!("https://{authority}/__headers"))
+                    .body(Empty::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), Version::HTTP_2);
+        let x_cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (x_cache, body)
+    };
+    let (first, body) = over_tls().await;
+    assert_eq!(first, "MISS");
+    assert_eq!(body["headers"]["host"][0], authority.as_str());
+    assert_eq!(over_tls().await.0, "HIT", "h2 requests share an entry");
+
+    let plain = common::Client::new()
+        .send(
+            hyper::Method::GET,
+            &gateway.url("/__headers"),
+            &[("host", authority.as_str())],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        plain.header("x-cache"),
+        Some("MISS"),
+        "http is not served the https entry"
+    );
+    assert_eq!(plain.json()["headers"]["x-forwarded-proto"][0], "http");
+}

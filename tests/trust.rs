@@ -201,3 +201,368 @@ rate_limit = { limits = [ { rate = "1/minute", burst = 1, key = "ip" } ] }
     }
     assert_eq!(upstream.served("ANY /__headers").await, 1);
 }
+
+/// A gateway caching `/__headers` (which echoes what the origin received) for a minute.
+fn echo_cache_gateway(upstream: &Upstream, server: &str, rule: &str) -> Gateway {
+    let config = config_for(
+        &[&upstream.url()],
+        &format!(
+            r#"
+[[routes]]
+path = "/__headers"
+methods = ["GET", "HEAD"]
+cache = {{ ttl = "60s" {rule} }}
+"#
+        ),
+    );
+    Gateway::start(&with_server_settings(&config, server))
+}
+
+/// Headers that make origins act on another method, URL, scheme or host never reach the origin
+/// from a client (in any spelling), so they cannot poison what the cache stores for everyone.
+#[tokio::test]
+async fn override_and_forwarding_headers_cannot_poison_the_cache() {
+    let upstream = Upstream::start();
+    let gateway = echo_cache_gateway(&upstream, "", "");
+    let hostile = [
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-forwarded-scheme", "http"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-server", "evil.example"),
+        ("x-forwarded-port", "1"),
+        ("x_forwarded_host", "evil.example"),
+        ("x_http_method_override", "DELETE"),
+        ("forwarded", "for=1.2.3.4;host=evil.example;proto=http"),
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-real-ip", "1.2.3.4"),
+    ];
+    let first = Client::new()
+        .send(Method::GET, &gateway.url("/__headers"), &hostile, "")
+        .await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let seen = first.json()["headers"].clone();
+    for (name, _) in hostile {
+        if name == "x-forwarded-for" || name == "x-forwarded-host" {
+            continue;
+        }
+        assert!(
+            seen.get(name).is_none(),
+            "{name} reached the origin: {seen}"
+        );
+    }
+    assert_eq!(
+        seen["x-forwarded-for"],
+        json!(["127.0.0.1"]),
+        "replaced, not appended"
+    );
+    assert_eq!(
+        seen["x-forwarded-host"],
+        json!([format!("127.0.0.1:{}", gateway.port)])
+    );
+    let clean = Client::new().get(&gateway.url("/__headers")).await;
+    assert_eq!(clean.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        clean.json()["headers"],
+        seen,
+        "what was stored is the clean answer"
+    );
+}
+
+/// An override header the operator lets through reaches the origin, and then the cache stays
+/// out of the way unless the rule keys on it.
+#[tokio::test]
+async fn a_forwarded_override_header_bypasses_the_cache_unless_keyed() {
+    let upstream = Upstream::start();
+    let gateway = echo_cache_gateway(
+        &upstream,
+        r#"forward_override_headers = ["X-HTTP-Method-Override"]"#,
+        "",
+    );
+    let client = Client::new();
+    let overridden = client
+        .send(
+            Method::GET,
+            &gateway.url("/__headers"),
+            &[("x-http-method-override", "PUT")],
+            "",
+        )
+        .await;
+    assert_eq!(overridden.header("x-cache"), Some("BYPASS"));
+    assert_eq!(
+        overridden.json()["headers"]["x-http-method-override"],
+        json!(["PUT"])
+    );
+    assert_eq!(
+        client
+            .get(&gateway.url("/__headers"))
+            .await
+            .header("x-cache"),
+        Some("MISS")
+    );
+
+    let keyed = echo_cache_gateway(&upstream, "", r#", vary = ["x-http-method-override"]"#);
+    let keyed_url = keyed.url("/__headers");
+    let send = |value: &'static str| {
+        let (client, url) = (client.clone(), keyed_url.clone());
+        async move {
+            let headers: &[(&str, &str)] = if value.is_empty() {
+                &[]
+            } else {
+                &[("x-http-method-override", value)]
+            };
+            client.send(Method::GET, &url, headers, "").await
+        }
+    };
+    assert_eq!(send("PUT").await.header("x-cache"), Some("MISS"));
+    assert_eq!(send("PUT").await.header("x-cache"), Some("HIT"));
+    let clean = send("").await;
+    assert_eq!(
+        clean.header("x-cache"),
+        Some("MISS"),
+        "keyed: the variants are apart"
+    );
+    assert!(clean.json()["headers"]
+        .get("x-http-method-override")
+        .is_none());
+}
+
+/// A GET with a body goes to the origin uncached and stores nothing; a request with a cookie
+/// stores nothing on a shared rule unless the rule allows cookies.
+#[tokio::test]
+async fn fat_gets_and_cookies_do_not_fill_the_shared_cache() {
+    let upstream = Upstream::start();
+    let gateway = echo_cache_gateway(&upstream, "", "");
+    let client = Client::new();
+    let fat = client
+        .send(
+            Method::GET,
+            &gateway.url("/__headers"),
+            &[],
+            "{\"role\":\"admin\"}",
+        )
+        .await;
+    assert_eq!(fat.header("x-cache"), Some("BYPASS"));
+    let with_cookie = client
+        .send(
+            Method::GET,
+            &gateway.url("/__headers"),
+            &[("cookie", "session=alice")],
+            "",
+        )
+        .await;
+    assert_eq!(with_cookie.status, 200);
+    let anonymous = client.get(&gateway.url("/__headers")).await;
+    assert_eq!(
+        anonymous.header("x-cache"),
+        Some("MISS"),
+        "nothing was stored before"
+    );
+    assert!(anonymous.json()["headers"].get("cookie").is_none());
+    let cookie_again = client
+        .send(
+            Method::GET,
+            &gateway.url("/__headers"),
+            &[("cookie", "session=bob")],
+            "",
+        )
+        .await;
+    assert_ne!(
+        cookie_again.header("x-cache"),
+        Some("HIT"),
+        "a cookie is not served the shared entry"
+    );
+    assert_eq!(
+        cookie_again.json()["headers"]["cookie"],
+        json!(["session=bob"])
+    );
+
+    let allowing = echo_cache_gateway(&upstream, "", ", allow_cookies = true");
+    let url = allowing.url("/__headers");
+    let cookie = [("cookie", "theme=dark")];
+    assert_eq!(
+        client
+            .send(Method::GET, &url, &cookie, "")
+            .await
+            .header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(client.get(&url).await.header("x-cache"), Some("HIT"));
+}
+
+/// A request the gateway authenticated is authorised for RFC 9111 §3.5 even when its token is
+/// removed before the origin (`strip_authorization`) or came from a cookie: its answer is not
+/// shared with other users.
+#[tokio::test]
+async fn authenticated_answers_stay_out_of_the_shared_tier() {
+    let upstream = Upstream::start();
+    let secret = "trust-test-secret-0123456789abcdef";
+    let gateway = Gateway::start(&config_for(
+        &[&upstream.url()],
+        &format!(
+            r#"
+[auth]
+realm = "test"
+cookie = "session"
+[[auth.providers]]
+algorithms = ["HS256"]
+secret = "{secret}"
+[[routes]]
+path = "/__headers"
+auth = {{ mode = "required", strip_authorization = true, forward_claims = {{ sub = "X-User-Id" }} }}
+cache = {{ ttl = "60s" }}
+"#
+        ),
+    ));
+    let client = Client::new();
+    let url = gateway.url("/__headers");
+    for (user, how) in [
+        ("alice", "header"),
+        ("bob", "header"),
+        ("carol", "cookie"),
+        ("dave", "cookie"),
+    ] {
+        let token = hs256_token(secret, user);
+        let (name, value) = match how {
+            "header" => ("authorization", format!("Bearer {token}")),
+            _ => ("cookie", format!("session={token}")),
+        };
+        let resp = client.send(Method::GET, &url, &[(name, &value)], "").await;
+        assert_eq!(resp.status, 200, "{user}: {:?}", resp.body);
+        assert_eq!(resp.header("x-cache"), Some("BYPASS"), "{user}");
+        assert_eq!(
+            resp.json()["headers"]["x-user-id"],
+            json!([user]),
+            "{user} got its own answer"
+        );
+        assert!(resp.json()["headers"].get("authorization").is_none());
+    }
+}
+
+/// Query strings are keyed decoded and in order: `?a=1&b=2` and `?b=2&a=1` are two entries,
+/// `?a=1&b=%32` is the first; a listed parameter counts in any spelling.
+#[tokio::test]
+async fn query_keys_keep_order_and_compare_decoded() {
+    let upstream = Upstream::start();
+    let gateway = echo_cache_gateway(&upstream, "", "");
+    let client = Client::new();
+    let x_cache = |path: &'static str| {
+        let url = gateway.url(path);
+        let client = client.clone();
+        async move { client.get(&url).await.header("x-cache").map(str::to_owned) }
+    };
+    assert_eq!(x_cache("/__headers?a=1&b=2").await.as_deref(), Some("MISS"));
+    assert_eq!(x_cache("/__headers?b=2&a=1").await.as_deref(), Some("MISS"));
+    assert_eq!(
+        x_cache("/__headers?a=1&b=%32").await.as_deref(),
+        Some("HIT")
+    );
+    assert_eq!(
+        x_cache("/__headers?a=1&b=2&a=1").await.as_deref(),
+        Some("MISS")
+    );
+
+    let listed = echo_cache_gateway(&upstream, "", r#", query = ["page"]"#);
+    let x_cache = |path: &'static str| {
+        let url = listed.url(path);
+        let client = client.clone();
+        async move { client.get(&url).await.header("x-cache").map(str::to_owned) }
+    };
+    assert_eq!(x_cache("/__headers").await.as_deref(), Some("MISS"));
+    assert_eq!(
+        x_cache("/__headers?pag%65=9").await.as_deref(),
+        Some("MISS"),
+        "not the page-less entry"
+    );
+    assert_eq!(
+        x_cache("/__headers?page=9&utm=x").await.as_deref(),
+        Some("HIT")
+    );
+}
+
+/// Headers the gateway sets survive anything the client sends: a `Connection` header naming
+/// one, an underscore spelling, several `Content-Length` values.
+#[tokio::test]
+async fn gateway_headers_and_framing_cannot_be_tampered_with() {
+    let upstream = Upstream::start();
+    let secret = "trust-test-secret-0123456789abcdef";
+    let gateway = Gateway::start(&config_for(
+        &[&upstream.url()],
+        &format!(
+            r#"
+[auth]
+realm = "test"
+[[auth.providers]]
+algorithms = ["HS256"]
+secret = "{secret}"
+[[routes]]
+path = "/__headers"
+auth = {{ mode = "required", forward_claims = {{ sub = "X-User-Id" }} }}
+"#
+        ),
+    ));
+    let port = gateway.port;
+    let token = hs256_token(secret, "alice");
+    let base = format!(
+        "POST /__headers HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {token}"
+    );
+
+    let resp = raw_request(
+        port,
+        &format!("{base}\r\nconnection: close, X-User-Id, X-Request-Id\r\nX_User_Id: mallory\r\nx-user-id: mallory\r\ncontent-length: 2"),
+        b"{}",
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let seen = resp.json()["headers"].clone();
+    assert_eq!(seen["x-user-id"], json!(["alice"]), "{seen}");
+    assert!(seen.get("x_user_id").is_none(), "{seen}");
+    assert!(seen.get("x-request-id").is_some());
+    // Naming `X-Forwarded-For` in `Connection` is refused outright, or has no effect.
+    let resp = raw_request(
+        port,
+        &format!("{base}\r\nconnection: close, X-Forwarded-For\r\ncontent-length: 2"),
+        b"{}",
+    )
+    .await;
+    match resp.status {
+        400 => {}
+        200 => assert_eq!(
+            resp.json()["headers"]["x-forwarded-for"],
+            json!(["127.0.0.1"])
+        ),
+        other => panic!("unexpected {other}: {}", resp.body),
+    }
+
+    // Equal values, in separate fields or listed, go on as one.
+    for framing in [
+        "content-length: 2\r\ncontent-length: 2",
+        "content-length: 2, 2",
+    ] {
+        let resp = raw_request(port, &format!("{base}\r\n{framing}"), b"{}").await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        assert_eq!(
+            resp.json()["headers"]["content-length"],
+            json!(["2"]),
+            "one Content-Length goes on"
+        );
+    }
+
+    let before = upstream.served("ANY /__headers").await;
+    for framing in [
+        "content-length: 2\r\ncontent-length: 3",
+        "content-length: 2, 3",
+    ] {
+        let resp = raw_request(port, &format!("{base}\r\n{framing}"), b"{}").await;
+        assert_eq!(resp.status, 400, "{framing}: {}", resp.body);
+        assert_eq!(
+            upstream.served("ANY /__headers").await,
+            before,
+            "{framing}: ambiguous framing is never forwarded"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{HeaderMap, AGE, AUTHORIZATION, DATE, EXPIRES, SET_COOKIE, VARY};
+use http::header::{HeaderMap, AGE, COOKIE, DATE, EXPIRES, SET_COOKIE, VARY};
 use http::Method;
 
 use super::directives::CacheControl;
@@ -26,6 +26,8 @@ pub struct StoreRule {
     /// Shared entries may come from requests carrying `Authorization` (content the gateway
     /// itself authorised).
     pub allow_authorized: bool,
+    /// Shared entries may come from requests carrying `Cookie`.
+    pub allow_cookies: bool,
     /// Store responses with `Set-Cookie` after removing it (else they are not stored).
     pub strip_set_cookie: bool,
 }
@@ -38,6 +40,8 @@ pub enum NotStorable {
     NoStore,
     Private,
     Authorized,
+    /// A shared rule, a request with `Cookie`, and nothing saying the answer is for everyone.
+    Cookie,
     VaryStar,
     SetCookie,
     /// Neither the origin nor the rule gives it a freshness lifetime.
@@ -49,6 +53,9 @@ pub enum NotStorable {
 pub struct Exchange<'a> {
     pub method: &'a Method,
     pub request: &'a HeaderMap,
+    /// The request was authorised: it carried `Authorization`, or the gateway verified a token
+    /// (which may have come from a cookie, or been removed before the origin saw it).
+    pub authorized: bool,
     pub request_cc: &'a CacheControl,
     pub status: u16,
     pub response: &'a HeaderMap,
@@ -64,6 +71,7 @@ pub fn storable(
     let Exchange {
         method,
         request,
+        authorized,
         request_cc,
         status,
         response,
@@ -86,10 +94,17 @@ pub fn storable(
     // it, or when the gateway's own rule says the content is shared (it did the authorising).
     let origin_allows =
         response_cc.public || response_cc.s_maxage.is_some() || response_cc.must_revalidate;
-    if request.contains_key(AUTHORIZATION)
-        && !(rule.per_user || rule.allow_authorized || origin_allows)
-    {
+    if authorized && !(rule.per_user || rule.allow_authorized || origin_allows) {
         return Err(NotStorable::Authorized);
+    }
+    // A cookie may select a user's answer the origin does not mark private; only what the origin
+    // says is for everyone (`public`, `s-maxage`) is shared with other clients.
+    if request.contains_key(COOKIE)
+        && !rule.per_user
+        && !rule.allow_cookies
+        && !shared_for_everyone(response_cc)
+    {
+        return Err(NotStorable::Cookie);
     }
     let vary_star = response
         .get_all(VARY)
@@ -110,6 +125,11 @@ pub fn storable(
         return Err(NotStorable::NoFreshness);
     }
     Ok(lifetime)
+}
+
+/// The origin says a response is for every client, cookies or not: `public` or `s-maxage`.
+pub fn shared_for_everyone(cc: &CacheControl) -> bool {
+    cc.public || cc.s_maxage.is_some()
 }
 
 fn has_validator(response: &HeaderMap) -> bool {
@@ -200,6 +220,7 @@ mod tests {
             honor_origin: true,
             per_user: false,
             allow_authorized: false,
+            allow_cookies: false,
             strip_set_cookie: false,
         }
     }
@@ -214,6 +235,7 @@ mod tests {
         let exchange = Exchange {
             method: &Method::GET,
             request: &req,
+            authorized: req.contains_key(http::header::AUTHORIZATION),
             request_cc: &CacheControl::parse(&req),
             status,
             response: &resp,
@@ -310,6 +332,19 @@ mod tests {
             &r
         )
         .is_ok());
+        assert_eq!(
+            check(&[("cookie", "session=alice")], 200, &[], &r),
+            Err(NotStorable::Cookie),
+            "a cookie may have selected a user's answer"
+        );
+        for shared in ["public", "s-maxage=30"] {
+            assert!(check(&[("cookie", "a=1")], 200, &[("cache-control", shared)], &r).is_ok());
+        }
+        let cookies_allowed = StoreRule {
+            allow_cookies: true,
+            ..rule()
+        };
+        assert!(check(&[("cookie", "a=1")], 200, &[], &cookies_allowed).is_ok());
         let per_user = StoreRule {
             per_user: true,
             ..rule()
@@ -341,6 +376,7 @@ mod tests {
         let exchange = Exchange {
             method: &Method::HEAD,
             request: &empty,
+            authorized: false,
             request_cc: &none,
             status: 200,
             response: &empty,

@@ -1,46 +1,113 @@
 //! Cache keys: what makes two requests "the same" for the cache. GET and HEAD share entries
-//! (HEAD is answered from a stored GET); the host, the normalised path, the query (sorted, or
-//! dropped, or reduced to named parameters), the values of the varying request headers and, for
+//! (HEAD is answered from a stored GET); the scheme, the host, the canonical path, the query
+//! (decoded, in order or sorted, or dropped, or reduced to named parameters), the values of the varying request headers and, for
 //! per-user rules, the user all take part.
 
 use http::header::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
-/// What of the query string takes part in the key.
+/// What of the query string takes part in the key. Parameters are compared decoded
+/// (`?pag%65=2`, `?page=2` and, for values, `+` and `%20` alike), as the origin reads them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryRule {
-    /// Every parameter, sorted, so `?b=2&a=1` and `?a=1&b=2` share an entry.
+    /// Every parameter, in the order sent: the origin may answer `?a=1&b=2` and `?b=2&a=1`
+    /// differently (and certainly repeated names in another order).
     All,
+    /// Every parameter, sorted (opt-in, for origins known not to care about order).
+    Sorted,
     /// None: the query never splits entries.
     Ignore,
-    /// Only these parameters, sorted.
+    /// Only these parameters (decoded names), in the order sent.
     Only(Vec<String>),
 }
 
-/// The query string as it counts for the key.
+/// The query string as it counts for the key: each name and value decoded and written again in
+/// one encoding, so spellings the origin reads alike share an entry and no others do.
 pub fn normalized_query(query: Option<&str>, rule: &QueryRule) -> String {
     let Some(query) = query else {
         return String::new();
     };
-    let mut pairs: Vec<&str> = match rule {
-        QueryRule::Ignore => return String::new(),
-        QueryRule::All => query.split('&').filter(|p| !p.is_empty()).collect(),
-        QueryRule::Only(names) => query
-            .split('&')
-            .filter(|p| {
-                let name = p.split('=').next().unwrap_or_default();
-                !p.is_empty() && names.iter().any(|n| n == name)
-            })
-            .collect(),
-    };
-    // Sorting whole pairs keeps repeated parameters in a stable order.
-    pairs.sort_unstable();
-    pairs.join("&")
+    if *rule == QueryRule::Ignore {
+        return String::new();
+    }
+    let mut pairs: Vec<(String, Option<String>)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((name, value)) => (decode_component(name), Some(decode_component(value))),
+            None => (decode_component(p), None),
+        })
+        .collect();
+    match rule {
+        QueryRule::Only(names) => pairs.retain(|(name, _)| names.iter().any(|n| n == name)),
+        QueryRule::Sorted => pairs.sort(),
+        QueryRule::All | QueryRule::Ignore => {}
+    }
+    let mut out = String::with_capacity(query.len());
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        encode_component(name, &mut out);
+        if let Some(value) = value {
+            out.push('=');
+            encode_component(value, &mut out);
+        }
+    }
+    out
+}
+
+/// Decodes `%XX` and `+` (a space in form encoding) into bytes; a malformed escape stays as
+/// written. Invalid UTF-8 is kept byte for byte (as Latin-1 chars, so it round-trips).
+fn decode_component(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let value = bytes
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                if let Some(value) = value {
+                    out.push(value);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    match String::from_utf8(out) {
+        Ok(text) => text,
+        Err(e) => e.into_bytes().iter().map(|&b| b as char).collect(),
+    }
+}
+
+/// Percent-encodes everything but unreserved characters.
+fn encode_component(text: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        }
+    }
 }
 
 /// The parts of a request that identify a cache entry.
 #[derive(Debug, Clone)]
 pub struct KeyParts<'a> {
+    /// `http` or `https`: an origin may answer each differently (a redirect to https).
+    pub scheme: &'a str,
     /// `None` when the rule does not separate hosts.
     pub host: Option<&'a str>,
     /// Already normalised by the route table.
@@ -62,6 +129,7 @@ impl CacheKey {
         // Length-prefixed fields, so no two different inputs can concatenate alike.
         for field in [
             "GET",
+            parts.scheme,
             parts.host.unwrap_or(""),
             parts.path,
             &normalized_query(parts.query, parts.query_rule),
@@ -129,6 +197,7 @@ mod tests {
 
     fn key(path: &str, query: Option<&str>, rule: &QueryRule, user: Option<&str>) -> CacheKey {
         CacheKey::primary(&KeyParts {
+            scheme: "http",
             host: Some("api.test"),
             path,
             query,
@@ -138,20 +207,38 @@ mod tests {
     }
 
     #[test]
-    fn queries_are_sorted_dropped_or_filtered() {
+    fn queries_keep_their_order_unless_sorted_and_compare_decoded() {
         assert_eq!(
             normalized_query(Some("b=2&a=1&&a=0"), &QueryRule::All),
+            "b=2&a=1&a=0"
+        );
+        assert_eq!(
+            normalized_query(Some("b=2&a=1&&a=0"), &QueryRule::Sorted),
             "a=0&a=1&b=2"
         );
         assert_eq!(normalized_query(Some("b=2&a=1"), &QueryRule::Ignore), "");
         let only = QueryRule::Only(vec!["page".into()]);
         assert_eq!(
-            normalized_query(Some("utm=x&page=2&pager=9"), &only),
-            "page=2"
+            normalized_query(Some("utm=x&page=2&pager=9&pag%65=3"), &only),
+            "page=2&page=3",
+            "names are compared decoded"
         );
         assert_eq!(
+            normalized_query(Some("q=a+b&r=%7e"), &QueryRule::All),
+            normalized_query(Some("q=a%20b&r=~"), &QueryRule::All)
+        );
+        assert_ne!(
+            normalized_query(Some("q=a%26b"), &QueryRule::All),
+            normalized_query(Some("q=a&b"), &QueryRule::All),
+            "an encoded & stays data"
+        );
+        assert_ne!(
             key("/p", Some("b=2&a=1"), &QueryRule::All, None),
             key("/p", Some("a=1&b=2"), &QueryRule::All, None)
+        );
+        assert_eq!(
+            key("/p", Some("b=2&a=1"), &QueryRule::Sorted, None),
+            key("/p", Some("a=1&b=2"), &QueryRule::Sorted, None)
         );
         assert_ne!(
             key("/p", Some("a=1"), &QueryRule::All, None),

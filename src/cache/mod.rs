@@ -41,7 +41,7 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, AGE, AUTHORIZATION, SET_COOKIE, VARY};
+use http::header::{HeaderMap, HeaderName, AGE, COOKIE, SET_COOKIE, VARY};
 use http::Method;
 
 use self::directives::CacheControl;
@@ -51,6 +51,7 @@ use self::key::{CacheKey, KeyParts};
 use self::memory::MemoryTier;
 use self::policy::CachePolicy;
 use crate::config::CacheScope;
+use crate::header_rules::OVERRIDE_HEADERS;
 use crate::purge::{self, Purger};
 use crate::store::Store;
 
@@ -122,12 +123,20 @@ pub struct Cache {
 /// A request as the cache sees it.
 pub struct CacheRequest<'a> {
     pub method: &'a Method,
+    /// `http` or `https`, as the client connected.
+    pub scheme: &'a str,
     pub host: Option<&'a str>,
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
     /// The verified token's subject, if any.
     pub user: Option<&'a str>,
+    /// The request is authorised (RFC 9111 §3.5): it carries `Authorization`, or the gateway
+    /// verified its token, wherever the token came from and whether or not it is forwarded.
+    pub authorized: bool,
+    /// The request has a body (a GET or HEAD with one is never answered from or stored in the
+    /// cache: the origin may read it).
+    pub has_body: bool,
     /// The route rule's tags, filled in from the path.
     pub tags: &'a [String],
 }
@@ -335,6 +344,7 @@ impl Cache {
 
     fn primary_key(policy: &CachePolicy, request: &CacheRequest<'_>) -> CacheKey {
         CacheKey::primary(&KeyParts {
+            scheme: request.scheme,
             host: request.host,
             path: request.path,
             query: request.query,
@@ -355,10 +365,19 @@ impl Cache {
         if policy.scope == CacheScope::User && request.user.is_none() {
             return Lookup::Bypass("anonymous");
         }
-        if request.headers.contains_key(AUTHORIZATION)
-            && !(policy.rule.per_user || policy.rule.allow_authorized)
-        {
+        if request.has_body {
+            return Lookup::Bypass("body");
+        }
+        if request.authorized && !(policy.rule.per_user || policy.rule.allow_authorized) {
             return Lookup::Bypass("authorization");
+        }
+        // An override header the origin is allowed to see (`[server] forward_override_headers`)
+        // changes its answer: unless the rule keys on it, the cache stays out of the way.
+        let unkeyed_override = OVERRIDE_HEADERS
+            .iter()
+            .any(|h| request.headers.contains_key(*h) && !policy.vary.iter().any(|v| v == h));
+        if unkeyed_override {
+            return Lookup::Bypass("override-header");
         }
         if policy.honor_client_cache_control {
             let cc = CacheControl::parse(request.headers);
@@ -373,10 +392,17 @@ impl Cache {
             .as_deref()
             .map_or_else(|| policy.vary.clone(), Clone::clone);
         let variant = primary.variant(&vary, request.headers);
+        // A request with a cookie may be served only what the origin said is for everyone.
+        let cookie_bound = request.headers.contains_key(COOKIE)
+            && policy.scope == CacheScope::Shared
+            && !policy.rule.allow_cookies;
+        let for_this_request = |e: &Entry| {
+            !cookie_bound || freshness::shared_for_everyone(&CacheControl::parse(&e.headers))
+        };
         let in_memory = self
             .memory
             .get(variant.as_str())
-            .filter(|e| state(e, now) != State::Gone && self.is_current(e));
+            .filter(|e| state(e, now) != State::Gone && self.is_current(e) && for_this_request(e));
         if let Some(entry) = in_memory.as_ref().filter(|e| state(e, now) == State::Fresh) {
             return Lookup::Hit(hit("memory", entry.clone(), now));
         }
@@ -384,7 +410,7 @@ impl Cache {
         let shared = match self
             .lookup_shared(&primary, known_vary.is_none(), variant, request)
             .await
-            .filter(|(_, e)| state(e, now) != State::Gone)
+            .filter(|(_, e)| state(e, now) != State::Gone && for_this_request(e))
         {
             Some((key, entry))
                 if self
@@ -498,6 +524,7 @@ impl Cache {
         let exchange = Exchange {
             method: request.method,
             request: request.headers,
+            authorized: request.authorized,
             request_cc: &request_cc,
             status,
             response,

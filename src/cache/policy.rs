@@ -65,11 +65,12 @@ impl CachePolicy {
         let query = match c.query.as_ref().map(|q| (q.get_ref(), q.span())) {
             None => QueryRule::All,
             Some((QueryConfig::Keyword(k), _)) if k == "all" => QueryRule::All,
+            Some((QueryConfig::Keyword(k), _)) if k == "sorted" => QueryRule::Sorted,
             Some((QueryConfig::Keyword(k), _)) if k == "none" => QueryRule::Ignore,
             Some((QueryConfig::Keyword(k), span)) => {
                 errors.push(SpanError::new(
                     span,
-                    format!("unknown query rule {k:?}: use \"all\", \"none\" or a list of parameter names"),
+                    format!("unknown query rule {k:?}: use \"all\", \"sorted\", \"none\" or a list of parameter names"),
                 ));
                 QueryRule::All
             }
@@ -97,6 +98,7 @@ impl CachePolicy {
                 honor_origin: c.honor_origin,
                 per_user,
                 allow_authorized: c.allow_authorized,
+                allow_cookies: c.allow_cookies,
                 strip_set_cookie: c.strip_set_cookie,
             },
             negative_ttl: c.negative_ttl.map(|d| d.0),

@@ -30,7 +30,7 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum QueryConfig {
-    /// `"all"` (sorted) or `"none"`.
+    /// `"all"` (in the order sent), `"sorted"` or `"none"`.
     Keyword(String),
     /// Only these parameters, sorted.
     Only(Vec<String>),
@@ -69,7 +69,8 @@ pub struct CachePolicyConfig {
     /// Request headers that select a variant, besides the origin's own `Vary`.
     #[serde(default)]
     pub vary: Vec<String>,
-    /// `"all"` (default), `"none"`, or a list of parameter names.
+    /// `"all"` (default: every parameter, in the order sent), `"sorted"`, `"none"`, or a list of
+    /// parameter names.
     pub query: Option<Spanned<QueryConfig>>,
     #[serde(default)]
     pub scope: CacheScope,
@@ -84,6 +85,11 @@ pub struct CachePolicyConfig {
     /// authorised). Without it such requests bypass the cache.
     #[serde(default)]
     pub allow_authorized: bool,
+    /// Serve and fill shared entries for requests that carry `Cookie`, for content that does not
+    /// depend on cookies. Without it such requests use only entries the origin marked `public`
+    /// or gave `s-maxage`, and store only such responses.
+    #[serde(default)]
+    pub allow_cookies: bool,
     /// Tags of every entry the rule stores (`{name}` is the route's path parameter), which a
     /// write's `purge` rule or the admin API can invalidate together.
     #[serde(default)]

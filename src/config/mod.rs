@@ -101,6 +101,10 @@ pub struct ServerConfig {
     pub path_parameters: PathParameters,
     /// `"reject"` (default) or `"keep"`.
     pub encoded_slash: EncodedSlash,
+    /// Method- and URL-override headers (`X-HTTP-Method-Override`, `X-Original-URL`, ...) the
+    /// origin relies on. Others are removed; a cached route's request carrying one of these
+    /// bypasses the cache unless the rule's `vary` names it.
+    pub forward_override_headers: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +120,7 @@ impl Default for ServerConfig {
             trailing_slash: TrailingSlash::default(),
             path_parameters: PathParameters::default(),
             encoded_slash: EncodedSlash::default(),
+            forward_override_headers: Vec::new(),
         }
     }
 }

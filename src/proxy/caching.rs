@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderName, AGE, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    LAST_MODIFIED, TRANSFER_ENCODING,
+    HeaderName, AGE, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HOST, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, LAST_MODIFIED, TRANSFER_ENCODING,
 };
 use http::Method;
 use pingora::http::ResponseHeader;
@@ -114,15 +114,27 @@ pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
+/// Whether a request announces a body: a length above zero, or chunked framing.
+fn has_body(req: &pingora::http::RequestHeader) -> bool {
+    req.headers.contains_key(TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
 fn cache_request<'a>(session: &'a Session, ctx: &'a RequestCtx) -> CacheRequest<'a> {
     let req = session.req_header();
     CacheRequest {
         method: &req.method,
+        scheme: super::scheme(session),
         host: request_host(req),
         path: req.uri.path(),
         query: req.uri.query(),
         headers: &req.headers,
         user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+        authorized: ctx.identity.is_some() || req.headers.contains_key(AUTHORIZATION),
+        has_body: has_body(req),
         tags: &ctx.cache_tags,
     }
 }
@@ -529,11 +541,14 @@ pub fn write_through(
     headers.remove(http::header::AUTHORIZATION);
     let request = CacheRequest {
         method: &Method::GET,
+        scheme: super::scheme(session),
         host: request_host(req),
         path: req.uri.path(),
         query: req.uri.query(),
         headers: &headers,
         user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+        authorized: false,
+        has_body: false,
         tags: &ctx.cache_tags,
     };
     let start = FillStart {

@@ -1,9 +1,23 @@
 //! What changes in headers as a request passes through: hop-by-hop headers removed (RFC 9110
-//! §7.6.1), `X-Forwarded-*` added, the request id set in both directions.
+//! §7.6.1), headers only the gateway may set removed, `X-Forwarded-*` added, the request id set
+//! in both directions.
+//!
+//! Every header a client sends is input the origin may act on. [`sanitize_request`] runs once,
+//! right after routing and before anything else reads the headers: it removes what the client
+//! named hop-by-hop, the headers the gateway owns (claims it forwards, `X-Forwarded-*` from a
+//! peer that is not a trusted proxy) in any spelling (`X_User_Id` reaches WSGI, CGI and Rack
+//! origins as `X-User-Id`), and the headers that make some origins act on another method or URL
+//! than the request line's. Only then does the gateway set its own, so no client header — not
+//! even a `Connection` naming one — can remove or shadow them.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING,
+    UPGRADE,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
+
+use crate::header_rules::{FORWARDING_HEADERS, OVERRIDE_HEADERS, UNDERSCORE_GUARDED};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -18,9 +32,115 @@ const HOP_BY_HOP: [&str; 4] = [
     "proxy-authorization",
 ];
 
-/// Removes hop-by-hop headers. For a protocol upgrade (WebSocket), `Connection: upgrade` and
-/// `Upgrade` are kept, as the upgrade must reach the origin.
-fn strip_hop_by_hop(headers: &HeaderMap, upgrade: bool, mut remove: impl FnMut(&str)) {
+/// How [`sanitize_request`] treats one request.
+pub struct Sanitize<'a> {
+    /// The peer is a configured trusted proxy: its `X-Forwarded-*` stand.
+    pub trusted_peer: bool,
+    pub upgrade: bool,
+    /// Headers the gateway sets from token claims (on any route).
+    pub claim_headers: &'a [HeaderName],
+    /// Override headers this request may carry to the origin.
+    pub keep_override: &'a dyn Fn(&str) -> bool,
+}
+
+/// Removes from a client's request every header the origin must not take from the client (see
+/// the module docs). Runs before the gateway sets any header of its own.
+pub fn sanitize_request(req: &mut RequestHeader, rules: &Sanitize<'_>) {
+    let headers = req.headers.clone();
+    strip_connection_listed(&headers, rules.upgrade, |name| {
+        req.remove_header(name);
+    });
+    for name in HOP_BY_HOP {
+        req.remove_header(name);
+    }
+    // What `Connection` named is gone; keep only the options that concern this connection, so
+    // nothing downstream of here (the HTTP engine included) strips a header the gateway sets.
+    let options: Vec<String> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| t == "close" || t == "keep-alive" || (rules.upgrade && t == "upgrade"))
+        .collect();
+    req.remove_header(&CONNECTION);
+    if !options.is_empty() {
+        // Tokens are plain ASCII: always a valid value.
+        let _ = req.insert_header(CONNECTION, options.join(", "));
+    }
+    for name in rules.claim_headers {
+        req.remove_header(name);
+    }
+    for name in OVERRIDE_HEADERS {
+        if !(rules.keep_override)(name) {
+            req.remove_header(name);
+        }
+    }
+    if !rules.trusted_peer {
+        for name in FORWARDING_HEADERS {
+            req.remove_header(name);
+        }
+    }
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| {
+            let dashed = name.as_str().replace('_', "-");
+            OVERRIDE_HEADERS
+                .iter()
+                .chain(&FORWARDING_HEADERS)
+                .chain(&UNDERSCORE_GUARDED)
+                .any(|h| *h == dashed)
+                || rules.claim_headers.iter().any(|h| h.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for name in underscored {
+        req.remove_header(&name);
+    }
+}
+
+/// Checks a request's body framing (RFC 9112 §6): `Content-Length` and `Transfer-Encoding`
+/// together, or `Content-Length` values that differ or are not numbers, are refused — an origin
+/// could frame the body differently from the gateway (request smuggling). Several equal values
+/// are one: `Ok(Some(value))` says to send that one alone.
+pub fn request_framing(
+    headers: &HeaderMap,
+) -> std::result::Result<Option<HeaderValue>, &'static str> {
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter().peekable();
+    if lengths.peek().is_none() {
+        return Ok(None);
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        return Err("the request has both Content-Length and Transfer-Encoding; send one");
+    }
+    let mut value: Option<&str> = None;
+    let mut count = 0;
+    for field in lengths {
+        let text = field
+            .to_str()
+            .map_err(|_| "Content-Length is not a number")?;
+        for item in text.split(',') {
+            let item = item.trim();
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("Content-Length is not a number");
+            }
+            if value.is_some_and(|v| v != item) {
+                return Err("the request has several different Content-Length values");
+            }
+            value = Some(item);
+            count += 1;
+        }
+    }
+    Ok(match (count, value) {
+        (1, _) | (_, None) => None,
+        (_, Some(v)) => Some(HeaderValue::from_str(v).expect("digits are a header value")),
+    })
+}
+
+/// Removes the headers a `Connection` header lists (RFC 9110 §7.6.1), except the ones that
+/// frame the message or name its host, and `Upgrade` on an upgrade.
+fn strip_connection_listed(headers: &HeaderMap, upgrade: bool, mut remove: impl FnMut(&str)) {
     let mut listed: Vec<String> = Vec::new();
     for value in headers.get_all(CONNECTION) {
         if let Ok(value) = value.to_str() {
@@ -36,11 +156,17 @@ fn strip_hop_by_hop(headers: &HeaderMap, upgrade: bool, mut remove: impl FnMut(&
         if upgrade && name == "upgrade" {
             continue;
         }
-        if name == "transfer-encoding" || name == "host" {
+        if name == "transfer-encoding" || name == "host" || name == "content-length" {
             continue;
         }
         remove(&name);
     }
+}
+
+/// Removes hop-by-hop headers. For a protocol upgrade (WebSocket), `Connection: upgrade` and
+/// `Upgrade` are kept, as the upgrade must reach the origin.
+fn strip_hop_by_hop(headers: &HeaderMap, upgrade: bool, mut remove: impl FnMut(&str)) {
+    strip_connection_listed(headers, upgrade, &mut remove);
     for name in HOP_BY_HOP {
         remove(name);
     }
@@ -59,12 +185,14 @@ pub struct Forwarded<'a> {
     pub upgrade: bool,
 }
 
-/// Rewrites the request that goes upstream.
+/// Rewrites the request that goes upstream. The client's headers were sanitised when it
+/// arrived ([`sanitize_request`]); what is left here is the connection's own header and the
+/// gateway's forwarding headers, set last so nothing can remove them.
 pub fn upstream_request(req: &mut RequestHeader, fwd: &Forwarded<'_>) -> Result<()> {
-    let headers = req.headers.clone();
-    strip_hop_by_hop(&headers, fwd.upgrade, |name| {
-        req.remove_header(name);
-    });
+    if !fwd.upgrade {
+        req.remove_header(&CONNECTION);
+        req.remove_header(&UPGRADE);
+    }
     // `TE: trailers` is the one value a proxy may pass on.
     if let Some(te) = req.headers.get(TE) {
         if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
@@ -88,6 +216,7 @@ pub fn upstream_request(req: &mut RequestHeader, fwd: &Forwarded<'_>) -> Result<
         req.set_uri(target);
     }
 
+    // A client's own `X-Forwarded-For` was removed unless its peer is a trusted proxy.
     if let Some(ip) = &fwd.client_ip {
         let chain = match req.headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
             Some(Ok(existing)) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
@@ -134,6 +263,20 @@ mod tests {
         req.insert_header("te", "gzip").unwrap();
         req.insert_header("host", "example.test").unwrap();
         req.insert_header("x-forwarded-for", "10.0.0.1").unwrap();
+        req.insert_header("x-user-id", "forged").unwrap();
+        req.insert_header("x_user_id", "forged").unwrap();
+        req.insert_header("x-http-method-override", "DELETE")
+            .unwrap();
+        let claim_headers = [HeaderName::from_static("x-user-id")];
+        sanitize_request(
+            &mut req,
+            &Sanitize {
+                trusted_peer: true,
+                upgrade: false,
+                claim_headers: &claim_headers,
+                keep_override: &|_| false,
+            },
+        );
         let fwd = Forwarded {
             client_ip: Some("127.0.0.1".into()),
             proto: "http",
@@ -141,7 +284,15 @@ mod tests {
             upgrade: false,
         };
         upstream_request(&mut req, &fwd).unwrap();
-        for gone in ["connection", "x-secret", "keep-alive", "te"] {
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "te",
+            "x-user-id",
+            "x_user_id",
+            "x-http-method-override",
+        ] {
             assert!(req.headers.get(gone).is_none(), "{gone} should be removed");
         }
         assert_eq!(req.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");

@@ -151,6 +151,33 @@ fn header_bytes(req: &RequestHeader) -> u64 {
     (line + fields) as u64
 }
 
+/// The sanitising phase (see [`forwarding::sanitize_request`]): an override header reaches the
+/// origin only when `[server] forward_override_headers` names it, or the route's cache rule keys
+/// on it.
+fn sanitize(session: &mut Session, ctx: &RequestCtx, trusted_peer: bool) {
+    let snapshot = &ctx.snapshot;
+    let vary = snapshot
+        .routes
+        .policy(ctx.route)
+        .cache
+        .as_ref()
+        .map_or(&[][..], |c| c.vary.as_slice());
+    let keep_override = |name: &str| {
+        snapshot.forward_override_headers.iter().any(|h| h == name)
+            || vary.iter().any(|h| h == name)
+    };
+    let upgrade = session.is_upgrade_req();
+    forwarding::sanitize_request(
+        session.req_header_mut(),
+        &forwarding::Sanitize {
+            trusted_peer,
+            upgrade,
+            claim_headers: snapshot.routes.gateway_headers(),
+            keep_override: &keep_override,
+        },
+    );
+}
+
 /// Replaces the request's target with `path` and its query, in origin form.
 fn set_path(session: &mut Session, path: &str) -> Result<()> {
     let req = session.req_header();
@@ -177,7 +204,7 @@ fn forwarded<'a>(session: &Session, ctx: &'a RequestCtx) -> forwarding::Forwarde
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_string()),
-        proto: if is_tls(session) { "https" } else { "http" },
+        proto: scheme(session),
         request_id: &ctx.request_id,
         upgrade: session.is_upgrade_req(),
     }
@@ -185,6 +212,15 @@ fn forwarded<'a>(session: &Session, ctx: &'a RequestCtx) -> forwarding::Forwarde
 
 fn is_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The scheme the client used: part of the cache key, and `X-Forwarded-Proto`.
+pub(crate) fn scheme(session: &Session) -> &'static str {
+    if is_tls(session) {
+        "https"
+    } else {
+        "http"
+    }
 }
 
 /// The status for an error that ended a request: `504` for upstream timeouts, `502` for an
@@ -310,9 +346,6 @@ impl Gateway {
             return Ok(true);
         }
         let snapshot = ctx.snapshot.clone();
-        for name in snapshot.routes.gateway_headers() {
-            session.req_header_mut().remove_header(name);
-        }
         let Some(authenticator) = &snapshot.auth else {
             return Ok(false);
         };
@@ -438,6 +471,20 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match forwarding::request_framing(&session.req_header().headers) {
+            Ok(None) => {}
+            Ok(Some(length)) => {
+                session
+                    .req_header_mut()
+                    .insert_header(CONTENT_LENGTH, length)?;
+            }
+            Err(detail) => {
+                Problem::new(400, detail)
+                    .send(session, &ctx.request_id)
+                    .await?;
+                return Ok(true);
+            }
+        }
         let limits = &ctx.snapshot.limits;
         let req = session.req_header();
 
@@ -488,13 +535,18 @@ impl ProxyHttp for Gateway {
         if self.route(session, ctx).await? {
             return Ok(true);
         }
-        let req = session.req_header();
-        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let trusted_peer = peer.is_some_and(|p| ctx.snapshot.trusted_proxies.trusts(p));
+        if let Some(peer) = peer {
             ctx.client_ip = ctx
                 .snapshot
                 .trusted_proxies
-                .client_ip(peer.ip(), &req.headers);
+                .client_ip(peer, &session.req_header().headers);
         }
+        sanitize(session, ctx, trusted_peer);
 
         if self.authenticate(session, ctx).await? {
             return Ok(true);

@@ -32,6 +32,8 @@ pub struct Refresh {
     /// The client's request headers (they select the variant).
     client_headers: HeaderMap,
     host: Option<String>,
+    scheme: &'static str,
+    authorized: bool,
     user: Option<String>,
     tags: Vec<String>,
     /// The purge sequence number when the refresh was decided.
@@ -73,6 +75,9 @@ impl Refresh {
             stale,
             upstream_request,
             host: super::caching::request_host(client).map(str::to_owned),
+            scheme: super::scheme(session),
+            authorized: ctx.identity.is_some()
+                || client.headers.contains_key(http::header::AUTHORIZATION),
             client_headers: client.headers.clone(),
             user: ctx.identity.as_ref().and_then(|i| i.subject.clone()),
             route: ctx.route_name().to_owned(),
@@ -136,11 +141,14 @@ impl Refresh {
         );
         let cache_request = CacheRequest {
             method: &Method::GET,
+            scheme: self.scheme,
             host: self.host.as_deref(),
             path,
             query,
             headers: &self.client_headers,
             user: self.user.as_deref(),
+            authorized: self.authorized,
+            has_body: false,
             tags: &self.tags,
         };
         if parts.status == http::StatusCode::NOT_MODIFIED {

@@ -681,14 +681,20 @@ impl RawResponse {
 }
 
 /// Sends `head` (request line and headers, `\r\n`-separated, without the blank line) and `body`
-/// over a fresh connection, byte for byte as written, with `Connection: close` added; for the
-/// spellings a well-behaved client library will not produce.
+/// over a fresh connection, byte for byte as written, with `Connection: close` added unless the
+/// head has a `Connection` of its own (which must then say `close`); for the spellings a
+/// well-behaved client library will not produce.
 pub async fn raw_request(port: u16, head: &str, body: &[u8]) -> RawResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connecting");
-    let mut request = format!("{head}\r\nconnection: close\r\n\r\n").into_bytes();
+    let close = if head.to_ascii_lowercase().contains("\nconnection:") {
+        ""
+    } else {
+        "\r\nconnection: close"
+    };
+    let mut request = format!("{head}{close}\r\n\r\n").into_bytes();
     request.extend_from_slice(body);
     stream.write_all(&request).await.expect("writing");
     let mut buf = Vec::new();
