@@ -65,6 +65,7 @@ fn every_shipped_example_passes() {
                 .arg(&path)
                 .env("UPSTREAM_URL", "http://127.0.0.1:3000")
                 .env("REDIS_URL", "redis://127.0.0.1:6379")
+                .env("ADMIN_TOKEN", "example-admin-token")
                 .output()
                 .unwrap();
             assert!(
@@ -506,4 +507,42 @@ fn bad_cache_rules() {
         23,
         "unknown field `tll`",
     );
+}
+
+#[test]
+fn an_exposed_admin_listener_needs_a_token_and_secrets_stay_out_of_messages() {
+    let exposed = format!("{VALID_BASE}\n[admin]\naddress = \"0.0.0.0:9901\"\n");
+    let (ok, stderr, _) = check(&exposed);
+    assert!(
+        !ok && stderr.contains("reachable from other machines but has no token"),
+        "{stderr}"
+    );
+    let (ok, stderr, _) = check(&format!(
+        "{VALID_BASE}\n[admin]\naddress = \"127.0.0.1:9901\"\n"
+    ));
+    assert!(ok, "loopback without a token is fine: {stderr}");
+    let (ok, stderr, _) = check(&format!(
+        "{VALID_BASE}\n[admin]\naddress = \"0.0.0.0:9901\"\ntoken = \"s3cret-admin\"\n"
+    ));
+    assert!(ok, "{stderr}");
+
+    let (ok, stderr, _) = check(&format!(
+        "{VALID_BASE}\n[store]\nredis_cluster = [\"nonsense://:hunter2@h\"]\n"
+    ));
+    assert!(!ok && stderr.contains("redis_cluster"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    // The container and cluster examples expose the admin listener: without ADMIN_TOKEN set they
+    // do not pass.
+    let docker = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/docker.toml");
+    let out = Command::new(cachegate_bin())
+        .args(["check", "--config"])
+        .arg(&docker)
+        .env("UPSTREAM_URL", "http://127.0.0.1:3000")
+        .env("REDIS_URL", "redis://127.0.0.1:6379")
+        .env_remove("ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ADMIN_TOKEN"));
 }

@@ -452,7 +452,10 @@ fn validate(config: &Config) -> Vec<SpanError> {
                 if let Err(e) = redis::Client::open(node.as_str()) {
                     errors.push(SpanError::new(
                         cluster.span(),
-                        format!("invalid redis_cluster node {:?}: {e}", node.as_str()),
+                        format!(
+                            "invalid redis_cluster node {:?}: {e}",
+                            values::redact_url(node.as_str())
+                        ),
                     ));
                 }
             }
@@ -512,6 +515,17 @@ fn validate(config: &Config) -> Vec<SpanError> {
                 admin.address.span(),
                 format!(
                     "invalid admin address {address:?}: write ip:port, like \"127.0.0.1:9901\""
+                ),
+            ));
+        }
+        let exposed = address
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback());
+        if exposed && no_token {
+            errors.push(SpanError::new(
+                admin.address.span(),
+                format!(
+                    "the admin listener on {address} is reachable from other machines but has no token; set [admin] token (e.g. token = \"${{ADMIN_TOKEN}}\") or bind it to 127.0.0.1"
                 ),
             ));
         }

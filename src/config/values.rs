@@ -203,3 +203,13 @@ mod tests {
         assert!(ByteSize::parse("MiB").is_err());
     }
 }
+
+/// A URL fit for logs and messages: its user and password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}

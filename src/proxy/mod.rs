@@ -242,17 +242,18 @@ fn status_for(e: &Error) -> u16 {
     }
 }
 
-fn detail_for(status: u16, e: &Error, ctx: &RequestCtx) -> String {
-    let origin = ctx
-        .origin
-        .map(|i| ctx.snapshot.upstream.origin(i).url.as_str())
-        .unwrap_or("the upstream");
+/// What the client is told about a failure. Never the origin's address: that is for the logs
+/// (pingora's error line names the peer), not for whoever sent the request.
+fn detail_for(status: u16, e: &Error) -> String {
     match status {
         502 => format!(
-            "the gateway could not get a valid response from {origin}: {}",
+            "the gateway could not get a valid response from the upstream: {}",
             e.etype().as_str()
         ),
-        504 => format!("{origin} did not answer in time ({})", e.etype().as_str()),
+        504 => format!(
+            "the upstream did not answer in time ({})",
+            e.etype().as_str()
+        ),
         413 | 431 => e
             .context
             .as_ref()
@@ -683,7 +684,7 @@ impl ProxyHttp for Gateway {
             }
         }
         if status > 0 && session.response_written().is_none() {
-            let problem = Problem::new(status, detail_for(status, e, ctx));
+            let problem = Problem::new(status, detail_for(status, e));
             if let Err(write_error) = problem.send(session, &ctx.request_id).await {
                 tracing::debug!(request_id = %ctx.request_id, error = %write_error, "could not send the error response");
             }

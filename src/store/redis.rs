@@ -157,15 +157,6 @@ fn tls_certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
     }
 }
 
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn backend_error(e: RedisError) -> StoreError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::Unavailable(e.to_string())
@@ -230,7 +221,12 @@ impl RedisStore {
             tls_ca_pem: options.tls_ca_pem.clone(),
             cluster: false,
         };
-        Ok(RedisStore::new(redact(url), backend, options, pubsub))
+        Ok(RedisStore::new(
+            crate::config::values::redact_url(url),
+            backend,
+            options,
+            pubsub,
+        ))
     }
 
     /// A store on a Redis Cluster, from its seed nodes. Returns at once, like [`RedisStore::connect`].
@@ -249,7 +245,7 @@ impl RedisStore {
             "cluster[{}]",
             nodes
                 .iter()
-                .map(|n| redact(n))
+                .map(|n| crate::config::values::redact_url(n))
                 .collect::<Vec<_>>()
                 .join(",")
         );
@@ -742,8 +738,14 @@ mod tests {
 
     #[test]
     fn credentials_never_reach_logs() {
-        assert_eq!(redact("redis://user:pw@h:6379/0"), "redis://***@h:6379/0");
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            crate::config::values::redact_url("redis://user:pw@h:6379/0"),
+            "redis://***@h:6379/0"
+        );
+        assert_eq!(
+            crate::config::values::redact_url("redis://h:6379"),
+            "redis://h:6379"
+        );
     }
 
     #[test]
