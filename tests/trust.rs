@@ -566,3 +566,84 @@ auth = {{ mode = "required", forward_claims = {{ sub = "X-User-Id" }} }}
         );
     }
 }
+
+/// Absolute-form targets (with a query) are routed like origin-form ones, their authority is the
+/// Host; absurd numbers from the origin (`max-age`, `Age`, `s-maxage`, far `Expires`) neither
+/// crash the gateway nor wrap around into nonsense.
+#[tokio::test]
+async fn absolute_form_and_absurd_numbers_do_not_break_anything() {
+    let upstream = Upstream::start();
+    let gateway = Gateway::start(&config_for(
+        &[&upstream.url()],
+        r#"
+[[routes]]
+path = "/__respond"
+cache = { ttl = "60s", stale_while_revalidate = "10s", stale_if_error = "10s" }
+"#,
+    ));
+    let port = gateway.port;
+    let resp = raw_request(
+        port,
+        &format!(
+            "GET http://127.0.0.1:{port}/__headers?x=1&y=%20 HTTP/1.1\r\nhost: 127.0.0.1:{port}"
+        ),
+        b"",
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(
+        resp.json()["uri"],
+        "/__headers?x=1&y=%20",
+        "origin-form upstream"
+    );
+    assert_eq!(
+        resp.json()["headers"]["host"],
+        json!([format!("127.0.0.1:{port}")])
+    );
+    let resp = raw_request(
+        port,
+        &format!(
+            "GET http://127.0.0.1:{port}/x/../__headers?x=1 HTTP/1.1\r\nhost: 127.0.0.1:{port}"
+        ),
+        b"",
+    )
+    .await;
+    assert_eq!(resp.json()["uri"], "/__headers?x=1");
+    // A target authority that disagrees with Host is ambiguous: refused, never forwarded.
+    let before = upstream.served("ANY /__headers").await;
+    let resp = raw_request(
+        port,
+        &format!("GET http://127.0.0.1:{port}/__headers?x=1 HTTP/1.1\r\nhost: elsewhere.example"),
+        b"",
+    )
+    .await;
+    assert_eq!(resp.status, 400);
+    assert_eq!(upstream.served("ANY /__headers").await, before);
+
+    let client = Client::new();
+    for query in [
+        "cache-control=max-age%3D18446744073709551616&age=18446744073709551615",
+        "cache-control=s-maxage%3D99999999999999999999999999%2C%20stale-while-revalidate%3D18446744073709551615",
+        "expires=Fri%2C%2031%20Dec%209999%2023%3A59%3A59%20GMT&age=4000",
+        "cache-control=max-age%3D2147483648&age=3a",
+        "cache-control=stale-if-error%3D18446744073709551615%2C%20max-age%3D0&etag=%22v%22",
+    ] {
+        for round in 0..2 {
+            let resp = client.get(&gateway.url(&format!("/__respond?{query}"))).await;
+            assert_eq!(resp.status, 200, "{query} (round {round})");
+            // On a miss the origin's own `Age` passes through; what the cache computes is bounded.
+            if resp.header("x-cache") != Some("MISS") {
+                let age: u64 = resp.header("age").unwrap().parse().expect("Age is a number");
+                assert!(age <= 1 << 31, "{query}: Age {age}");
+            }
+            if round == 1 && (query.starts_with("cache-control=s-maxage") || query.starts_with("expires")) {
+                assert_eq!(resp.header("x-cache"), Some("HIT"), "{query}: a huge lifetime is just long");
+            }
+        }
+    }
+    assert_eq!(
+        client.get(&gateway.url("/__headers")).await.status,
+        200,
+        "still serving"
+    );
+}

@@ -27,16 +27,24 @@ pub struct CacheControl {
     pub only_if_cached: bool,
 }
 
-/// A delta-seconds value (§1.2.2): a non-negative integer; too large saturates, anything else
+/// The largest delta-seconds value a cache needs to represent (RFC 9111 §1.2.2: larger values,
+/// and calculations that overflow, count as 2^31 seconds).
+pub const MAX_DELTA: Duration = Duration::from_secs(1 << 31);
+
+/// A delta-seconds value (§1.2.2): a non-negative integer, at most [`MAX_DELTA`]; anything else
 /// is invalid and the directive is ignored.
-fn delta_seconds(value: &str) -> Option<Duration> {
+pub fn delta_seconds(value: &str) -> Option<Duration> {
     let value = value.trim().trim_matches('"');
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(Duration::from_secs(
-        value.parse::<u64>().unwrap_or(u64::MAX / 1_000_000_000),
-    ))
+    let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_secs(seconds).min(MAX_DELTA))
+}
+
+/// Milliseconds in `d`, saturating instead of wrapping.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl CacheControl {

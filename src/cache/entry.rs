@@ -74,7 +74,8 @@ impl std::error::Error for CorruptEntry {}
 impl Entry {
     /// When freshness ends, in milliseconds since the epoch.
     pub fn fresh_until_ms(&self) -> u64 {
-        self.stored_at_ms + self.fresh_for_ms
+        // Saturating: a foreign entry from the shared tier may carry any numbers.
+        self.stored_at_ms.saturating_add(self.fresh_for_ms)
     }
 
     /// How long past freshness the entry is worth keeping: served stale, or revalidated.

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use http::header::{HeaderMap, AGE, COOKIE, DATE, EXPIRES, SET_COOKIE, VARY};
 use http::Method;
 
-use super::directives::CacheControl;
+use super::directives::{delta_seconds, CacheControl, MAX_DELTA};
 
 /// What a route's cache rule says about storing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +163,7 @@ pub fn freshness_lifetime(
     } else {
         None
     };
-    let lifetime = from_origin.or(rule.ttl)?;
+    let lifetime = from_origin.or(rule.ttl)?.min(MAX_DELTA);
     Some(match rule.max_ttl {
         Some(max) => lifetime.min(max),
         None => lifetime,
@@ -189,12 +189,14 @@ pub fn initial_age(
     let age_value = response
         .get(AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs);
+        .and_then(delta_seconds)
+        .unwrap_or(Duration::ZERO);
     let response_delay = response_time
         .duration_since(request_time)
         .unwrap_or(Duration::ZERO);
-    apparent_age.max(age_value + response_delay)
+    apparent_age
+        .max(age_value.saturating_add(response_delay))
+        .min(MAX_DELTA)
 }
 
 #[cfg(test)]

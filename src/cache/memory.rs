@@ -9,6 +9,7 @@ use http::HeaderName;
 use moka::sync::Cache;
 use moka::Expiry;
 
+use super::directives::MAX_DELTA;
 use super::entry::Entry;
 
 struct UntilUnusable;
@@ -25,8 +26,11 @@ impl Expiry<String, Arc<Entry>> for UntilUnusable {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         // Kept past freshness for as long as it may still be served stale or revalidated.
-        let usable_until = stored + Duration::from_millis(entry.fresh_for_ms + entry.retained_ms());
-        Some(usable_until.saturating_sub(now))
+        // Bounded: an entry's numbers may come from anywhere, and the tier adds this to an Instant.
+        let usable_until = stored.saturating_add(Duration::from_millis(
+            entry.fresh_for_ms.saturating_add(entry.retained_ms()),
+        ));
+        Some(usable_until.saturating_sub(now).min(MAX_DELTA))
     }
 }
 

@@ -221,7 +221,7 @@ impl Fill {
 }
 
 fn millis_since_epoch(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    directives::millis(t.duration_since(UNIX_EPOCH).unwrap_or_default())
 }
 
 fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
@@ -252,9 +252,9 @@ fn state(entry: &Entry, now: u64) -> State {
     let fresh_until = entry.fresh_until_ms();
     if now < fresh_until {
         State::Fresh
-    } else if now < fresh_until + entry.stale_while_revalidate_ms {
+    } else if now < fresh_until.saturating_add(entry.stale_while_revalidate_ms) {
         State::WhileRevalidate
-    } else if now < fresh_until + entry.retained_ms() {
+    } else if now < fresh_until.saturating_add(entry.retained_ms()) {
         State::Stale
     } else {
         State::Gone
@@ -262,12 +262,12 @@ fn state(entry: &Entry, now: u64) -> State {
 }
 
 fn hit(tier: &'static str, entry: Arc<Entry>, now: u64) -> Hit {
-    let ttl_ms = entry.fresh_until_ms() as i64 - now as i64;
+    let ttl_ms = i128::from(entry.fresh_until_ms()) - i128::from(now);
     Hit {
         tier,
         age_secs: age_at(&entry, now),
         // Rounded toward minus infinity: an entry 0.3 s past freshness has `ttl=-1`.
-        ttl_secs: ttl_ms.div_euclid(1000),
+        ttl_secs: i64::try_from(ttl_ms.div_euclid(1000)).unwrap_or(i64::MAX),
         entry,
     }
 }
@@ -278,9 +278,11 @@ fn age_at(entry: &Entry, now: u64) -> u64 {
         .headers
         .get(AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    stored_age + now.saturating_sub(entry.stored_at_ms) / 1000
+        .and_then(directives::delta_seconds)
+        .map_or(0, |d| d.as_secs());
+    stored_age
+        .saturating_add(now.saturating_sub(entry.stored_at_ms) / 1000)
+        .min(directives::MAX_DELTA.as_secs())
 }
 
 /// Response headers a `304` must not change in the stored response (RFC 9111 §3.2): the body's
@@ -463,7 +465,10 @@ impl Cache {
 
     /// Whether a kept stale entry may still answer when the origin fails.
     pub fn usable_on_error(entry: &Entry) -> bool {
-        now_ms() < entry.fresh_until_ms() + entry.stale_if_error_ms
+        now_ms()
+            < entry
+                .fresh_until_ms()
+                .saturating_add(entry.stale_if_error_ms)
     }
 
     /// The shared tier: finds the variant (learning the resource's `Vary` from the tier when this
@@ -549,7 +554,7 @@ impl Cache {
                 rule
             };
             match window {
-                Some(w) if may_serve_stale => w.as_millis() as u64,
+                Some(w) if may_serve_stale => directives::millis(w),
                 _ => 0,
             }
         };
@@ -558,7 +563,7 @@ impl Cache {
             policy.stale_while_revalidate,
         );
         let stale_if_error_ms = window(response_cc.stale_if_error, policy.stale_if_error);
-        let keep_ms = policy.keep.as_millis() as u64;
+        let keep_ms = directives::millis(policy.keep);
         let has_validator = response.contains_key(http::header::ETAG)
             || response.contains_key(http::header::LAST_MODIFIED);
         if fresh_for.is_zero() && !(has_validator && keep_ms > 0) {
@@ -597,7 +602,7 @@ impl Cache {
             status,
             headers,
             stored_at_ms: millis_since_epoch(received_at),
-            fresh_for_ms: fresh_for.as_millis() as u64,
+            fresh_for_ms: directives::millis(fresh_for),
             stale_while_revalidate_ms,
             stale_if_error_ms,
             keep_ms,
@@ -642,7 +647,7 @@ impl Cache {
                 .map(HeaderName::as_str)
                 .collect::<Vec<_>>()
                 .join(","),
-            ttl: Duration::from_millis(entry.fresh_for_ms + entry.retained_ms())
+            ttl: Duration::from_millis(entry.fresh_for_ms.saturating_add(entry.retained_ms()))
                 .min(MAX_SHARED_TTL),
         });
         let entry = Arc::new(entry);

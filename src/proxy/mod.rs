@@ -270,8 +270,21 @@ impl Gateway {
     /// spelling. Refuses paths that have none with `400`.
     async fn canonicalize(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
+        // Absolute-form (`GET http://host/p HTTP/1.1`) keeps its target verbatim for the wire;
+        // HTTP/2 carries `:authority` in the URI. Either way the target's authority is the
+        // request's host (RFC 9112 §3.2.2), and the origin gets origin-form.
+        let absolute_form = !req.raw_path().starts_with(b"/");
+        let authority = match req.uri.authority() {
+            Some(authority) => Some(authority.as_str().to_owned()),
+            None if absolute_form => http::Uri::try_from(req.raw_path())
+                .ok()
+                .and_then(|uri| uri.authority().map(|a| a.as_str().to_owned())),
+            None => None,
+        };
         let path = match canonical_path(req.uri.path(), &ctx.snapshot.routes.paths) {
-            Ok(std::borrow::Cow::Borrowed(_)) if req.uri.authority().is_none() => return Ok(false),
+            Ok(std::borrow::Cow::Borrowed(_)) if authority.is_none() && !absolute_form => {
+                return Ok(false)
+            }
             Ok(path) => path.into_owned(),
             Err(e) => {
                 Problem::new(400, e.to_string())
@@ -280,14 +293,7 @@ impl Gateway {
                 return Ok(true);
             }
         };
-        // Absolute-form (`GET http://host/p`) and HTTP/2 carry the host in the target: it is the
-        // Host (RFC 9112 §3.2.2), for the origin and the cache key alike.
-        if let Some(authority) = session
-            .req_header()
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-        {
+        if let Some(authority) = authority {
             session
                 .req_header_mut()
                 .insert_header(http::header::HOST, authority)?;

@@ -13,7 +13,7 @@
 //! | any | `/__headers` | the request's method and headers as JSON |
 //! | POST | `/__sink` | streams the body through SHA-256: `{"bytes":N,"sha256":".."}`; counted again as `POST /__sink completed` once the whole body arrived |
 //! | GET | `/__bytes/{n}` | `n` bytes of the pattern `i % 251`, streamed |
-//! | any | `/__respond[/...]?status=&cache-control=&expires=&vary=&set-cookie=&etag=&last-modified=&cache-groups=&surrogate-key=&cache-group-invalidation=&location=&content-location=&fail-after=` | a response with those headers (`304` when `If-None-Match` equals `etag`; `503` once this endpoint has answered more than `fail-after` times); the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
+//! | any | `/__respond[/...]?status=&cache-control=&expires=&age=&date=&vary=&set-cookie=&etag=&last-modified=&cache-groups=&surrogate-key=&cache-group-invalidation=&location=&content-location=&fail-after=` | a response with those headers (`304` when `If-None-Match` equals `etag`; `503` once this endpoint has answered more than `fail-after` times); the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
 //!
 //! Errors are JSON `{"error": code, "message": text}`; validation errors add `"fields"`.
 
@@ -418,6 +418,8 @@ fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody
             }
             "cache-control"
             | "expires"
+            | "age"
+            | "date"
             | "vary"
             | "set-cookie"
             | "etag"
