@@ -41,8 +41,17 @@ use crate::store::{PurgeEvent, Store, StoreError};
 
 /// How long a writer waits for every instance to acknowledge its purge.
 const ACK_WAIT: Duration = Duration::from_millis(250);
-/// Marks kept in memory; evicting one makes every older entry stale (see [`Marks::floor`]).
+/// Marks kept exactly in memory; an evicted one is folded into [`Marks::buckets`].
 const MARK_CAPACITY: u64 = 1_000_000;
+/// Buckets evicted marks fold into (8 bytes each).
+const MARK_BUCKETS: usize = 1 << 16;
+/// Prefix marks kept; past it the oldest is folded into [`Marks::floor`].
+const PREFIX_CAPACITY: usize = 4096;
+/// Keys purged while Redis was unreachable that are remembered one by one; past it, everything
+/// counts as purged until Redis takes a purge of everything.
+const PENDING_CAPACITY: usize = 100_000;
+/// Keys per published purge when the pending ones are replayed.
+const REPLAY_BATCH: usize = 1000;
 /// The mark of a key purged while Redis was unreachable, until the purge is replayed.
 const PENDING: u64 = u64::MAX;
 /// How often purges made while Redis was unreachable are retried.
@@ -173,16 +182,28 @@ impl PurgeRule {
 }
 
 /// What an instance knows of the purges so far.
+///
+/// Bounded however many keys are purged, and never by forgetting a purge: an exact mark that
+/// has to leave memory is folded into one of a fixed set of buckets (by the key's hash), which
+/// keeps the highest mark folded into it. An entry whose key shares a bucket with a purged key
+/// may then count as purged too — a few extra misses, never a stale hit, and never "everything
+/// older is stale".
 struct Marks {
     /// The highest purge sequence number known.
     seq: AtomicU64,
-    /// Entries stamped below this are stale whatever their keys say: raised when a mark is
-    /// evicted from memory and when a lost subscription may have missed purges.
-    floor: Arc<AtomicU64>,
+    /// Entries stamped below this are stale whatever their keys say: raised when a lost
+    /// subscription may have missed purges, and by the oldest prefix mark when there are too
+    /// many to keep.
+    floor: AtomicU64,
     /// Key → sequence number of its last purge.
     by_key: moka::sync::Cache<String, u64>,
+    /// Marks evicted from `by_key`, folded by key hash (highest mark per bucket).
+    buckets: Arc<[AtomicU64]>,
+    hasher: std::hash::RandomState,
     /// Prefix → sequence number of its last purge (few; checked against every entry's path).
     prefixes: RwLock<Vec<(String, u64)>>,
+    /// Keys purged while Redis was unreachable: never served until the purge is replayed.
+    pending: Mutex<Pending>,
     /// `false` from a resubscription until the shared state is read again: nothing is current.
     synced: std::sync::atomic::AtomicBool,
     /// The sequence number from which this instance has seen every purge (its first subscription);
@@ -190,29 +211,62 @@ struct Marks {
     complete_from: AtomicU64,
 }
 
+/// Keys purged while Redis was unreachable.
+#[derive(Default)]
+struct Pending {
+    keys: std::collections::HashSet<String>,
+    /// Too many to remember: everything counts as purged until a purge of everything lands.
+    overflowed: bool,
+}
+
+fn bucket_of(hasher: &std::hash::RandomState, key: &str) -> usize {
+    use std::hash::BuildHasher;
+    (hasher.hash_one(key) as usize) % MARK_BUCKETS
+}
+
 impl Marks {
     fn new() -> Marks {
-        let floor = Arc::new(AtomicU64::new(0));
-        let raised = floor.clone();
+        Marks::with_capacity(MARK_CAPACITY)
+    }
+
+    fn with_capacity(capacity: u64) -> Marks {
+        let buckets: Arc<[AtomicU64]> = (0..MARK_BUCKETS).map(|_| AtomicU64::new(0)).collect();
+        let hasher = std::hash::RandomState::new();
+        let (folded, fold_hasher) = (buckets.clone(), hasher.clone());
         Marks {
             seq: AtomicU64::new(0),
             by_key: moka::sync::Cache::builder()
-                .max_capacity(MARK_CAPACITY)
-                .eviction_listener(move |_key, mark: u64, cause| {
-                    if cause.was_evicted() && mark != PENDING {
-                        raised.fetch_max(mark, Ordering::AcqRel);
+                .max_capacity(capacity)
+                .eviction_listener(move |key: Arc<String>, mark: u64, cause| {
+                    if cause.was_evicted() {
+                        folded[bucket_of(&fold_hasher, &key)].fetch_max(mark, Ordering::AcqRel);
                     }
                 })
                 .build(),
-            floor,
+            buckets,
+            hasher,
+            floor: AtomicU64::new(0),
             prefixes: RwLock::default(),
+            pending: Mutex::default(),
             synced: std::sync::atomic::AtomicBool::new(true),
             complete_from: AtomicU64::new(u64::MAX),
         }
     }
 
-    /// Records that `keys` were purged with sequence number `seq` (marks only rise).
+    /// Records that `keys` were purged with sequence number `seq` (marks only rise); `PENDING`
+    /// marks them purged until a numbered purge of theirs lands.
     fn apply(&self, seq: u64, keys: &[String]) {
+        if seq == PENDING {
+            let mut pending = self.pending.lock().expect("pending purges poisoned");
+            for key in keys {
+                if pending.keys.len() >= PENDING_CAPACITY {
+                    pending.overflowed = true;
+                    break;
+                }
+                pending.keys.insert(key.clone());
+            }
+            return;
+        }
         for key in keys {
             if let Some(prefix) = key.strip_prefix("prefix:") {
                 let mut prefixes = self.prefixes.write().expect("prefix marks poisoned");
@@ -220,33 +274,64 @@ impl Marks {
                     Some((_, mark)) => *mark = (*mark).max(seq),
                     None => prefixes.push((prefix.to_owned(), seq)),
                 }
-            } else {
-                let current = self.by_key.get(key).unwrap_or(0);
-                if seq > current || current == PENDING {
-                    self.by_key.insert(key.clone(), seq);
+                if prefixes.len() > PREFIX_CAPACITY {
+                    let oldest = (0..prefixes.len())
+                        .min_by_key(|&i| prefixes[i].1)
+                        .expect("not empty");
+                    let (_, mark) = prefixes.swap_remove(oldest);
+                    self.floor.fetch_max(mark, Ordering::AcqRel);
                 }
+            } else if self.by_key.get(key).is_none_or(|current| seq > current) {
+                self.by_key.insert(key.clone(), seq);
+            }
+        }
+        {
+            let mut pending = self.pending.lock().expect("pending purges poisoned");
+            if !pending.keys.is_empty() {
+                for key in keys {
+                    pending.keys.remove(key);
+                }
+            }
+            if keys.iter().any(|k| k == "prefix:") {
+                *pending = Pending::default();
             }
         }
         // After the marks: a fill stamped with this number started after they were in place.
-        if seq != PENDING {
-            self.seq.fetch_max(seq, Ordering::AcqRel);
-        }
+        self.seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    fn mark_of(&self, key: &str) -> u64 {
+        let exact = self.by_key.get(key).unwrap_or(0);
+        exact.max(self.buckets[bucket_of(&self.hasher, key)].load(Ordering::Acquire))
     }
 
     fn is_current(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
         if !self.synced.load(Ordering::Acquire) || stamp < self.floor.load(Ordering::Acquire) {
             return false;
         }
-        if keys
-            .iter()
-            .any(|k| self.by_key.get(k).is_some_and(|mark| mark > stamp))
-        {
+        if keys.iter().any(|k| self.mark_of(k) > stamp) {
             return false;
+        }
+        {
+            let pending = self.pending.lock().expect("pending purges poisoned");
+            if pending.overflowed || keys.iter().any(|k| pending.keys.contains(k)) {
+                return false;
+            }
         }
         let prefixes = self.prefixes.read().expect("prefix marks poisoned");
         !prefixes
             .iter()
             .any(|(prefix, mark)| *mark > stamp && path.starts_with(prefix.as_str()))
+    }
+
+    /// The purges to replay: the pending keys, or a purge of everything after an overflow.
+    fn pending(&self) -> Vec<String> {
+        let pending = self.pending.lock().expect("pending purges poisoned");
+        if pending.overflowed {
+            vec![prefix_key("")]
+        } else {
+            pending.keys.iter().cloned().collect()
+        }
     }
 }
 
@@ -294,8 +379,6 @@ pub struct Purger {
     /// Identifies this instance's purges in acknowledgements.
     instance: String,
     acks: Mutex<Acks>,
-    /// Keys purged while Redis was unreachable, to replay when it returns.
-    pending: Mutex<Vec<String>>,
     /// A local sequence, used without a shared store.
     local_seq: AtomicU64,
 }
@@ -317,7 +400,6 @@ impl Purger {
             marks: Marks::new(),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             acks: Mutex::default(),
-            pending: Mutex::default(),
             local_seq: AtomicU64::new(0),
             shared,
         });
@@ -439,11 +521,8 @@ impl Purger {
                     tracing::warn!(error = %e, "purge: Redis unreachable; purged in this instance only, to be replayed");
                     m.purges.with_label_values(&["store_error"]).inc();
                 }
+                // Remembered (deduplicated, bounded) until the replay lands.
                 self.marks.apply(PENDING, &keys);
-                self.pending
-                    .lock()
-                    .expect("pending purges poisoned")
-                    .extend(keys);
                 PurgeReport {
                     seq: None,
                     told: 1,
@@ -550,13 +629,21 @@ impl Purger {
         Ok(())
     }
 
-    /// Sends the purges made while Redis was unreachable (they stay pending if it still is).
+    /// Sends the purges made while Redis was unreachable, in batches (they stay pending while
+    /// Redis still fails).
     async fn replay(&self) {
-        let pending = std::mem::take(&mut *self.pending.lock().expect("pending purges poisoned"));
-        if !pending.is_empty() {
-            let report = self.spread(pending, true).await;
-            if report.seq.is_some() {
-                tracing::info!(seq = ?report.seq, "purge: replayed the purges made while Redis was unreachable");
+        let pending = self.marks.pending();
+        for batch in pending.chunks(REPLAY_BATCH) {
+            let report = self.spread(batch.to_vec(), true).await;
+            match report.seq {
+                Some(seq) => {
+                    tracing::info!(
+                        seq,
+                        keys = batch.len(),
+                        "purge: replayed purges made while Redis was unreachable"
+                    )
+                }
+                None => return,
             }
         }
     }
@@ -633,6 +720,71 @@ mod tests {
             5,
             "pending marks move no sequence"
         );
+    }
+
+    #[test]
+    fn evicted_marks_still_purge_and_make_only_their_bucket_stale() {
+        let marks = Marks::with_capacity(100);
+        let victim = path_key("/products/1");
+        marks.apply(1, std::slice::from_ref(&victim));
+        for i in 0..5_000u64 {
+            marks.apply(2 + i, &[path_key(&format!("/flood/{i}"))]);
+        }
+        marks.by_key.run_pending_tasks();
+        assert!(
+            marks.by_key.entry_count() <= 100,
+            "the exact marks are bounded"
+        );
+        assert!(
+            !marks.is_current(0, "/products/1", std::slice::from_ref(&victim)),
+            "an evicted mark still purges"
+        );
+        // Entries stamped before the flood whose keys were never purged mostly stay current:
+        // only a key sharing a bucket with a purged one can go stale.
+        let untouched = (0..1000)
+            .filter(|i| {
+                let key = path_key(&format!("/other/{i}"));
+                marks.is_current(1, "/other", &[key])
+            })
+            .count();
+        assert!(
+            untouched > 900,
+            "{untouched} of 1000 untouched entries still current"
+        );
+        assert_eq!(
+            marks.floor.load(Ordering::Relaxed),
+            0,
+            "no floor was raised"
+        );
+    }
+
+    #[test]
+    fn pending_purges_are_deduplicated_bounded_and_cleared_by_their_replay() {
+        let marks = Marks::new();
+        let key = path_key("/a");
+        marks.apply(PENDING, &[key.clone(), key.clone()]);
+        assert_eq!(marks.pending(), vec![key.clone()]);
+        assert!(!marks.is_current(7, "/a", std::slice::from_ref(&key)));
+        marks.apply(3, std::slice::from_ref(&key));
+        assert!(marks.pending().is_empty());
+        assert!(marks.is_current(3, "/a", std::slice::from_ref(&key)));
+
+        let flood: Vec<String> = (0..PENDING_CAPACITY + 10)
+            .map(|i| path_key(&format!("/p/{i}")))
+            .collect();
+        marks.apply(PENDING, &flood);
+        assert_eq!(
+            marks.pending(),
+            vec![prefix_key("")],
+            "overflow: purge everything"
+        );
+        assert!(
+            !marks.is_current(10, "/b", &[path_key("/b")]),
+            "nothing served meanwhile"
+        );
+        marks.apply(11, &[prefix_key("")]);
+        assert!(marks.pending().is_empty());
+        assert!(marks.is_current(11, "/b", &[path_key("/b")]));
     }
 
     #[test]

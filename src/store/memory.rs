@@ -17,6 +17,10 @@ use super::{Store, StoreError};
 const SHARDS: usize = 64;
 /// A shard holding more keys than this drops the fully replenished ones on its next write.
 const SWEEP_ABOVE: usize = 4096;
+/// Most keys a shard tracks (about 500,000 in all). Past it, with no replenished key to drop,
+/// new keys share one bucket per limit and shard until room returns: a flood of distinct keys
+/// can make new clients stricter-limited, never looser, and cannot grow memory without bound.
+const SHARD_CAPACITY: usize = 8192;
 
 /// Rate-limit state: TAT per key, in microseconds since `epoch`. Sharded so requests for
 /// different keys rarely share a lock; a request's shards are locked in index order, so a
@@ -25,14 +29,23 @@ pub struct GcraTable {
     shards: Vec<Mutex<HashMap<String, u64>>>,
     hasher: RandomState,
     epoch: Instant,
+    /// Keys per shard (see [`SHARD_CAPACITY`]).
+    capacity: usize,
 }
 
 impl Default for GcraTable {
     fn default() -> Self {
+        GcraTable::with_shard_capacity(SHARD_CAPACITY)
+    }
+}
+
+impl GcraTable {
+    fn with_shard_capacity(capacity: usize) -> GcraTable {
         GcraTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             epoch: Instant::now(),
+            capacity,
         }
     }
 }
@@ -58,13 +71,29 @@ impl GcraTable {
             .map(|&i| (i, self.shards[i].lock().expect("gcra shard poisoned")))
             .collect();
         let mut decisions = Vec::with_capacity(limits.len());
+        let mut keys: Vec<String> = Vec::with_capacity(limits.len());
         for (limit, shard) in limits.iter().zip(&shard_ids) {
-            let map = &guards.iter().find(|(i, _)| i == shard).expect("locked").1;
-            decisions.push(decide(map.get(&limit.key).copied(), now, limit));
+            let map = &mut guards
+                .iter_mut()
+                .find(|(i, _)| i == shard)
+                .expect("locked")
+                .1;
+            let key = if map.contains_key(&limit.key) || map.len() < self.capacity {
+                limit.key.clone()
+            } else {
+                map.retain(|_, tat| *tat > now);
+                if map.len() < self.capacity {
+                    limit.key.clone()
+                } else {
+                    format!("\0overflow:{}:{}", limit.interval_us, limit.burst)
+                }
+            };
+            decisions.push(decide(map.get(&key).copied(), now, limit));
+            keys.push(key);
         }
         if consume && decisions.iter().all(|(o, _)| o.allowed) {
-            for ((limit, shard), (_, new_tat)) in
-                limits.iter().zip(shard_ids.iter_mut()).zip(&decisions)
+            for ((key, shard), (_, new_tat)) in
+                keys.into_iter().zip(shard_ids.iter_mut()).zip(&decisions)
             {
                 let map = &mut guards
                     .iter_mut()
@@ -74,7 +103,7 @@ impl GcraTable {
                 if map.len() > SWEEP_ABOVE {
                     map.retain(|_, tat| *tat > now);
                 }
-                map.insert(limit.key.clone(), new_tat.expect("admitted"));
+                map.insert(key, new_tat.expect("admitted"));
             }
         }
         decisions.into_iter().map(|(o, _)| o).collect()
@@ -208,5 +237,33 @@ mod tests {
         assert!(!store.delete("b").await.unwrap());
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert_eq!(store.get("a").await.unwrap(), None);
+    }
+
+    #[test]
+    fn a_flood_of_keys_is_bounded_and_never_loosens_a_limit() {
+        const CAPACITY: usize = 32;
+        let table = GcraTable::with_shard_capacity(CAPACITY);
+        let limit = |key: String| GcraRequest {
+            key,
+            interval_us: 3_600_000_000,
+            burst: 1,
+        };
+        let admit = |key: &str| table.check(&[limit(key.to_owned())], true)[0].allowed;
+        assert!(admit("victim"));
+        for i in 0..SHARDS * CAPACITY * 4 {
+            table.check(&[limit(format!("flood-{i}"))], true);
+        }
+        let held: usize = table.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(held <= SHARDS * (CAPACITY + 1), "{held} keys held");
+        assert!(!admit("victim"), "a tracked key keeps its state");
+        // New keys now share their shard's overflow bucket: stricter, not looser.
+        let newcomers = (0..SHARDS * 4)
+            .filter(|i| admit(&format!("new-{i}")))
+            .count();
+        assert!(
+            newcomers <= SHARDS,
+            "{newcomers} of {} new keys admitted",
+            SHARDS * 4
+        );
     }
 }
