@@ -265,6 +265,28 @@ pub struct Limiter {
     prefix: String,
     instances: u32,
     auth_failures: Option<Limit>,
+    /// IPv6 clients are keyed by this many leading bits.
+    ipv6_prefix: u8,
+}
+
+/// A client address as a rate-limit identity: IPv4 whole, IPv6 by its first `ipv6_prefix` bits
+/// (an IPv4-mapped IPv6 address is its IPv4 address), so a client cannot escape its limit by
+/// rotating through the addresses of its own network.
+pub fn ip_identity(ip: IpAddr, ipv6_prefix: u8) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None if ipv6_prefix >= 128 => v6.to_string(),
+            None => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(ipv6_prefix))
+                    .unwrap_or(0);
+                format!("{}/{ipv6_prefix}", std::net::Ipv6Addr::from(bits & mask))
+            }
+        },
+    }
 }
 
 impl std::fmt::Debug for Limiter {
@@ -281,6 +303,7 @@ impl Limiter {
         prefix: &str,
         instances: u32,
         auth_failures: Option<Limit>,
+        ipv6_prefix: u8,
     ) -> Limiter {
         Limiter {
             store,
@@ -288,6 +311,7 @@ impl Limiter {
             prefix: prefix.to_owned(),
             instances: instances.max(1),
             auth_failures,
+            ipv6_prefix,
         }
     }
 
@@ -300,7 +324,7 @@ impl Limiter {
                 identity.push('|');
             }
             match part {
-                KeyPart::Ip => identity.push_str(&facts.client_ip.to_string()),
+                KeyPart::Ip => identity.push_str(&ip_identity(facts.client_ip, self.ipv6_prefix)),
                 KeyPart::User => match facts.subject {
                     Some(sub) => {
                         identity.push_str("sub:");
@@ -308,7 +332,7 @@ impl Limiter {
                     }
                     None => {
                         identity.push_str("ip:");
-                        identity.push_str(&facts.client_ip.to_string());
+                        identity.push_str(&ip_identity(facts.client_ip, self.ipv6_prefix));
                     }
                 },
                 KeyPart::Route => identity.push_str(scope),
@@ -518,5 +542,26 @@ mod tests {
             trusted.client_ip(proxy, &forwarded),
             "2001:db8::1".parse::<IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_network() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(ip_identity(ip("203.0.113.7"), 64), "203.0.113.7");
+        assert_eq!(
+            ip_identity(ip("2001:db8:1:2:aaaa::1"), 64),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            ip_identity(ip("2001:db8:1:2:aaaa::1"), 64),
+            ip_identity(ip("2001:db8:1:2:ffff::9"), 64)
+        );
+        assert_ne!(
+            ip_identity(ip("2001:db8:1:2::1"), 64),
+            ip_identity(ip("2001:db8:1:3::1"), 64)
+        );
+        assert_eq!(ip_identity(ip("2001:db8::1"), 128), "2001:db8::1");
+        assert_eq!(ip_identity(ip("::ffff:198.51.100.1"), 64), "198.51.100.1");
+        assert_eq!(ip_identity(ip("2001:db8::1"), 1), "::/1");
     }
 }

@@ -78,6 +78,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         &config.rate_limit.prefix,
         config.rate_limit.instances,
         auth_failures,
+        *config.rate_limit.ipv6_prefix.get_ref(),
     );
     tracing::info!(store = store.kind(), "store ready");
     if let Some(auth) = &snapshot.auth {

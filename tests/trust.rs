@@ -647,3 +647,40 @@ cache = { ttl = "60s", stale_while_revalidate = "10s", stale_if_error = "10s" }
         "still serving"
     );
 }
+
+/// IPv6 clients are limited by their /64 (by default): rotating through the addresses of one
+/// network does not buy more requests; another network has its own budget.
+#[tokio::test]
+async fn ipv6_clients_are_limited_by_their_network() {
+    let upstream = Upstream::start();
+    let config = config_for(
+        &[&upstream.url()],
+        r#"
+[[routes]]
+path = "/__headers"
+rate_limit = { limits = [ { rate = "1/minute", burst = 1, key = "ip" } ] }
+"#,
+    );
+    let gateway = Gateway::start(&with_server_settings(
+        &config,
+        r#"trusted_proxies = ["127.0.0.1"]"#,
+    ));
+    let client = Client::new();
+    let from = |ip: &'static str| {
+        let (client, url) = (client.clone(), gateway.url("/__headers"));
+        async move {
+            client
+                .send(Method::GET, &url, &[("x-forwarded-for", ip)], "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(from("2001:db8:1:2::1").await, 200);
+    assert_eq!(from("2001:db8:1:2::2").await, 429, "same /64");
+    assert_eq!(
+        from("2001:db8:1:2:ffff:ffff:ffff:ffff").await,
+        429,
+        "same /64"
+    );
+    assert_eq!(from("2001:db8:1:3::1").await, 200, "another /64");
+}

@@ -483,6 +483,13 @@ fn validate(config: &Config) -> Vec<SpanError> {
             errors.push(SpanError::new(rate.span(), message));
         }
     }
+    let prefix = &config.rate_limit.ipv6_prefix;
+    if !(1..=128).contains(prefix.get_ref()) {
+        errors.push(SpanError::new(
+            prefix.span(),
+            "rate_limit.ipv6_prefix must be between 1 and 128 (64: one subscriber's network)",
+        ));
+    }
     if config.rate_limit.instances == 0 {
         errors.push(SpanError::new(
             0..0,

@@ -15,6 +15,9 @@ pub struct RateLimitConfig {
     /// Failed authentication attempts allowed per client IP, e.g. `"10/minute"`; past it the
     /// gateway answers `429` without checking tokens. Unset: no such limit.
     pub auth_failures: Option<Spanned<String>>,
+    /// IPv6 clients are counted by this prefix of their address (one /64 is typically one
+    /// subscriber, who can pick any address in it). 1 to 128; IPv4 clients by their address.
+    pub ipv6_prefix: Spanned<u8>,
 }
 
 impl Default for RateLimitConfig {
@@ -23,6 +26,7 @@ impl Default for RateLimitConfig {
             prefix: "cachegate:rl".to_owned(),
             instances: 1,
             auth_failures: None,
+            ipv6_prefix: Spanned::new(0..0, 64),
         }
     }
 }
