@@ -4,7 +4,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{config_for, free_port, full, Client, Gateway, Upstream};
+use common::{config_for, eventually, free_port, full, Client, Gateway, Upstream};
 use hyper::{Method, Request, StatusCode};
 
 fn gateway_for(upstream: &Upstream) -> Gateway {
@@ -245,8 +245,12 @@ async fn unreachable_upstream_is_502_problem_json() {
         "the origin's address stays out of the answer: {body}"
     );
     assert!(
-        gateway.logs().contains(&dead[7..]),
-        "it is in the gateway's log instead"
+        eventually(std::time::Duration::from_secs(5), || async {
+            gateway.logs().contains(&dead[7..])
+        })
+        .await,
+        "it is in the gateway's log instead: {}",
+        gateway.logs()
     );
 }
 

@@ -620,6 +620,16 @@ cache = { ttl = "60s", stale_while_revalidate = "10s", stale_if_error = "10s" }
     assert_eq!(resp.status, 400);
     assert_eq!(upstream.served("ANY /__headers").await, before);
 
+    // Raw non-ASCII bytes beside dots in a path (found by the property tests: a panic once).
+    for target in ["/\u{e9}../__headers", "/\u{1f600}%2e/x", "/a/\u{1f600}..;x"] {
+        let resp = raw_request(port, &format!("GET {target} HTTP/1.1\r\nhost: x"), b"").await;
+        assert!(
+            matches!(resp.status, 200 | 400 | 404),
+            "{target}: {}",
+            resp.status
+        );
+    }
+
     let client = Client::new();
     for query in [
         "cache-control=max-age%3D18446744073709551616&age=18446744073709551615",
@@ -683,4 +693,65 @@ rate_limit = { limits = [ { rate = "1/minute", burst = 1, key = "ip" } ] }
         "same /64"
     );
     assert_eq!(from("2001:db8:1:3::1").await, 200, "another /64");
+}
+
+/// Secrets stay out of the logs: a Redis password in the store URL, the tokens clients send.
+#[tokio::test]
+async fn secrets_stay_out_of_the_logs() {
+    let upstream = Upstream::start();
+    let dead = free_port();
+    let secret = "trust-test-secret-0123456789abcdef";
+    let gateway = Gateway::start(&config_for(
+        &[&upstream.url()],
+        &format!(
+            r#"
+[store]
+redis_url = "redis://cachegate:hunter2-redis@127.0.0.1:{dead}/0"
+[auth]
+realm = "test"
+[[auth.providers]]
+algorithms = ["HS256"]
+secret = "{secret}"
+[[routes]]
+path = "/__headers"
+auth = "required"
+"#
+        ),
+    ));
+    let token = hs256_token(secret, "alice");
+    let resp = Client::new()
+        .send(
+            Method::GET,
+            &gateway.url("/__headers"),
+            &[("authorization", &format!("Bearer {token}"))],
+            "",
+        )
+        .await;
+    assert_eq!(resp.status, 200);
+    let bad = Client::new()
+        .send(
+            Method::GET,
+            &gateway.url("/__headers"),
+            &[("authorization", "Bearer not.a-valid.token-secret-x")],
+            "",
+        )
+        .await;
+    assert_eq!(bad.status, 401);
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            gateway.logs().contains("Redis is not reachable")
+        })
+        .await,
+        "the store's failure is logged: {}",
+        gateway.logs()
+    );
+    let logs = gateway.logs();
+    for secret in [
+        "hunter2-redis",
+        &token,
+        "not.a-valid.token-secret-x",
+        secret,
+    ] {
+        assert!(!logs.contains(secret), "{secret} appears in the logs");
+    }
 }

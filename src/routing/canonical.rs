@@ -148,11 +148,11 @@ pub fn canonical_path<'a>(path: &'a str, rules: &PathRules) -> Result<Cow<'a, st
 /// Whether `segment` is `.` (n = 1) or `..` (n = 2), encoded or not.
 fn is_dot_segment(segment: &str, n: usize) -> bool {
     let mut dots = 0;
-    let mut rest = segment;
+    let mut rest = segment.as_bytes();
     while !rest.is_empty() {
-        if let Some(r) = rest.strip_prefix('.') {
+        if let Some(r) = rest.strip_prefix(b".") {
             rest = r;
-        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case("%2e") {
+        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
             rest = &rest[3..];
         } else {
             return false;
