@@ -27,6 +27,28 @@ fn writer_token() -> String {
     .unwrap()
 }
 
+/// The HMAC secret of [`hs256_gateway`].
+const SECRET: &str = "trust-test-secret-0123456789abcdef";
+
+/// A gateway verifying HS256 tokens signed with [`SECRET`]; `auth` adds to `[auth]`, `rest`
+/// follows it (routes, a store).
+fn hs256_gateway(upstream: &Upstream, auth: &str, rest: &str) -> Gateway {
+    Gateway::start(&config_for(
+        &[&upstream.url()],
+        &format!(
+            r#"
+[auth]
+realm = "test"
+{auth}
+[[auth.providers]]
+algorithms = ["HS256"]
+secret = "{SECRET}"
+{rest}
+"#
+        ),
+    ))
+}
+
 fn quickstart(upstream: &Upstream) -> Gateway {
     Gateway::start(&quickstart_config(&upstream.url(), free_port()))
 }
@@ -400,24 +422,16 @@ async fn fat_gets_and_cookies_do_not_fill_the_shared_cache() {
 #[tokio::test]
 async fn authenticated_answers_stay_out_of_the_shared_tier() {
     let upstream = Upstream::start();
-    let secret = "trust-test-secret-0123456789abcdef";
-    let gateway = Gateway::start(&config_for(
-        &[&upstream.url()],
-        &format!(
-            r#"
-[auth]
-realm = "test"
-cookie = "session"
-[[auth.providers]]
-algorithms = ["HS256"]
-secret = "{secret}"
+    let gateway = hs256_gateway(
+        &upstream,
+        r#"cookie = "session""#,
+        r#"
 [[routes]]
 path = "/__headers"
-auth = {{ mode = "required", strip_authorization = true, forward_claims = {{ sub = "X-User-Id" }} }}
-cache = {{ ttl = "60s" }}
-"#
-        ),
-    ));
+auth = { mode = "required", strip_authorization = true, forward_claims = { sub = "X-User-Id" } }
+cache = { ttl = "60s" }
+"#,
+    );
     let client = Client::new();
     let url = gateway.url("/__headers");
     for (user, how) in [
@@ -426,7 +440,7 @@ cache = {{ ttl = "60s" }}
         ("carol", "cookie"),
         ("dave", "cookie"),
     ] {
-        let token = hs256_token(secret, user);
+        let token = hs256_token(SECRET, user);
         let (name, value) = match how {
             "header" => ("authorization", format!("Bearer {token}")),
             _ => ("cookie", format!("session={token}")),
@@ -489,24 +503,17 @@ async fn query_keys_keep_order_and_compare_decoded() {
 #[tokio::test]
 async fn gateway_headers_and_framing_cannot_be_tampered_with() {
     let upstream = Upstream::start();
-    let secret = "trust-test-secret-0123456789abcdef";
-    let gateway = Gateway::start(&config_for(
-        &[&upstream.url()],
-        &format!(
-            r#"
-[auth]
-realm = "test"
-[[auth.providers]]
-algorithms = ["HS256"]
-secret = "{secret}"
+    let gateway = hs256_gateway(
+        &upstream,
+        "",
+        r#"
 [[routes]]
 path = "/__headers"
-auth = {{ mode = "required", forward_claims = {{ sub = "X-User-Id" }} }}
-"#
-        ),
-    ));
+auth = { mode = "required", forward_claims = { sub = "X-User-Id" } }
+"#,
+    );
     let port = gateway.port;
-    let token = hs256_token(secret, "alice");
+    let token = hs256_token(SECRET, "alice");
     let base = format!(
         "POST /__headers HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {token}"
     );
@@ -700,25 +707,20 @@ rate_limit = { limits = [ { rate = "1/minute", burst = 1, key = "ip" } ] }
 async fn secrets_stay_out_of_the_logs() {
     let upstream = Upstream::start();
     let dead = free_port();
-    let secret = "trust-test-secret-0123456789abcdef";
-    let gateway = Gateway::start(&config_for(
-        &[&upstream.url()],
+    let gateway = hs256_gateway(
+        &upstream,
+        "",
         &format!(
             r#"
-[store]
-redis_url = "redis://cachegate:hunter2-redis@127.0.0.1:{dead}/0"
-[auth]
-realm = "test"
-[[auth.providers]]
-algorithms = ["HS256"]
-secret = "{secret}"
 [[routes]]
 path = "/__headers"
 auth = "required"
+[store]
+redis_url = "redis://cachegate:hunter2-redis@127.0.0.1:{dead}/0"
 "#
         ),
-    ));
-    let token = hs256_token(secret, "alice");
+    );
+    let token = hs256_token(SECRET, "alice");
     let resp = Client::new()
         .send(
             Method::GET,
@@ -750,7 +752,7 @@ auth = "required"
         "hunter2-redis",
         &token,
         "not.a-valid.token-secret-x",
-        secret,
+        SECRET,
     ] {
         assert!(!logs.contains(secret), "{secret} appears in the logs");
     }
