@@ -1,5 +1,14 @@
-//! Request header families the gateway treats specially, shared by the request sanitiser
-//! ([`crate::proxy`]) and the cache (which must never store an answer one of them changed).
+//! Header names the gateway owns, and the request header families it treats specially: shared
+//! by the error writer, the request sanitiser ([`crate::proxy`]) and the cache (which must never
+//! store an answer one of them changed).
+
+use http::HeaderName;
+
+/// The request id, set in both directions.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The rate-limit headers of draft-ietf-httpapi-ratelimit-headers.
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Headers that make some origins (or their frameworks' middleware) act on another method or URL
 /// than the request line's: a route's auth, limits and cache key would judge one request while

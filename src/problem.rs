@@ -9,7 +9,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 use serde_json::json;
 
-use crate::proxy::REQUEST_ID;
+use crate::header_rules::REQUEST_ID;
 
 /// A problem to report to the client.
 #[derive(Debug, Clone)]

@@ -13,16 +13,10 @@ use http::header::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 use toml::Spanned;
 
+use crate::config::values::{parse_cidr, parse_rate};
 use crate::config::{KeyConfig, OnStoreError, RateLimitPolicyConfig, SpanError};
 use crate::store::gcra::{GcraOutcome, GcraRequest};
 use crate::store::{GcraTable, Store};
-
-/// An address or CIDR: `"10.0.0.0/8"`, `"127.0.0.1"`, `"::1"`.
-pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>()
-        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|e| e.to_string())
-}
 
 /// Peers allowed to tell us who the client is.
 #[derive(Debug, Default, Clone)]
@@ -110,36 +104,6 @@ impl Limit {
     fn interval_us(&self) -> u64 {
         ((self.period.as_micros() as u64) / u64::from(self.count.max(1))).max(1)
     }
-}
-
-/// `"100/minute"`, `"10/second"`, `"1000/hour"`, `"5/day"`, `"50/10s"`.
-pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
-    let hint = "write a count and a period, like \"100/minute\", \"10/second\" or \"50/10s\"";
-    let (count, period) = text
-        .split_once('/')
-        .ok_or_else(|| format!("invalid rate {text:?}: {hint}"))?;
-    let count: u32 = count
-        .trim()
-        .parse()
-        .ok()
-        .filter(|c| *c > 0)
-        .ok_or_else(|| {
-            format!("invalid rate {text:?}: the count must be a whole number above 0")
-        })?;
-    let period = match period.trim() {
-        "s" | "sec" | "second" => Duration::from_secs(1),
-        "m" | "min" | "minute" => Duration::from_secs(60),
-        "h" | "hour" => Duration::from_secs(3600),
-        "d" | "day" => Duration::from_secs(86_400),
-        other => humantime::parse_duration(other)
-            .map_err(|_| format!("invalid rate {text:?}: {hint}"))?,
-    };
-    if period.as_micros() < u128::from(count) {
-        return Err(format!(
-            "invalid rate {text:?}: more than a million requests a second"
-        ));
-    }
-    Ok((count, period))
 }
 
 fn parse_key_part(text: &str) -> Result<KeyPart, String> {

@@ -62,7 +62,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     };
     let auth_failures = match &config.rate_limit.auth_failures {
         Some(rate) => {
-            let (count, period) = ratelimit::parse_rate(rate.get_ref())?;
+            let (count, period) = crate::config::values::parse_rate(rate.get_ref())?;
             Some(ratelimit::Limit {
                 name: "auth-failures".to_owned(),
                 count,

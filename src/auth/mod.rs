@@ -9,6 +9,7 @@
 mod jwks;
 mod keys;
 pub mod mint;
+mod provider;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -24,7 +25,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use self::keys::{KeySource, Provider, VerifyKey};
+use self::keys::VerifyKey;
+use self::provider::{KeySource, Provider};
 use crate::config::{AuthConfig, AuthMode, AuthPolicyConfigOrMode, SpanError};
 
 pub use self::jwks::JwksSource;

@@ -471,7 +471,7 @@ fn validate(config: &Config) -> Vec<SpanError> {
         }
     }
     for proxy in &config.server.trusted_proxies {
-        if crate::ratelimit::parse_cidr(proxy.get_ref()).is_err() {
+        if values::parse_cidr(proxy.get_ref()).is_err() {
             errors.push(SpanError::new(
                 proxy.span(),
                 format!("invalid trusted proxy {:?}: write an address or a CIDR, like \"10.0.0.0/8\" or \"::1\"", proxy.get_ref()),
@@ -479,7 +479,7 @@ fn validate(config: &Config) -> Vec<SpanError> {
         }
     }
     if let Some(rate) = &config.rate_limit.auth_failures {
-        if let Err(message) = crate::ratelimit::parse_rate(rate.get_ref()) {
+        if let Err(message) = values::parse_rate(rate.get_ref()) {
             errors.push(SpanError::new(rate.span(), message));
         }
     }

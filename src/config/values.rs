@@ -1,9 +1,14 @@
 //! Value types the TOML schema uses: durations (`"60s"`), byte sizes (`"64KiB"`) and strings with
 //! `${ENV}` interpolation. Each parses itself during deserialization, so a bad value is reported at
-//! its own line and column.
+//! its own line and column. Also the parsers of values read as strings and checked during
+//! validation — rates (`"100/minute"`) and addresses (`"10.0.0.0/8"`) — and URL redaction for
+//! messages.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
@@ -167,6 +172,43 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// An address or CIDR: `"10.0.0.0/8"`, `"127.0.0.1"`, `"::1"`.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|e| e.to_string())
+}
+
+/// `"100/minute"`, `"10/second"`, `"1000/hour"`, `"5/day"`, `"50/10s"`.
+pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let hint = "write a count and a period, like \"100/minute\", \"10/second\" or \"50/10s\"";
+    let (count, period) = text
+        .split_once('/')
+        .ok_or_else(|| format!("invalid rate {text:?}: {hint}"))?;
+    let count: u32 = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|c| *c > 0)
+        .ok_or_else(|| {
+            format!("invalid rate {text:?}: the count must be a whole number above 0")
+        })?;
+    let period = match period.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        other => humantime::parse_duration(other)
+            .map_err(|_| format!("invalid rate {text:?}: {hint}"))?,
+    };
+    if period.as_micros() < u128::from(count) {
+        return Err(format!(
+            "invalid rate {text:?}: more than a million requests a second"
+        ));
+    }
+    Ok((count, period))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderName, AGE, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HOST, IF_MODIFIED_SINCE,
+    HeaderName, AGE, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE,
     IF_NONE_MATCH, LAST_MODIFIED, TRANSFER_ENCODING,
 };
 use http::Method;
@@ -20,6 +20,7 @@ use pingora::Result;
 
 use pingora::{Error, ErrorType};
 
+use super::forwarding::{add_validators, request_host};
 use super::{RequestCtx, REQUEST_ID};
 use crate::cache::entry::Entry;
 use crate::cache::{
@@ -104,14 +105,6 @@ impl CachePhase {
             },
         }
     }
-}
-
-/// The request's host: `Host`, or the HTTP/2 `:authority`.
-pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
-    req.headers
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
 
 /// Whether a request announces a body: a length above zero, or chunked framing.
@@ -282,19 +275,6 @@ pub fn on_upstream_request(
             add_validators(entry, upstream_request)?;
             miss.revalidating = true;
         }
-    }
-    Ok(())
-}
-
-/// Replaces a request's `If-None-Match` / `If-Modified-Since` with `entry`'s validators.
-pub fn add_validators(entry: &Entry, request: &mut pingora::http::RequestHeader) -> Result<()> {
-    request.remove_header(&IF_NONE_MATCH);
-    request.remove_header(&IF_MODIFIED_SINCE);
-    if let Some(etag) = entry.headers.get(ETAG) {
-        request.insert_header(IF_NONE_MATCH, etag.clone())?;
-    }
-    if let Some(modified) = entry.headers.get(LAST_MODIFIED) {
-        request.insert_header(IF_MODIFIED_SINCE, modified.clone())?;
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! What changes in headers as a request passes through: hop-by-hop headers removed (RFC 9110
 //! §7.6.1), headers only the gateway may set removed, `X-Forwarded-*` added, the request id set
-//! in both directions.
+//! in both directions, a stale entry's validators put on a revalidation.
 //!
 //! Every header a client sends is input the origin may act on. [`sanitize_request`] runs once,
 //! right after routing and before anything else reads the headers: it removes what the client
@@ -11,12 +11,13 @@
 //! even a `Connection` naming one — can remove or shadow them.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING,
-    UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, LAST_MODIFIED, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
 
+use crate::cache::entry::Entry;
 use crate::header_rules::{FORWARDING_HEADERS, OVERRIDE_HEADERS, UNDERSCORE_GUARDED};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -247,6 +248,27 @@ pub fn upstream_response(resp: &mut ResponseHeader) {
     strip_hop_by_hop(&headers, upgrade, |name| {
         resp.remove_header(name);
     });
+}
+
+/// The request's host: `Host`, or the HTTP/2 `:authority`.
+pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
+    req.headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+/// Replaces a request's `If-None-Match` / `If-Modified-Since` with `entry`'s validators.
+pub fn add_validators(entry: &Entry, request: &mut pingora::http::RequestHeader) -> Result<()> {
+    request.remove_header(&IF_NONE_MATCH);
+    request.remove_header(&IF_MODIFIED_SINCE);
+    if let Some(etag) = entry.headers.get(ETAG) {
+        request.insert_header(IF_NONE_MATCH, etag.clone())?;
+    }
+    if let Some(modified) = entry.headers.get(LAST_MODIFIED) {
+        request.insert_header(IF_MODIFIED_SINCE, modified.clone())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::Method;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -40,9 +40,7 @@ use crate::routing::canonical::{canonical_method, canonical_path};
 use crate::routing::RouteId;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+use crate::header_rules::{RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
 
 /// The longest client-supplied request id passed on; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;

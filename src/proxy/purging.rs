@@ -8,7 +8,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-use super::caching::request_host;
+use super::forwarding::request_host;
 use super::RequestCtx;
 use crate::cache::Cache;
 use crate::problem::Problem;

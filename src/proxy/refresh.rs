@@ -63,7 +63,7 @@ impl Refresh {
             &mut upstream_request,
             &super::forwarded(session, ctx),
         )
-        .and_then(|()| super::caching::add_validators(&stale, &mut upstream_request));
+        .and_then(|()| super::forwarding::add_validators(&stale, &mut upstream_request));
         if let Err(e) = prepared {
             tracing::debug!(error = %e, "cache refresh: could not prepare the request");
         }
@@ -74,7 +74,7 @@ impl Refresh {
             primary,
             stale,
             upstream_request,
-            host: super::caching::request_host(client).map(str::to_owned),
+            host: super::forwarding::request_host(client).map(str::to_owned),
             scheme: super::scheme(session),
             authorized: ctx.identity.is_some()
                 || client.headers.contains_key(http::header::AUTHORIZATION),
