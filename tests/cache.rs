@@ -882,3 +882,33 @@ async fn a_stale_entry_answers_while_the_origin_is_unreachable() {
         "without a stale entry the failure shows"
     );
 }
+
+/// A resource whose answer could not be stored is not coalesced afterwards (hit-for-miss):
+/// concurrent requests for it go to the origin side by side, not queued behind one another.
+#[tokio::test]
+async fn an_unstorable_answer_does_not_serialise_concurrent_requests() {
+    let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "1000"]);
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        r#"
+[[routes]]
+path = "/products/{id}"
+cache = { ttl = "30s", statuses = [203] }
+"#,
+    );
+    assert_eq!(get(&gw, "/products/1", &[]).await.status, StatusCode::OK);
+    let started = std::time::Instant::now();
+    let requests = (0..6).map(|_| get(&gw, "/products/1", &[]));
+    let responses = futures_util::future::join_all(requests).await;
+    let elapsed = started.elapsed();
+    for resp in &responses {
+        assert_eq!(resp.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.served("GET /products/{id}").await, 7);
+    // One origin round trip is ~1 s; waiting for a leader first made it ~2 s.
+    assert!(
+        elapsed < Duration::from_millis(1700),
+        "six uncacheable requests took {elapsed:?}"
+    );
+}

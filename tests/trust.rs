@@ -757,3 +757,33 @@ redis_url = "redis://cachegate:hunter2-redis@127.0.0.1:{dead}/0"
         assert!(!logs.contains(secret), "{secret} appears in the logs");
     }
 }
+
+/// Requests whose framing or header syntax two HTTP parsers could read differently are refused
+/// and never reach the origin (RFC 9112 §5, §6): obs-fold, whitespace before a colon, a bare CR,
+/// a transfer coding that does not end in chunked, a length that is not plain digits.
+#[tokio::test]
+async fn ambiguous_messages_are_refused_and_never_forwarded() {
+    let upstream = Upstream::start();
+    let gateway = Gateway::start(&config_for(&[&upstream.url()], ""));
+    let port = gateway.port;
+    let before = upstream.served("ANY /__headers").await;
+    for (extra, body) in [
+        ("content-length: 2\r\nx-a: 1\r\n 2", "{}"),
+        ("content-length: 2\r\nx-a : 1", "{}"),
+        ("content-length: 2\r\nx-a: 1\r2", "{}"),
+        ("transfer-encoding: gzip", "{}"),
+        ("transfer-encoding: chunked, gzip", "2\r\n{}\r\n0\r\n\r\n"),
+        ("content-length: +2", "{}"),
+        ("content-length: 0x2", "{}"),
+        ("content-length: 2\r\ncontent-length: 3", "{}"),
+    ] {
+        let resp = raw_request(
+            port,
+            &format!("POST /__headers HTTP/1.1\r\nhost: x\r\n{extra}"),
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(resp.status, 400, "{extra:?}: {}", resp.body);
+    }
+    assert_eq!(upstream.served("ANY /__headers").await, before);
+}

@@ -108,9 +108,15 @@ impl Drop for FlightGuard {
     }
 }
 
+/// How long a resource whose last answer could not be stored is fetched without coalescing
+/// (Varnish's hit-for-miss): concurrent requests for it go to the origin side by side.
+const UNCACHEABLE_FOR: Duration = Duration::from_secs(60);
+
 pub struct Cache {
     /// Misses being fetched, by primary key (in-process coalescing).
     flights: Flights,
+    /// Resources whose last answer could not be stored (see [`UNCACHEABLE_FOR`]).
+    uncacheable: moka::sync::Cache<String, ()>,
     memory: MemoryTier,
     /// The shared tier, when the store is shared (Redis).
     shared: Option<Arc<dyn Store>>,
@@ -305,6 +311,10 @@ impl Cache {
     ) -> Cache {
         Cache {
             flights: Arc::default(),
+            uncacheable: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(UNCACHEABLE_FOR)
+                .build(),
             memory: MemoryTier::new(memory_capacity),
             shared: store.filter(|s| s.kind() == "redis"),
             compress_above: (compress_above > 0).then_some(compress_above),
@@ -770,8 +780,28 @@ impl Cache {
         None
     }
 
-    /// Joins the flight for a missed key: the first request leads, the others follow.
-    pub fn join_flight(&self, primary: &CacheKey) -> Flight {
+    /// Joins the flight for a missed key: the first request leads, the others follow — unless
+    /// the resource's last answer could not be stored, in which case waiting would only queue
+    /// requests behind each other: then `None`, and the request fetches on its own.
+    pub fn join_flight(&self, primary: &CacheKey) -> Option<Flight> {
+        if self.uncacheable.contains_key(primary.as_str()) {
+            return None;
+        }
+        Some(self.lead_or_follow(primary))
+    }
+
+    /// Remembers whether a resource's answer could be stored (see [`Cache::join_flight`]).
+    pub fn note_storable(&self, primary: &CacheKey, storable: bool) {
+        if storable {
+            self.uncacheable.invalidate(primary.as_str());
+        } else {
+            self.uncacheable.insert(primary.as_str().to_owned(), ());
+        }
+    }
+
+    /// The flight for a key, whatever its last answer was: the first request leads (a
+    /// background refresh, for example), the others follow.
+    pub fn lead_or_follow(&self, primary: &CacheKey) -> Flight {
         let mut flights = self.flights.lock().expect("flights mutex poisoned");
         if let Some(receiver) = flights.get(primary.as_str()) {
             return Flight::Follower(receiver.clone());

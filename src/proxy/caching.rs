@@ -75,8 +75,9 @@ pub struct Miss {
     start: FillStart,
     /// Captures the response when it may be stored.
     fill: Option<Fill>,
-    /// Held while this request leads the fetch for its key; dropped at the end.
-    _flight: Option<FlightGuard>,
+    /// Held while this request leads the fetch for its key. Dropped — waking the requests that
+    /// wait for it — as soon as its entry is stored, or the response turns out not storable.
+    flight: Option<FlightGuard>,
     /// A stale entry still kept: revalidated with the origin when it has a validator, served
     /// when the origin fails inside its stale-if-error window.
     stale: Option<Arc<Entry>>,
@@ -182,7 +183,7 @@ pub async fn lookup(
         }
         Lookup::StaleWhileRevalidate { hit, primary } => {
             count(route, "stale", hit.tier);
-            if let Flight::Leader(guard) = cache.join_flight(&primary) {
+            if let Flight::Leader(guard) = cache.lead_or_follow(&primary) {
                 let refresh = super::refresh::Refresh::new(
                     cache.clone(),
                     policy.clone(),
@@ -202,7 +203,9 @@ pub async fn lookup(
             let fetching = session.req_header().method == Method::GET;
             let mut lease = false;
             let flight = match cache.join_flight(&primary) {
-                Flight::Leader(guard) if fetching => {
+                // Its last answer could not be stored: nothing to wait for.
+                None => None,
+                Some(Flight::Leader(guard)) if fetching => {
                     lease = cache.take_lease(&primary).await;
                     if !lease {
                         // Another instance is filling it: wait for its entry in the shared tier.
@@ -218,8 +221,8 @@ pub async fn lookup(
                     }
                     Some(guard)
                 }
-                Flight::Leader(_) => None,
-                Flight::Follower(mut done) => {
+                Some(Flight::Leader(_)) => None,
+                Some(Flight::Follower(mut done)) => {
                     // Another request is fetching this resource: wait for it (bounded), then
                     // look again. Its sender is dropped when it ends, stored or not.
                     let _ = tokio::time::timeout(COALESCE_WAIT, done.changed()).await;
@@ -239,7 +242,7 @@ pub async fn lookup(
                 primary,
                 start: cache.fill_start(),
                 fill: None,
-                _flight: flight,
+                flight,
                 stale,
                 revalidating: false,
                 lease,
@@ -469,6 +472,7 @@ pub fn on_response(
                     if let CachePhase::Miss(miss) = &mut ctx.cache {
                         miss.answer = Some(answer);
                         miss.shared_write = shared;
+                        miss.flight = None;
                     }
                     return Err(answered_from_cache());
                 }
@@ -488,7 +492,12 @@ pub fn on_response(
             };
             response.insert_header(CACHE_STATUS, status)?;
             response.insert_header(X_CACHE, "MISS")?;
+            cache.note_storable(&primary, fill.is_some());
             if let CachePhase::Miss(miss) = &mut ctx.cache {
+                if fill.is_none() {
+                    // Nothing will be stored: the waiting requests go to the origin now.
+                    miss.flight = None;
+                }
                 miss.fill = fill;
             }
         }
@@ -544,7 +553,7 @@ pub fn write_through(
         primary,
         start,
         fill: Some(fill),
-        _flight: None,
+        flight: None,
         stale: None,
         revalidating: false,
         lease: false,
@@ -561,6 +570,7 @@ pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, body: &Option<Bytes>, end_of
         if let (Some(f), Some(chunk)) = (miss.fill.as_mut(), body) {
             if !f.push(chunk) {
                 miss.fill = None;
+                miss.flight = None;
             }
         }
         if end_of_stream {
@@ -568,6 +578,9 @@ pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, body: &Option<Bytes>, end_of
                 f.complete = true;
                 miss.shared_write = cache.store_local(f).and_then(|(_, shared)| shared);
             }
+            // Stored (or not): the waiting requests look again now, not when this client has
+            // read the whole response.
+            miss.flight = None;
         }
     }
 }
