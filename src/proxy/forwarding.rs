@@ -47,27 +47,26 @@ pub struct Sanitize<'a> {
 /// Removes from a client's request every header the origin must not take from the client (see
 /// the module docs). Runs before the gateway sets any header of its own.
 pub fn sanitize_request(req: &mut RequestHeader, rules: &Sanitize<'_>) {
-    let headers = req.headers.clone();
-    strip_connection_listed(&headers, rules.upgrade, |name| {
+    let tokens = connection_tokens(&req.headers);
+    for name in nominated(&tokens, rules.upgrade) {
         req.remove_header(name);
-    });
+    }
     for name in HOP_BY_HOP {
         req.remove_header(name);
     }
-    // What `Connection` named is gone; keep only the options that concern this connection, so
-    // nothing downstream of here (the HTTP engine included) strips a header the gateway sets.
-    let options: Vec<String> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| t == "close" || t == "keep-alive" || (rules.upgrade && t == "upgrade"))
-        .collect();
-    req.remove_header(&CONNECTION);
-    if !options.is_empty() {
-        // Tokens are plain ASCII: always a valid value.
-        let _ = req.insert_header(CONNECTION, options.join(", "));
+    if !tokens.is_empty() {
+        // What `Connection` named is gone; keep only the options that concern this connection,
+        // so nothing after this (the HTTP engine included) strips a header the gateway sets.
+        let options: Vec<&str> = tokens
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t == "close" || *t == "keep-alive" || (rules.upgrade && *t == "upgrade"))
+            .collect();
+        req.remove_header(&CONNECTION);
+        if !options.is_empty() {
+            // Tokens are plain ASCII: always a valid value.
+            let _ = req.insert_header(CONNECTION, options.join(", "));
+        }
     }
     for name in rules.claim_headers {
         req.remove_header(name);
@@ -82,7 +81,8 @@ pub fn sanitize_request(req: &mut RequestHeader, rules: &Sanitize<'_>) {
             req.remove_header(name);
         }
     }
-    let underscored: Vec<HeaderName> = headers
+    let underscored: Vec<HeaderName> = req
+        .headers
         .keys()
         .filter(|name| name.as_str().contains('_'))
         .filter(|name| {
@@ -139,41 +139,45 @@ pub fn request_framing(
     })
 }
 
-/// Removes the headers a `Connection` header lists (RFC 9110 §7.6.1), except the ones that
-/// frame the message or name its host, and `Upgrade` on an upgrade.
-fn strip_connection_listed(headers: &HeaderMap, upgrade: bool, mut remove: impl FnMut(&str)) {
-    let mut listed: Vec<String> = Vec::new();
-    for value in headers.get_all(CONNECTION) {
-        if let Ok(value) = value.to_str() {
-            listed.extend(
-                value
-                    .split(',')
-                    .map(|t| t.trim().to_ascii_lowercase())
-                    .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive"),
-            );
-        }
-    }
-    for name in listed {
-        if upgrade && name == "upgrade" {
-            continue;
-        }
-        if name == "transfer-encoding" || name == "host" || name == "content-length" {
-            continue;
-        }
-        remove(&name);
-    }
+/// The options of a message's `Connection` header fields, lower case; empty without one (and
+/// then nothing is allocated).
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
-/// Removes hop-by-hop headers. For a protocol upgrade (WebSocket), `Connection: upgrade` and
-/// `Upgrade` are kept, as the upgrade must reach the origin.
-fn strip_hop_by_hop(headers: &HeaderMap, upgrade: bool, mut remove: impl FnMut(&str)) {
-    strip_connection_listed(headers, upgrade, &mut remove);
+/// The header names among `Connection`'s options (RFC 9110 §7.6.1), except the ones that frame
+/// the message or name its host, and `Upgrade` on an upgrade.
+fn nominated(tokens: &[String], upgrade: bool) -> impl Iterator<Item = &str> {
+    tokens
+        .iter()
+        .map(String::as_str)
+        .filter(move |name| match *name {
+            "close" | "keep-alive" | "transfer-encoding" | "host" | "content-length" => false,
+            "upgrade" => !upgrade,
+            _ => true,
+        })
+}
+
+/// Removes a response's hop-by-hop headers. For a protocol upgrade (WebSocket), `Connection:
+/// upgrade` and `Upgrade` are kept, as the upgrade must reach the client.
+fn strip_hop_by_hop(resp: &mut ResponseHeader, upgrade: bool) {
+    let tokens = connection_tokens(&resp.headers);
+    for name in nominated(&tokens, upgrade) {
+        resp.remove_header(name);
+    }
     for name in HOP_BY_HOP {
-        remove(name);
+        resp.remove_header(name);
     }
     if !upgrade {
-        remove(CONNECTION.as_str());
-        remove(UPGRADE.as_str());
+        resp.remove_header(&CONNECTION);
+        resp.remove_header(&UPGRADE);
     }
 }
 
@@ -244,10 +248,7 @@ pub fn upstream_request(req: &mut RequestHeader, fwd: &Forwarded<'_>) -> Result<
 /// Removes hop-by-hop headers from the origin's response (kept for a `101 Switching Protocols`).
 pub fn upstream_response(resp: &mut ResponseHeader) {
     let upgrade = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    let headers = resp.headers.clone();
-    strip_hop_by_hop(&headers, upgrade, |name| {
-        resp.remove_header(name);
-    });
+    strip_hop_by_hop(resp, upgrade);
 }
 
 /// The request's host: `Host`, or the HTTP/2 `:authority`.
