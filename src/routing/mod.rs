@@ -152,6 +152,17 @@ impl CompiledTemplate {
     /// `path` (which matched this template) with its typed parameters in canonical form, when
     /// that differs from the path as it came.
     fn rewrite(&self, params: &matchit::Params<'_, '_>) -> Option<String> {
+        // The common case, without building anything: every typed value already canonical.
+        let canonical = self.types.iter().all(|(name, kind)| match kind {
+            ParamType::Int => {
+                let value = params.get(name).unwrap_or_default();
+                canonical_int(value).is_none_or(|c| c == value)
+            }
+            ParamType::Text => true,
+        });
+        if canonical {
+            return None;
+        }
         let mut changed = false;
         let mut out = String::with_capacity(self.path.len() + 16);
         let mut rest = self.path.as_str();
@@ -191,7 +202,20 @@ fn fold_static(text: &str, rules: &PathRules) -> String {
 }
 
 /// `07`, `+7`, `-0` → `7`, `7`, `0`; `None` for anything that is not an integer.
-fn canonical_int(value: &str) -> Option<String> {
+fn canonical_int(value: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let plain = value
+        .strip_prefix('-')
+        .unwrap_or(value)
+        .bytes()
+        .all(|b| b.is_ascii_digit());
+    let leading_zero = value.trim_start_matches('-').starts_with('0') && value.len() > 1;
+    if plain && !value.is_empty() && value != "-" && !leading_zero {
+        return Some(std::borrow::Cow::Borrowed(value));
+    }
+    canonical_int_owned(value).map(std::borrow::Cow::Owned)
+}
+
+fn canonical_int_owned(value: &str) -> Option<String> {
     let (negative, digits) = match value.as_bytes().first()? {
         b'-' => (true, &value[1..]),
         b'+' => (false, &value[1..]),
