@@ -49,6 +49,20 @@ secret = "{SECRET}"
     ))
 }
 
+/// A gateway that admits one request a minute per client IP on `/__headers`, with more
+/// `[server]` settings.
+fn one_a_minute_gateway(upstream: &Upstream, server: &str) -> Gateway {
+    let config = config_for(
+        &[&upstream.url()],
+        r#"
+[[routes]]
+path = "/__headers"
+rate_limit = { limits = [ { rate = "1/minute", burst = 1, key = "ip" } ] }
+"#,
+    );
+    Gateway::start(&with_server_settings(&config, server))
+}
+
 fn quickstart(upstream: &Upstream) -> Gateway {
     Gateway::start(&quickstart_config(&upstream.url(), free_port()))
 }
@@ -188,18 +202,10 @@ async fn a_write_in_any_spelling_purges_the_canonical_entry() {
 #[tokio::test]
 async fn no_spelling_escapes_a_rate_limit() {
     let upstream = Upstream::start();
-    let config = config_for(
-        &[&upstream.url()],
-        r#"
-[[routes]]
-path = "/__headers"
-rate_limit = { limits = [ { rate = "1/minute", burst = 1, key = "ip" } ] }
-"#,
-    );
-    let gateway = Gateway::start(&with_server_settings(
-        &config,
+    let gateway = one_a_minute_gateway(
+        &upstream,
         "case_insensitive_paths = true\npath_parameters = \"strip\"",
-    ));
+    );
     let client = Client::new();
     let first = client.get(&gateway.url("/__HEADERS/")).await;
     assert_eq!(first.status, 200);
@@ -670,18 +676,7 @@ cache = { ttl = "60s", stale_while_revalidate = "10s", stale_if_error = "10s" }
 #[tokio::test]
 async fn ipv6_clients_are_limited_by_their_network() {
     let upstream = Upstream::start();
-    let config = config_for(
-        &[&upstream.url()],
-        r#"
-[[routes]]
-path = "/__headers"
-rate_limit = { limits = [ { rate = "1/minute", burst = 1, key = "ip" } ] }
-"#,
-    );
-    let gateway = Gateway::start(&with_server_settings(
-        &config,
-        r#"trusted_proxies = ["127.0.0.1"]"#,
-    ));
+    let gateway = one_a_minute_gateway(&upstream, r#"trusted_proxies = ["127.0.0.1"]"#);
     let client = Client::new();
     let from = |ip: &'static str| {
         let (client, url) = (client.clone(), gateway.url("/__headers"));
