@@ -19,10 +19,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use http::{Response, StatusCode};
-use pingora::apps::http_app::ServeHttp;
-use pingora::protocols::http::ServerSession;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::cache::entry::Entry;
@@ -160,28 +159,22 @@ impl Admin {
     }
 
     /// `POST /purge` with a JSON body naming what to purge.
-    async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let mut body = Vec::new();
-        loop {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_PURGE_BODY => {
-                    body.extend_from_slice(&chunk)
-                }
-                Ok(Some(_)) => {
-                    return json_response(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        json!({"error": "the purge request is too large"}),
-                    )
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    return json_response(
-                        StatusCode::BAD_REQUEST,
-                        json!({"error": format!("could not read the request body: {e}")}),
-                    )
-                }
+    async fn purge(&self, body: Incoming) -> Response<Vec<u8>> {
+        let body = match Limited::new(body, MAX_PURGE_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return json_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    json!({"error": "the purge request is too large"}),
+                )
             }
-        }
+            Err(e) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("could not read the request body: {e}")}),
+                )
+            }
+        };
         let routes = &self.snapshot.load().routes;
         let target = match PurgeTarget::parse(&body, |path| routes.canonical_target(path)) {
             Ok(target) => target,
@@ -195,10 +188,10 @@ impl Admin {
         json_response(StatusCode::OK, report.answer(target.describe(), removed))
     }
 
-    fn authorized(&self, session: &ServerSession) -> bool {
+    fn authorized(&self, headers: &http::HeaderMap) -> bool {
         self.token
             .as_deref()
-            .is_some_and(|token| bears_token(&session.req_header().headers, token))
+            .is_some_and(|token| bears_token(headers, token))
     }
 }
 
@@ -321,12 +314,12 @@ fn unauthorized(why: &str) -> Response<Vec<u8>> {
     resp
 }
 
-#[async_trait]
-impl ServeHttp for Admin {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let method = session.req_header().method.clone();
-        let path = session.req_header().uri.path().to_owned();
-        match (method.as_str(), path.as_str()) {
+impl Admin {
+    /// Answers one admin request.
+    pub async fn serve(&self, request: Request<Incoming>) -> Response<Vec<u8>> {
+        let (head, body) = request.into_parts();
+        let (method, path) = (&head.method, head.uri.path());
+        match (method.as_str(), path) {
             ("GET" | "HEAD", "/healthz") => {
                 json_response(StatusCode::OK, json!({"status": "alive"}))
             }
@@ -351,7 +344,7 @@ impl ServeHttp for Admin {
             }
             ("GET", "/cache/stats") => self.cache_stats().await,
             ("GET", "/metrics") => {
-                if self.token.is_some() && !self.authorized(session) {
+                if self.token.is_some() && !self.authorized(&head.headers) {
                     return unauthorized("/metrics needs the admin token as a bearer token");
                 }
                 let (entries, bytes) = self.cache.memory_stats();
@@ -370,10 +363,10 @@ impl ServeHttp for Admin {
                         json!({"error": "state-changing admin endpoints are off: set [admin] token to enable them"}),
                     );
                 }
-                if !self.authorized(session) {
+                if !self.authorized(&head.headers) {
                     return unauthorized("POST /purge needs the admin token as a bearer token");
                 }
-                self.purge(session).await
+                self.purge(body).await
             }
             ("POST", "/reload") => {
                 if self.token.is_none() {
@@ -382,7 +375,7 @@ impl ServeHttp for Admin {
                         json!({"error": "state-changing admin endpoints are off: set [admin] token to enable them"}),
                     );
                 }
-                if !self.authorized(session) {
+                if !self.authorized(&head.headers) {
                     return unauthorized("POST /reload needs the admin token as a bearer token");
                 }
                 let reloader = self.reloader.clone();

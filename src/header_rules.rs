@@ -1,5 +1,5 @@
 //! Header names the gateway owns, and the request header families it treats specially: shared
-//! by the error writer, the request sanitiser ([`crate::proxy`]) and the cache (which must never
+//! by the error writer, the request sanitiser ([`crate::pipeline`]) and the cache (which must never
 //! store an answer one of them changed).
 
 use http::HeaderName;
@@ -50,3 +50,8 @@ pub const UNDERSCORE_GUARDED: [&str; 5] = [
     "content-length",
     "transfer-encoding",
 ];
+
+/// `Cache-Status` (RFC 9211) on every response of a cached route.
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// `X-Cache`: `HIT`, `MISS`, `STALE`, `REVALIDATED`, `BYPASS`, for humans and old tooling.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");

@@ -2,11 +2,8 @@
 //! carrying the request id so a client's report can be found in the logs.
 
 use bytes::Bytes;
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
-use pingora::Result;
 use serde_json::json;
 
 use crate::header_rules::REQUEST_ID;
@@ -51,29 +48,31 @@ impl Problem {
         Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"))
     }
 
-    /// Writes the whole response. The connection is not kept alive afterwards when the request
-    /// body may still be unread.
-    pub async fn send(&self, session: &mut Session, request_id: &str) -> Result<()> {
+    /// The whole response: problem+json, never stored, with the request id.
+    pub fn into_response(self, request_id: &str) -> http::Response<Bytes> {
         let body = self.body(request_id);
-        let mut header = ResponseHeader::build(self.status, Some(4))?;
-        header.insert_header(http::header::CONTENT_TYPE, "application/problem+json")?;
-        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        header.insert_header(REQUEST_ID, request_id)?;
-        for (name, value) in &self.headers {
-            header.insert_header(name.clone(), value.as_str())?;
+        let mut response = http::Response::new(Bytes::new());
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert(REQUEST_ID, id);
         }
-        if !session.is_body_done() {
-            session.set_keepalive(None);
+        for (name, value) in self.headers {
+            if let Ok(value) = HeaderValue::try_from(value) {
+                headers.insert(name, value);
+            }
         }
-        // A failed write means the client went away: a downstream error, logged as routine.
-        session
-            .write_response_header(Box::new(header), false)
-            .await
-            .map_err(pingora::Error::into_down)?;
-        session
-            .write_response_body(Some(body), true)
-            .await
-            .map_err(pingora::Error::into_down)
+        *response.body_mut() = body;
+        response
     }
 }

@@ -106,24 +106,19 @@ impl AuthPolicy {
 
 /// Sets the request headers a policy derives from a verified identity, and removes
 /// `Authorization` when the policy says so. Call after removing every gateway-set header.
-pub fn forward(
-    policy: &AuthPolicy,
-    identity: Option<&Identity>,
-    req: &mut pingora::http::RequestHeader,
-) {
+pub fn forward(policy: &AuthPolicy, identity: Option<&Identity>, headers: &mut http::HeaderMap) {
     if let Some(identity) = identity {
         for (claim, header) in &policy.forward_claims {
             let value = identity
                 .claim_text(claim)
                 .and_then(|v| http::HeaderValue::from_str(&v).ok());
             if let Some(value) = value {
-                // Only fails for a header map at capacity; the request then lacks the header.
-                let _ = req.insert_header(header.clone(), value);
+                headers.insert(header.clone(), value);
             }
         }
     }
     if policy.strip_authorization {
-        req.remove_header(&AUTHORIZATION);
+        headers.remove(AUTHORIZATION);
     }
 }
 

@@ -26,7 +26,7 @@ pub use purge::{PurgeConfig, PurgeConfigOrPaths};
 pub use ratelimit::{KeyConfig, LimitConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig};
 pub use values::{ByteSize, Dur, EnvString};
 
-/// pingora's HTTP/1 parser refuses request heads above this size on its own.
+/// The largest `max_request_header_bytes` accepted: hyper's read buffer is sized just above it.
 pub const MAX_HEADER_LIMIT: u64 = 1_048_575;
 
 /// The whole configuration file.
@@ -84,9 +84,6 @@ pub struct ServerConfig {
     pub grace_period: Dur,
     /// After the grace period, how long the runtime gets to finish before the process exits.
     pub shutdown_timeout: Dur,
-    /// Unix socket for pingora's zero-downtime upgrade (SIGQUIT). Default:
-    /// `/tmp/cachegate-<first listener address>.sock`, so two gateways on one host never collide.
-    pub upgrade_sock: Option<EnvString>,
     /// `"text"` (the default) or `"json"`; `--log-format` overrides it.
     pub log_format: Option<LogFormat>,
     /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` headers name the real client. From
@@ -113,7 +110,6 @@ impl Default for ServerConfig {
             threads: None,
             grace_period: Dur(std::time::Duration::from_secs(10)),
             shutdown_timeout: Dur(std::time::Duration::from_secs(5)),
-            upgrade_sock: None,
             log_format: None,
             trusted_proxies: Vec::new(),
             case_insensitive_paths: false,

@@ -3,13 +3,14 @@
 //! representation (see [`crate::purge`]).
 
 use http::header::{CONTENT_LOCATION, LOCATION};
-use http::{Method, Uri};
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
-use pingora::Result;
+use http::request::Parts;
+use http::response;
+use http::{Method, Response, Uri};
+
+use super::body::Body;
 
 use super::forwarding::request_host;
-use super::RequestCtx;
+use super::{respond, RequestCtx};
 use crate::cache::Cache;
 use crate::problem::Problem;
 use crate::purge::{self, path_key, tag_key, Purger};
@@ -21,19 +22,18 @@ use crate::purge::{self, path_key, tag_key, Purger};
 pub async fn on_response(
     purger: &Purger,
     cache: &Cache,
-    session: &Session,
+    req: &Parts,
     ctx: &mut RequestCtx,
-    response: &mut ResponseHeader,
-) -> Result<()> {
-    response.remove_header(&purge::SURROGATE_KEY);
-    let req = session.req_header();
+    response: &mut response::Parts,
+) {
+    response.headers.remove(&purge::SURROGATE_KEY);
     if !purge::is_write(&req.method) {
-        return Ok(());
+        return;
     }
     let snapshot = ctx.snapshot.clone();
     let rule = &snapshot.routes.policy(ctx.route).purge;
     if !rule.triggers(response.status.as_u16()) {
-        return Ok(());
+        return;
     }
     let path = req.uri.path();
     let mut keys = vec![path_key(path)];
@@ -56,9 +56,19 @@ pub async fn on_response(
     let report = purger.purge(keys).await;
     ctx.purged = Some(report);
     if let Some(seq) = report.seq {
-        write_through(cache, session, ctx, rule.write_through, response, seq);
+        write_through(cache, req, ctx, rule.write_through, response, seq);
     }
-    Ok(())
+}
+
+/// Whether a write-through may need the client's request headers after the origin answered: a
+/// `PUT` or `PATCH` to a path whose reads are cached.
+pub fn may_write_through(req: &Parts, ctx: &RequestCtx) -> bool {
+    let routes = &ctx.snapshot.routes;
+    matches!(req.method, Method::PUT | Method::PATCH)
+        && routes
+            .policy(routes.find(&Method::GET, req.uri.path()))
+            .cache
+            .is_some()
 }
 
 /// Write-through (opt-in): a `PUT` or `PATCH` answered `200` whose body is the target's full new
@@ -67,13 +77,12 @@ pub async fn on_response(
 /// any later purge supersedes it.
 fn write_through(
     cache: &Cache,
-    session: &Session,
+    req: &Parts,
     ctx: &mut RequestCtx,
     enabled: bool,
-    response: &ResponseHeader,
+    response: &response::Parts,
     seq: u64,
 ) {
-    let req = session.req_header();
     if response.status.as_u16() != 200 || !matches!(req.method, Method::PUT | Method::PATCH) {
         return;
     }
@@ -97,7 +106,7 @@ fn write_through(
         let params = snapshot.routes.params(path);
         ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
     }
-    super::caching::write_through(cache, session, ctx, policy, response, seq);
+    super::caching::write_through(cache, req, ctx, policy, response, seq);
 }
 
 /// `PURGE <url>` on a main listener (when `[admin] purge_method` is on): purges the URL's path
@@ -105,44 +114,36 @@ fn write_through(
 pub async fn purge_request(
     purger: &Purger,
     cache: &Cache,
-    session: &mut Session,
+    req: &Parts,
     ctx: &RequestCtx,
     token: &str,
-) -> Result<()> {
-    if !crate::admin::bears_token(&session.req_header().headers, token) {
-        return Problem::new(401, "PURGE needs the admin token as a bearer token")
+) -> Response<Body> {
+    if !crate::admin::bears_token(&req.headers, token) {
+        let problem = Problem::new(401, "PURGE needs the admin token as a bearer token")
             .with_header(
                 http::header::WWW_AUTHENTICATE,
                 "Bearer realm=\"cachegate-purge\"".to_owned(),
-            )
-            .send(session, &ctx.request_id)
-            .await;
+            );
+        return respond::problem(ctx, problem);
     }
-    let Some(path) = ctx
-        .snapshot
-        .routes
-        .canonical_target(session.req_header().uri.path())
-    else {
-        return Problem::new(400, "the path to purge has no canonical form")
-            .send(session, &ctx.request_id)
-            .await;
+    let Some(path) = ctx.snapshot.routes.canonical_target(req.uri.path()) else {
+        return respond::problem(
+            ctx,
+            Problem::new(400, "the path to purge has no canonical form"),
+        );
     };
     let report = purger.purge(vec![path_key(&path)]).await;
     let removed = cache.remove_from_memory(|entry| entry.path == path);
     let body = serde_json::to_vec(&report.answer(serde_json::json!({"url": path}), removed))
         .expect("JSON values serialize");
-    let mut header = ResponseHeader::build(200, Some(4))?;
-    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    header.insert_header(super::REQUEST_ID, ctx.request_id.as_str())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await
-        .map_err(pingora::Error::into_down)?;
-    session
-        .write_response_body(Some(body.into()), true)
-        .await
-        .map_err(pingora::Error::into_down)
+    let mut response = Response::new(Body::full(body.into()));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    respond::finish_headers(ctx, headers);
+    response
 }
 
 /// The path of a `Location`-like URI reference when it points at `host` (a relative reference

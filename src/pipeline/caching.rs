@@ -1,58 +1,33 @@
-//! The cache phase's glue: look up after rate limiting, answer hits (and `304`s) directly, and on
-//! a miss capture the streamed response for the cache.
+//! The cache step's glue: look up after rate limiting and answer hits (and `304`s) directly; on a
+//! miss, plan the fill from the origin's response and capture its body on the way to the client.
 //!
 //! When the origin's answer means "use what you have" — a `304` to a revalidation, or a 5xx while
-//! a stale-if-error entry is kept — `upstream_response_filter` stops the proxying with an
-//! [`answered_from_cache`] error before anything reached the client, and `fail_to_proxy` writes
-//! the entry instead (pingora's filters cannot turn a body-less `304` into a `200` with a body).
+//! a stale-if-error entry is kept — [`on_response`] returns the stored entry's response instead
+//! of the origin's.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use std::ops::ControlFlow;
+
 use http::header::{
-    HeaderName, AGE, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, LAST_MODIFIED, TRANSFER_ENCODING,
+    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    LAST_MODIFIED, TRANSFER_ENCODING,
 };
-use http::Method;
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
-use pingora::Result;
+use http::request::Parts;
+use http::{Method, Response};
 
-use pingora::{Error, ErrorType};
-
+use super::body::Body;
 use super::forwarding::{add_validators, request_host};
-use super::{RequestCtx, REQUEST_ID};
+use super::respond::{self, Serving, CACHE_STATUS, X_CACHE};
+use super::{RequestCtx, Step};
 use crate::cache::entry::Entry;
+use crate::cache::key::CacheKey;
 use crate::cache::{
     Cache, CacheRequest, Fill, FillStart, Flight, FlightGuard, Hit, Lookup, SharedWrite,
     COALESCE_WAIT,
 };
 use crate::metrics::metrics;
-
-/// The error that ends proxying when a stored entry answers instead of the origin's response.
-const ANSWERED: ErrorType = ErrorType::Custom("answered from cache");
-
-fn answered_from_cache() -> Box<Error> {
-    Error::explain(
-        ANSWERED,
-        "the origin's response was replaced by a stored entry",
-    )
-}
-
-/// Whether `error` is the [`answered_from_cache`] signal rather than a failure.
-pub fn is_answer(error: &Error) -> bool {
-    *error.etype() == ANSWERED
-}
-
-/// A stored entry chosen to answer instead of the origin's response.
-pub struct Answer {
-    entry: Arc<Entry>,
-    /// `true`: the origin confirmed it (`304`); `false`: stale-if-error on a 5xx.
-    revalidated: bool,
-}
-
-pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Where a request stands with the cache.
 #[derive(Default)]
@@ -85,8 +60,9 @@ pub struct Miss {
     revalidating: bool,
     /// This instance holds the cross-instance fill lease for the key.
     lease: bool,
-    /// A stored entry answers instead of the origin's response.
-    answer: Option<Answer>,
+    /// A stored entry answered instead of the origin's response: `Some(true)` the origin
+    /// confirmed it (`304`), `Some(false)` stale-if-error.
+    answered: Option<bool>,
     /// Stored in process; to be written to the shared tier when the request ends.
     shared_write: Option<SharedWrite>,
 }
@@ -99,9 +75,9 @@ impl CachePhase {
             CachePhase::Bypass(_) => "bypass",
             CachePhase::Hit => "hit",
             CachePhase::Stale => "stale",
-            CachePhase::Miss(miss) => match &miss.answer {
-                Some(answer) if answer.revalidated => "revalidated",
-                Some(_) => "stale",
+            CachePhase::Miss(miss) => match miss.answered {
+                Some(true) => "revalidated",
+                Some(false) => "stale",
                 None => "miss",
             },
         }
@@ -109,7 +85,7 @@ impl CachePhase {
 }
 
 /// Whether a request announces a body: a length above zero, or chunked framing.
-fn has_body(req: &pingora::http::RequestHeader) -> bool {
+fn has_body(req: &Parts) -> bool {
     req.headers.contains_key(TRANSFER_ENCODING)
         || req
             .headers
@@ -117,11 +93,10 @@ fn has_body(req: &pingora::http::RequestHeader) -> bool {
             .is_some_and(|v| v.as_bytes() != b"0")
 }
 
-fn cache_request<'a>(session: &'a Session, ctx: &'a RequestCtx) -> CacheRequest<'a> {
-    let req = session.req_header();
+fn cache_request<'a>(req: &'a Parts, ctx: &'a RequestCtx) -> CacheRequest<'a> {
     CacheRequest {
         method: &req.method,
-        scheme: super::scheme(session),
+        scheme: ctx.connection.scheme(),
         host: request_host(req),
         path: req.uri.path(),
         query: req.uri.query(),
@@ -134,7 +109,7 @@ fn cache_request<'a>(session: &'a Session, ctx: &'a RequestCtx) -> CacheRequest<
 }
 
 /// `If-None-Match` (weak comparison, RFC 9110 §13.1.2) or, without it, `If-Modified-Since`.
-fn not_modified(req: &pingora::http::RequestHeader, entry: &Entry) -> bool {
+fn not_modified(req: &Parts, entry: &Entry) -> bool {
     if let Some(condition) = req.headers.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         let Some(etag) = entry.headers.get(ETAG).and_then(|v| v.to_str().ok()) else {
             return false;
@@ -158,28 +133,24 @@ fn not_modified(req: &pingora::http::RequestHeader, entry: &Entry) -> bool {
     matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
 }
 
-/// Looks the request up; answers a hit itself and returns `true`.
-pub async fn lookup(
-    cache: &Arc<Cache>,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-) -> Result<bool> {
+/// Looks the request up; a hit (fresh, stale-while-revalidate, or filled by the request this
+/// one waited for) is answered here.
+pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> Step {
     let snapshot = ctx.snapshot.clone();
     let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
-        return Ok(false);
+        return ControlFlow::Continue(());
     };
     if !policy.tags.is_empty() {
-        let params = snapshot.routes.params(session.req_header().uri.path());
+        let params = snapshot.routes.params(req.uri.path());
         ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
     }
-    let outcome = cache.lookup(policy, &cache_request(session, ctx)).await;
+    let outcome = cache.lookup(policy, &cache_request(req, ctx)).await;
     let route = ctx.route_name();
     match outcome {
         Lookup::Hit(hit) => {
             count(route, "hit", hit.tier);
             ctx.cache = CachePhase::Hit;
-            serve_hit(session, ctx, hit, false).await?;
-            Ok(true)
+            ControlFlow::Break(serve_hit(req, ctx, hit, false))
         }
         Lookup::StaleWhileRevalidate { hit, primary } => {
             count(route, "stale", hit.tier);
@@ -189,18 +160,17 @@ pub async fn lookup(
                     policy.clone(),
                     primary,
                     hit.entry.clone(),
-                    session,
+                    req,
                     ctx,
                     guard,
                 );
                 tokio::spawn(refresh.run());
             }
             ctx.cache = CachePhase::Stale;
-            serve_hit(session, ctx, hit, true).await?;
-            Ok(true)
+            ControlFlow::Break(serve_hit(req, ctx, hit, true))
         }
         Lookup::Miss { primary, stale } => {
-            let fetching = session.req_header().method == Method::GET;
+            let fetching = req.method == Method::GET;
             let mut lease = false;
             let flight = match cache.join_flight(&primary) {
                 // Its last answer could not be stored: nothing to wait for.
@@ -210,13 +180,12 @@ pub async fn lookup(
                     if !lease {
                         // Another instance is filling it: wait for its entry in the shared tier.
                         if let Some(hit) = cache
-                            .wait_for_shared(policy, &cache_request(session, ctx))
+                            .wait_for_shared(policy, &cache_request(req, ctx))
                             .await
                         {
                             count(route, "hit", "coalesced");
                             ctx.cache = CachePhase::Hit;
-                            serve_hit(session, ctx, hit, false).await?;
-                            return Ok(true);
+                            return ControlFlow::Break(serve_hit(req, ctx, hit, false));
                         }
                     }
                     Some(guard)
@@ -224,15 +193,13 @@ pub async fn lookup(
                 Some(Flight::Leader(_)) => None,
                 Some(Flight::Follower(mut done)) => {
                     // Another request is fetching this resource: wait for it (bounded), then
-                    // look again. Its sender is dropped when it ends, stored or not.
+                    // look again. Its sender is dropped the moment its entry is stored or found
+                    // not storable.
                     let _ = tokio::time::timeout(COALESCE_WAIT, done.changed()).await;
-                    if let Lookup::Hit(hit) =
-                        cache.lookup(policy, &cache_request(session, ctx)).await
-                    {
+                    if let Lookup::Hit(hit) = cache.lookup(policy, &cache_request(req, ctx)).await {
                         count(route, "hit", "coalesced");
                         ctx.cache = CachePhase::Hit;
-                        serve_hit(session, ctx, hit, false).await?;
-                        return Ok(true);
+                        return ControlFlow::Break(serve_hit(req, ctx, hit, false));
                     }
                     None
                 }
@@ -246,17 +213,23 @@ pub async fn lookup(
                 stale,
                 revalidating: false,
                 lease,
-                answer: None,
+                answered: None,
                 shared_write: None,
             }));
-            Ok(false)
+            ControlFlow::Continue(())
         }
         Lookup::Bypass(reason) => {
             count(route, "bypass", "-");
             ctx.cache = CachePhase::Bypass(reason);
-            Ok(false)
+            ControlFlow::Continue(())
         }
     }
+}
+
+/// Whether the steps after the upstream read the client's request headers (a miss plans its
+/// fill from them).
+pub fn needs_request_headers(ctx: &RequestCtx) -> bool {
+    matches!(ctx.cache, CachePhase::Miss(_))
 }
 
 fn count(route: &str, result: &str, tier: &str) {
@@ -269,76 +242,19 @@ fn count(route: &str, result: &str, tier: &str) {
 /// On a miss with a kept stale entry that has a validator, turns the upstream request into a
 /// revalidation: the entry's `ETag` / `Last-Modified` replace the client's own conditions (the
 /// client's are answered from the refreshed entry).
-pub fn on_upstream_request(
-    ctx: &mut RequestCtx,
-    upstream_request: &mut pingora::http::RequestHeader,
-) -> Result<()> {
+pub fn on_upstream_request(ctx: &mut RequestCtx, upstream_headers: &mut HeaderMap) {
     if let CachePhase::Miss(miss) = &mut ctx.cache {
         if let Some(entry) = miss.stale.as_ref().filter(|e| e.has_validator()) {
-            add_validators(entry, upstream_request)?;
+            add_validators(entry, upstream_headers);
             miss.revalidating = true;
         }
     }
-    Ok(())
-}
-
-/// How a stored entry is being served, for its labels.
-struct Serving<'a> {
-    status: u16,
-    age_secs: u64,
-    cache_status: &'a str,
-    x_cache: &'static str,
-    /// `304`: no body, no body headers.
-    not_modified: bool,
-}
-
-/// Writes a stored entry as the response: its headers (recomputed `Age` and length), the cache
-/// labels, the request id and rate-limit headers, and the body unless HEAD or 304.
-async fn write_entry(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    entry: &Entry,
-    serving: Serving<'_>,
-) -> Result<()> {
-    let mut header = ResponseHeader::build(serving.status, Some(entry.headers.len() + 6))?;
-    for (name, value) in &entry.headers {
-        let drop = name == AGE
-            || name == TRANSFER_ENCODING
-            || name == CONTENT_LENGTH
-            || (serving.not_modified && name == CONTENT_TYPE);
-        if !drop {
-            header.append_header(name.clone(), value.clone())?;
-        }
-    }
-    header.insert_header(AGE, serving.age_secs.to_string())?;
-    header.insert_header(CACHE_STATUS, serving.cache_status)?;
-    header.insert_header(X_CACHE, serving.x_cache)?;
-    header.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
-    super::insert_rate_limit_headers(ctx, &mut header)?;
-    if !serving.not_modified {
-        header.insert_header(CONTENT_LENGTH, entry.body.len().to_string())?;
-    }
-    let no_body = serving.not_modified
-        || session.req_header().method == Method::HEAD
-        || entry.body.is_empty();
-    // A failed write means the client went away: a downstream error, logged as routine.
-    session
-        .write_response_header(Box::new(header), no_body)
-        .await
-        .map_err(Error::into_down)?;
-    if !no_body {
-        session
-            .write_response_body(Some(entry.body.clone()), true)
-            .await
-            .map_err(Error::into_down)?;
-    }
-    Ok(())
 }
 
 /// Serves a stored entry as a hit (`stale`: inside stale-while-revalidate), answering the
 /// client's own conditions from it.
-async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit, stale: bool) -> Result<()> {
-    let unchanged = not_modified(session.req_header(), &hit.entry);
+fn serve_hit(req: &Parts, ctx: &RequestCtx, hit: Hit, stale: bool) -> Response<Body> {
+    let unchanged = not_modified(req, &hit.entry);
     let (detail, x_cache) = if stale {
         ("; detail=stale-while-revalidate", "STALE")
     } else {
@@ -351,68 +267,48 @@ async fn serve_hit(session: &mut Session, ctx: &RequestCtx, hit: Hit, stale: boo
         cache_status: &cache_status,
         x_cache,
         not_modified: unchanged,
+        head_only: req.method == Method::HEAD,
     };
-    write_entry(session, ctx, &hit.entry, serving).await
+    respond::entry(ctx, &hit.entry, serving)
 }
 
-/// Writes the entry chosen by [`on_response`] to answer instead of the origin. Returns whether
-/// there was one.
-pub async fn serve_answer(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-    let CachePhase::Miss(miss) = &ctx.cache else {
-        return Ok(false);
+/// The entry the origin confirmed with a `304`, as the response.
+fn serve_revalidated(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<Body> {
+    count(ctx.route_name(), "revalidated", "origin");
+    let unchanged = not_modified(req, entry);
+    let ttl = entry.fresh_for_ms / 1000;
+    let cache_status = format!("cachegate; fwd=stale; fwd-status=304; stored; ttl={ttl}");
+    let serving = Serving {
+        status: if unchanged { 304 } else { entry.status },
+        age_secs: Cache::age_secs(entry),
+        cache_status: &cache_status,
+        x_cache: "REVALIDATED",
+        not_modified: unchanged,
+        head_only: req.method == Method::HEAD,
     };
-    let Some(answer) = &miss.answer else {
-        return Ok(false);
-    };
-    let (entry, revalidated) = (answer.entry.clone(), answer.revalidated);
-    if revalidated {
-        count(ctx.route_name(), "revalidated", "origin");
-        let unchanged = not_modified(session.req_header(), &entry);
-        let ttl = (entry.fresh_for_ms / 1000).to_string();
-        let cache_status = format!("cachegate; fwd=stale; fwd-status=304; stored; ttl={ttl}");
-        let serving = Serving {
-            status: if unchanged { 304 } else { entry.status },
-            age_secs: Cache::age_secs(&entry),
-            cache_status: &cache_status,
-            x_cache: "REVALIDATED",
-            not_modified: unchanged,
-        };
-        write_entry(session, ctx, &entry, serving).await?;
-    } else {
-        write_stale_on_error(session, ctx, &entry).await?;
-    }
-    Ok(true)
+    respond::entry(ctx, entry, serving)
 }
 
-/// stale-if-error: when the origin could not be reached or timed out (`status` 502 or 504) and
-/// no response has started, answers with the stale entry kept for that. Returns whether it did.
-pub async fn serve_stale_on_error(
-    session: &mut Session,
+/// stale-if-error: when the origin could not be reached or timed out (`status` 502 or 504),
+/// the stale entry kept for that answers. `None` when there is none.
+pub fn serve_stale_on_error(
     ctx: &mut RequestCtx,
+    req: &Parts,
     status: u16,
-) -> Result<bool> {
-    if !matches!(status, 502 | 504) || session.response_written().is_some() {
-        return Ok(false);
+) -> Option<Response<Body>> {
+    if !matches!(status, 502 | 504) {
+        return None;
     }
-    let CachePhase::Miss(miss) = &ctx.cache else {
-        return Ok(false);
+    let CachePhase::Miss(miss) = &mut ctx.cache else {
+        return None;
     };
-    let Some(entry) = &miss.stale else {
-        return Ok(false);
-    };
-    if !Cache::usable_on_error(entry) {
-        return Ok(false);
-    }
-    let entry = entry.clone();
-    write_stale_on_error(session, ctx, &entry).await?;
-    Ok(true)
+    let entry = miss.stale.clone().filter(|e| Cache::usable_on_error(e))?;
+    miss.answered = Some(false);
+    miss.flight = None;
+    Some(stale_on_error(req, ctx, &entry))
 }
 
-async fn write_stale_on_error(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    entry: &Entry,
-) -> Result<()> {
+fn stale_on_error(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<Body> {
     count(ctx.route_name(), "stale", "memory");
     let serving = Serving {
         status: entry.status,
@@ -420,78 +316,70 @@ async fn write_stale_on_error(
         cache_status: "cachegate; fwd=stale; detail=stale-if-error",
         x_cache: "STALE",
         not_modified: false,
+        head_only: req.method == Method::HEAD,
     };
-    write_entry(session, ctx, entry, serving).await
+    respond::entry(ctx, entry, serving)
 }
 
 /// On a miss, decides from the origin's response whether to capture it, and labels the
-/// response for the client (`Cache-Status`, `X-Cache`).
+/// response for the client (`Cache-Status`, `X-Cache`). Returns the stored entry's response
+/// when it answers instead of the origin's (a `304` to a revalidation, stale-if-error on a 5xx).
 pub fn on_response(
     cache: &Cache,
-    session: &Session,
+    req: &Parts,
     ctx: &mut RequestCtx,
-    response: &mut ResponseHeader,
-) -> Result<()> {
+    response: &mut http::response::Parts,
+) -> Option<Response<Body>> {
     let snapshot = ctx.snapshot.clone();
-    let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
-        return Ok(());
-    };
+    let policy = snapshot.routes.policy(ctx.route).cache.as_ref()?;
     match &ctx.cache {
         CachePhase::Miss(miss) => {
             let (primary, start) = (miss.primary.clone(), miss.start);
             let status = response.status.as_u16();
             if let Some(entry) = miss.stale.clone() {
-                let answer = if miss.revalidating && status == 304 {
+                if miss.revalidating && status == 304 {
                     let (entry, shared) = cache.revalidated(
                         policy,
                         &primary,
-                        &cache_request(session, ctx),
+                        &cache_request(req, ctx),
                         &entry,
                         &response.headers,
                         start,
                     );
-                    Some((
-                        Answer {
-                            entry,
-                            revalidated: true,
-                        },
-                        shared,
-                    ))
-                } else if status >= 500 && Cache::usable_on_error(&entry) {
-                    Some((
-                        Answer {
-                            entry,
-                            revalidated: false,
-                        },
-                        None,
-                    ))
-                } else {
-                    None
-                };
-                if let Some((answer, shared)) = answer {
                     if let CachePhase::Miss(miss) = &mut ctx.cache {
-                        miss.answer = Some(answer);
+                        miss.answered = Some(true);
                         miss.shared_write = shared;
                         miss.flight = None;
                     }
-                    return Err(answered_from_cache());
+                    return Some(serve_revalidated(req, ctx, &entry));
+                }
+                if status >= 500 && Cache::usable_on_error(&entry) {
+                    if let CachePhase::Miss(miss) = &mut ctx.cache {
+                        miss.answered = Some(false);
+                        miss.flight = None;
+                    }
+                    return Some(stale_on_error(req, ctx, &entry));
                 }
             }
             let fill = cache.plan_fill(
                 policy,
                 &primary,
-                &cache_request(session, ctx),
-                response.status.as_u16(),
+                &cache_request(req, ctx),
+                status,
                 &response.headers,
                 start,
             );
-            let status = if fill.is_some() {
+            let label = if fill.is_some() {
                 "cachegate; fwd=miss; stored"
             } else {
                 "cachegate; fwd=miss"
             };
-            response.insert_header(CACHE_STATUS, status)?;
-            response.insert_header(X_CACHE, "MISS")?;
+            response
+                .headers
+                .insert(CACHE_STATUS, HeaderValue::from_static(label));
+            response
+                .headers
+                .insert(X_CACHE, HeaderValue::from_static("MISS"));
             cache.note_storable(&primary, fill.is_some());
             if let CachePhase::Miss(miss) = &mut ctx.cache {
                 if fill.is_none() {
@@ -502,35 +390,37 @@ pub fn on_response(
             }
         }
         CachePhase::Bypass(reason) => {
-            response.insert_header(
-                CACHE_STATUS,
-                format!("cachegate; fwd=bypass; detail={reason}"),
-            )?;
-            response.insert_header(X_CACHE, "BYPASS")?;
+            if let Ok(value) =
+                HeaderValue::from_str(&format!("cachegate; fwd=bypass; detail={reason}"))
+            {
+                response.headers.insert(CACHE_STATUS, value);
+            }
+            response
+                .headers
+                .insert(X_CACHE, HeaderValue::from_static("BYPASS"));
         }
         CachePhase::Off | CachePhase::Hit | CachePhase::Stale => {}
     }
-    Ok(())
+    None
 }
 
 /// Write-through: captures the response to a write as the GET entry of its URL, stamped with the
 /// write's purge sequence number `stamp`. Returns whether it will be stored.
 pub fn write_through(
     cache: &Cache,
-    session: &Session,
+    req: &Parts,
     ctx: &mut RequestCtx,
     policy: &crate::cache::policy::CachePolicy,
-    response: &ResponseHeader,
+    response: &http::response::Parts,
     stamp: u64,
 ) -> bool {
-    let req = session.req_header();
     // The entry serves the read route's audience, not the writer: the writer's credentials do not
     // decide whether it may be stored (the rule's opt-in does).
     let mut headers = req.headers.clone();
-    headers.remove(http::header::AUTHORIZATION);
+    headers.remove(AUTHORIZATION);
     let request = CacheRequest {
         method: &Method::GET,
-        scheme: super::scheme(session),
+        scheme: ctx.connection.scheme(),
         host: request_host(req),
         path: req.uri.path(),
         query: req.uri.query(),
@@ -557,17 +447,18 @@ pub fn write_through(
         stale: None,
         revalidating: false,
         lease: false,
-        answer: None,
+        answered: None,
         shared_write: None,
     }));
     true
 }
 
 /// Captures a body chunk of a response being filled, giving up past `max_object`; when the last
-/// chunk has arrived, stores the entry in process before that chunk goes to the client.
-pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, body: &Option<Bytes>, end_of_stream: bool) {
+/// chunk has arrived, stores the entry in process — before the client has read it, and waking
+/// the requests that wait for this fill at once.
+pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, chunk: Option<&Bytes>, end_of_stream: bool) {
     if let CachePhase::Miss(miss) = &mut ctx.cache {
-        if let (Some(f), Some(chunk)) = (miss.fill.as_mut(), body) {
+        if let (Some(f), Some(chunk)) = (miss.fill.as_mut(), chunk) {
             if !f.push(chunk) {
                 miss.fill = None;
                 miss.flight = None;
@@ -578,22 +469,39 @@ pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, body: &Option<Bytes>, end_of
                 f.complete = true;
                 miss.shared_write = cache.store_local(f).and_then(|(_, shared)| shared);
             }
-            // Stored (or not): the waiting requests look again now, not when this client has
-            // read the whole response.
             miss.flight = None;
         }
     }
 }
 
-/// Writes the entry to the shared tier once the response is done (unless it failed), then ends
-/// the fill lease.
-pub async fn on_done(cache: &Cache, ctx: &mut RequestCtx, failed: bool) {
-    if let CachePhase::Miss(miss) = &mut ctx.cache {
-        if let Some(write) = miss.shared_write.take().filter(|_| !failed) {
+/// What is left to do once the response is over: the shared-tier write (unless it failed), then
+/// the end of the fill lease.
+pub struct AfterResponse {
+    shared_write: Option<SharedWrite>,
+    lease: Option<CacheKey>,
+}
+
+impl AfterResponse {
+    pub async fn run(self, cache: Arc<Cache>) {
+        if let Some(write) = self.shared_write {
             cache.store_shared(write).await;
         }
-        if std::mem::take(&mut miss.lease) {
-            cache.release_lease(&miss.primary).await;
+        if let Some(primary) = self.lease {
+            cache.release_lease(&primary).await;
         }
     }
+}
+
+/// The request is over: what remains for the cache, if anything (see [`AfterResponse`]).
+pub fn on_done(ctx: &mut RequestCtx, failed: bool) -> Option<AfterResponse> {
+    let CachePhase::Miss(miss) = &mut ctx.cache else {
+        return None;
+    };
+    miss.flight = None;
+    let shared_write = miss.shared_write.take().filter(|_| !failed);
+    let lease = std::mem::take(&mut miss.lease).then(|| miss.primary.clone());
+    (shared_write.is_some() || lease.is_some()).then_some(AfterResponse {
+        shared_write,
+        lease,
+    })
 }

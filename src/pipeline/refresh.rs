@@ -6,11 +6,10 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method};
-use http_body_util::{BodyExt, Empty, Limited};
-use pingora::http::RequestHeader;
-use pingora::proxy::Session;
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Uri, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Body as _;
 
 use super::RequestCtx;
 use crate::cache::entry::Entry;
@@ -19,6 +18,7 @@ use crate::cache::policy::CachePolicy;
 use crate::cache::{Cache, CacheRequest, FillStart, FlightGuard};
 use crate::metrics::metrics;
 use crate::snapshot::Snapshot;
+use crate::upstream::body::RequestBody;
 
 /// A refresh of one stale entry, ready to run in the background.
 pub struct Refresh {
@@ -27,8 +27,9 @@ pub struct Refresh {
     policy: CachePolicy,
     primary: CacheKey,
     stale: Arc<Entry>,
-    /// The request as it would go upstream.
-    upstream_request: RequestHeader,
+    /// The target and headers as they would go upstream.
+    uri: Uri,
+    upstream_headers: HeaderMap,
     /// The client's request headers (they select the variant).
     client_headers: HeaderMap,
     host: Option<String>,
@@ -50,35 +51,36 @@ impl Refresh {
         policy: CachePolicy,
         primary: CacheKey,
         stale: Arc<Entry>,
-        session: &Session,
+        req: &Parts,
         ctx: &RequestCtx,
         flight: FlightGuard,
     ) -> Refresh {
         // Before the request is made: a purge from now on makes this refresh stale.
         let stamp = cache.fill_start().stamp;
-        let client = session.req_header();
-        let mut upstream_request = client.clone();
-        upstream_request.set_method(Method::GET);
-        let prepared = super::forwarding::upstream_request(
-            &mut upstream_request,
-            &super::forwarded(session, ctx),
-        )
-        .and_then(|()| super::forwarding::add_validators(&stale, &mut upstream_request));
-        if let Err(e) = prepared {
-            tracing::debug!(error = %e, "cache refresh: could not prepare the request");
-        }
+        let mut upstream_headers = req.headers.clone();
+        super::forwarding::upstream_request(
+            &mut upstream_headers,
+            &super::forwarding::Forwarded {
+                client_ip: ctx.connection.peer.ip(),
+                proto: ctx.connection.scheme(),
+                request_id: &ctx.request_id,
+                upgrade: false,
+            },
+        );
+        super::forwarding::add_validators(&stale, &mut upstream_headers);
         Refresh {
             cache,
             snapshot: ctx.snapshot.clone(),
             policy,
             primary,
             stale,
-            upstream_request,
-            host: super::forwarding::request_host(client).map(str::to_owned),
-            scheme: super::scheme(session),
+            uri: req.uri.clone(),
+            upstream_headers,
+            host: super::forwarding::request_host(req).map(str::to_owned),
+            scheme: ctx.connection.scheme(),
             authorized: ctx.identity.is_some()
-                || client.headers.contains_key(http::header::AUTHORIZATION),
-            client_headers: client.headers.clone(),
+                || req.headers.contains_key(http::header::AUTHORIZATION),
+            client_headers: req.headers.clone(),
             user: ctx.identity.as_ref().and_then(|i| i.subject.clone()),
             route: ctx.route_name().to_owned(),
             tags: ctx.cache_tags.clone(),
@@ -94,8 +96,8 @@ impl Refresh {
             // Another instance is refreshing it.
             return;
         }
-        let (client, timeout) = self.snapshot.upstream.client();
-        let outcome = tokio::time::timeout(timeout, self.fetch(client)).await;
+        let timeout = self.snapshot.upstream.read_timeout;
+        let outcome = tokio::time::timeout(timeout, self.fetch()).await;
         let result = match outcome {
             Ok(Ok(())) => "refreshed",
             Ok(Err(e)) => {
@@ -111,34 +113,23 @@ impl Refresh {
             .inc();
     }
 
-    async fn fetch(
-        &self,
-        client: &crate::http_client::HttpsClient<Empty<Bytes>>,
-    ) -> Result<(), String> {
-        let upstream = &self.snapshot.upstream;
-        let origin = upstream.origin(upstream.pick());
-        let target = self
-            .upstream_request
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str());
-        let mut request = http::Request::builder()
-            .method(Method::GET)
-            .uri(format!("{}{target}", origin.url.trim_end_matches('/')));
-        for (name, value) in &self.upstream_request.headers {
-            request = request.header(name, value);
-        }
-        let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
+    async fn fetch(&self) -> Result<(), String> {
+        let mut request = Request::new(RequestBody::Empty);
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.upstream_headers.clone();
         let start = FillStart {
             sent_at: SystemTime::now(),
             stamp: self.stamp,
         };
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
-        let (parts, body) = response.into_parts();
-        let (path, query) = (
-            self.upstream_request.uri.path(),
-            self.upstream_request.uri.query(),
-        );
+        let exchange = self
+            .snapshot
+            .upstream
+            .send(request, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = exchange.response.into_parts();
+        let (path, query) = (self.uri.path(), self.uri.query());
         let cache_request = CacheRequest {
             method: &Method::GET,
             scheme: self.scheme,
@@ -160,6 +151,9 @@ impl Refresh {
                 &parts.headers,
                 start,
             );
+            if body.is_end_stream() {
+                exchange.connection.release();
+            }
             if let Some(shared) = shared {
                 self.cache.store_shared(shared).await;
             }
@@ -181,6 +175,7 @@ impl Refresh {
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
+        exchange.connection.release();
         if !fill.push(&body) {
             return Err("the body exceeds max_object".to_owned());
         }

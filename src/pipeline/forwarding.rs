@@ -14,18 +14,18 @@ use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE,
     IF_NONE_MATCH, LAST_MODIFIED, TE, TRANSFER_ENCODING, UPGRADE,
 };
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::Result;
+use http::request::Parts;
+use std::net::IpAddr;
 
 use crate::cache::entry::Entry;
-use crate::header_rules::{FORWARDING_HEADERS, OVERRIDE_HEADERS, UNDERSCORE_GUARDED};
+use crate::header_rules::{FORWARDING_HEADERS, OVERRIDE_HEADERS, REQUEST_ID, UNDERSCORE_GUARDED};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Always connection-specific, whether or not `Connection` lists them. `Transfer-Encoding` is
-/// not here: pingora frames bodies itself and reads it to do so.
+/// not here: hyper frames bodies itself and reads it to do so.
 const HOP_BY_HOP: [&str; 4] = [
     "keep-alive",
     "proxy-connection",
@@ -46,10 +46,10 @@ pub struct Sanitize<'a> {
 
 /// Removes from a client's request every header the origin must not take from the client (see
 /// the module docs). Runs before the gateway sets any header of its own.
-pub fn sanitize_request(req: &mut RequestHeader, rules: &Sanitize<'_>) {
-    let tokens = connection_tokens(&req.headers);
+pub fn sanitize_request(headers: &mut HeaderMap, rules: &Sanitize<'_>) {
+    let tokens = connection_tokens(headers);
     for name in nominated(&tokens, rules.upgrade) {
-        req.remove_header(name);
+        headers.remove(name);
     }
     if !tokens.is_empty() {
         // What `Connection` named is gone; keep only the options that concern this connection,
@@ -59,22 +59,22 @@ pub fn sanitize_request(req: &mut RequestHeader, rules: &Sanitize<'_>) {
             .map(String::as_str)
             .filter(|t| *t == "close" || *t == "keep-alive" || (rules.upgrade && *t == "upgrade"))
             .collect();
-        req.remove_header(&CONNECTION);
-        if !options.is_empty() {
-            // Tokens are plain ASCII: always a valid value.
-            let _ = req.insert_header(CONNECTION, options.join(", "));
+        headers.remove(CONNECTION);
+        if let Ok(value) = HeaderValue::from_str(&options.join(", ")) {
+            if !options.is_empty() {
+                headers.insert(CONNECTION, value);
+            }
         }
     }
     // One pass over the request's own (few) header names, instead of a removal per name the
     // gateway knows of: this runs on every request, hits included.
-    let doomed: Vec<HeaderName> = req
-        .headers
+    let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| doomed(name, rules))
         .cloned()
         .collect();
     for name in doomed {
-        req.remove_header(&name);
+        headers.remove(&name);
     }
 }
 
@@ -169,92 +169,74 @@ fn nominated(tokens: &[String], upgrade: bool) -> impl Iterator<Item = &str> {
 
 /// Removes a response's hop-by-hop headers. For a protocol upgrade (WebSocket), `Connection:
 /// upgrade` and `Upgrade` are kept, as the upgrade must reach the client.
-fn strip_hop_by_hop(resp: &mut ResponseHeader, upgrade: bool) {
-    let tokens = connection_tokens(&resp.headers);
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let tokens = connection_tokens(headers);
     for name in nominated(&tokens, upgrade) {
-        resp.remove_header(name);
+        headers.remove(name);
     }
     for name in HOP_BY_HOP {
-        resp.remove_header(name);
+        headers.remove(name);
     }
     if !upgrade {
-        resp.remove_header(&CONNECTION);
-        resp.remove_header(&UPGRADE);
+        headers.remove(CONNECTION);
+        headers.remove(UPGRADE);
     }
 }
 
 /// Everything the upstream request needs beyond the client's own headers.
 pub struct Forwarded<'a> {
-    pub client_ip: Option<String>,
+    pub client_ip: IpAddr,
     /// `https` when the client connection was TLS.
     pub proto: &'static str,
     pub request_id: &'a str,
     pub upgrade: bool,
 }
 
-/// Rewrites the request that goes upstream. The client's headers were sanitised when it
-/// arrived ([`sanitize_request`]); what is left here is the connection's own header and the
-/// gateway's forwarding headers, set last so nothing can remove them.
-pub fn upstream_request(req: &mut RequestHeader, fwd: &Forwarded<'_>) -> Result<()> {
+/// Rewrites the headers that go upstream. The client's headers were sanitised when the request
+/// arrived ([`sanitize_request`]) and an HTTP/2 `:authority` became `Host`; what is left here is
+/// the connection's own header and the gateway's forwarding headers, set last so nothing can
+/// remove them.
+pub fn upstream_request(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
     if !fwd.upgrade {
-        req.remove_header(&CONNECTION);
-        req.remove_header(&UPGRADE);
+        headers.remove(CONNECTION);
+        headers.remove(UPGRADE);
     }
     // `TE: trailers` is the one value a proxy may pass on.
-    if let Some(te) = req.headers.get(TE) {
+    if let Some(te) = headers.get(TE) {
         if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            req.remove_header(&TE);
+            headers.remove(TE);
         }
     }
-
-    // HTTP/2 clients send `:authority` instead of `Host`; an HTTP/1.1 origin needs `Host` and an
-    // origin-form target.
-    let authority = req.uri.authority().map(|a| a.as_str().to_owned());
-    if let Some(authority) = &authority {
-        if !req.headers.contains_key(HOST) {
-            req.insert_header(HOST, authority.as_str())?;
-        }
-        let target = req
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .parse()
-            .expect("a path-and-query is a valid URI");
-        req.set_uri(target);
-    }
-
     // A client's own `X-Forwarded-For` was removed unless its peer is a trusted proxy.
-    if let Some(ip) = &fwd.client_ip {
-        let chain = match req.headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
-            Some(Ok(existing)) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
-            _ => ip.clone(),
-        };
-        req.insert_header(X_FORWARDED_FOR, chain)?;
+    let ip = fwd.client_ip.to_string();
+    let chain = match headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
+        Some(Ok(existing)) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(chain) = HeaderValue::from_str(&chain) {
+        headers.insert(X_FORWARDED_FOR, chain);
     }
-    req.insert_header(X_FORWARDED_PROTO, fwd.proto)?;
-    let host = req
-        .headers
-        .get(HOST)
-        .cloned()
-        .or_else(|| authority.and_then(|a| HeaderValue::from_str(&a).ok()));
-    match host {
-        Some(host) => req.insert_header(X_FORWARDED_HOST, host)?,
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    match headers.get(HOST).cloned() {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
         None => {
-            req.remove_header(&X_FORWARDED_HOST);
+            headers.remove(X_FORWARDED_HOST);
         }
     }
-    req.insert_header(super::REQUEST_ID, fwd.request_id)?;
-    Ok(())
+    if let Ok(id) = HeaderValue::from_str(fwd.request_id) {
+        headers.insert(REQUEST_ID, id);
+    }
 }
 
 /// Removes hop-by-hop headers from the origin's response (kept for a `101 Switching Protocols`).
-pub fn upstream_response(resp: &mut ResponseHeader) {
-    let upgrade = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(resp, upgrade);
+pub fn upstream_response(headers: &mut HeaderMap, status: http::StatusCode) {
+    strip_hop_by_hop(headers, status == http::StatusCode::SWITCHING_PROTOCOLS);
 }
 
-/// The request's host: `Host`, or the HTTP/2 `:authority`.
-pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
+/// The request's host: `Host` (an HTTP/2 `:authority` was made `Host` on arrival).
+pub fn request_host(req: &Parts) -> Option<&str> {
     req.headers
         .get(HOST)
         .and_then(|v| v.to_str().ok())
@@ -262,16 +244,15 @@ pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
 }
 
 /// Replaces a request's `If-None-Match` / `If-Modified-Since` with `entry`'s validators.
-pub fn add_validators(entry: &Entry, request: &mut pingora::http::RequestHeader) -> Result<()> {
-    request.remove_header(&IF_NONE_MATCH);
-    request.remove_header(&IF_MODIFIED_SINCE);
+pub fn add_validators(entry: &Entry, headers: &mut HeaderMap) {
+    headers.remove(IF_NONE_MATCH);
+    headers.remove(IF_MODIFIED_SINCE);
     if let Some(etag) = entry.headers.get(ETAG) {
-        request.insert_header(IF_NONE_MATCH, etag.clone())?;
+        headers.insert(IF_NONE_MATCH, etag.clone());
     }
     if let Some(modified) = entry.headers.get(LAST_MODIFIED) {
-        request.insert_header(IF_MODIFIED_SINCE, modified.clone())?;
+        headers.insert(IF_MODIFIED_SINCE, modified.clone());
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -280,18 +261,23 @@ mod tests {
 
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
-        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
-        req.insert_header("connection", "keep-alive, x-secret")
-            .unwrap();
-        req.insert_header("x-secret", "1").unwrap();
-        req.insert_header("keep-alive", "timeout=5").unwrap();
-        req.insert_header("te", "gzip").unwrap();
-        req.insert_header("host", "example.test").unwrap();
-        req.insert_header("x-forwarded-for", "10.0.0.1").unwrap();
-        req.insert_header("x-user-id", "forged").unwrap();
-        req.insert_header("x_user_id", "forged").unwrap();
-        req.insert_header("x-http-method-override", "DELETE")
-            .unwrap();
+        let mut req = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip"),
+            ("host", "example.test"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-user-id", "forged"),
+            ("x_user_id", "forged"),
+            ("x-http-method-override", "DELETE"),
+        ] {
+            req.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
         let claim_headers = [HeaderName::from_static("x-user-id")];
         sanitize_request(
             &mut req,
@@ -303,12 +289,12 @@ mod tests {
             },
         );
         let fwd = Forwarded {
-            client_ip: Some("127.0.0.1".into()),
+            client_ip: IpAddr::from([127, 0, 0, 1]),
             proto: "http",
             request_id: "rid",
             upgrade: false,
         };
-        upstream_request(&mut req, &fwd).unwrap();
+        upstream_request(&mut req, &fwd);
         for gone in [
             "connection",
             "x-secret",
@@ -318,11 +304,11 @@ mod tests {
             "x_user_id",
             "x-http-method-override",
         ] {
-            assert!(req.headers.get(gone).is_none(), "{gone} should be removed");
+            assert!(req.get(gone).is_none(), "{gone} should be removed");
         }
-        assert_eq!(req.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(req.headers["x-forwarded-host"], "example.test");
-        assert_eq!(req.headers["x-forwarded-proto"], "http");
-        assert_eq!(req.headers["x-request-id"], "rid");
+        assert_eq!(req["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(req["x-forwarded-host"], "example.test");
+        assert_eq!(req["x-forwarded-proto"], "http");
+        assert_eq!(req["x-request-id"], "rid");
     }
 }

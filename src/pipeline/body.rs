@@ -1,0 +1,210 @@
+//! The body of every response the gateway sends, and the end of every request.
+//!
+//! A response is either written by the gateway (hits, problems: `Full`) or streamed from the
+//! origin (`Upstream`), which may be captured for the cache on the way and whose connection goes
+//! back to its pool when the last byte has been read. Either way the body owns the request's
+//! [`Finish`]: when hyper drops the body — sent in full, or abandoned by a client that went away
+//! — the request's metrics and access-log line are written, its shared-tier write and fill lease
+//! are settled. So there is exactly one place a request ends, whatever path it took.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+
+use super::{caching, telemetry, Gateway, RequestCtx};
+use crate::upstream::body::BoxError;
+use crate::upstream::pool::Pooled;
+
+/// A response body (see the module docs).
+pub struct Body {
+    kind: Kind,
+    finish: Option<Box<Finish>>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(Box<Streamed>),
+}
+
+/// An origin's response body on its way to the client.
+struct Streamed {
+    inner: Incoming,
+    /// Back to the pool after the last byte; dropped (closed) if the body is abandoned.
+    connection: Option<Pooled>,
+    read_timeout: Duration,
+    /// Armed while waiting for the origin; past `read_timeout` the response is cut off.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// What ends a request: the context its steps filled in, and what was sent.
+pub struct Finish {
+    pub gateway: Arc<Gateway>,
+    pub ctx: RequestCtx,
+    pub status: u16,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    /// Body bytes handed to the client.
+    pub sent: u64,
+    /// Why the exchange failed, when it did (a `cachegate_upstream_errors_total` kind).
+    pub error: Option<&'static str>,
+    /// The response body ended cleanly (so what it filled may be shared).
+    pub complete: bool,
+}
+
+impl Body {
+    pub fn full(bytes: Bytes) -> Body {
+        Body {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            finish: None,
+        }
+    }
+
+    pub fn empty() -> Body {
+        Body {
+            kind: Kind::Full(None),
+            finish: None,
+        }
+    }
+
+    /// The origin's body; `connection` is released when it has been read.
+    pub fn upstream(inner: Incoming, connection: Pooled, read_timeout: Duration) -> Body {
+        Body {
+            kind: Kind::Upstream(Box::new(Streamed {
+                inner,
+                connection: Some(connection),
+                read_timeout,
+                idle: None,
+            })),
+            finish: None,
+        }
+    }
+
+    /// Attaches the request's end.
+    pub fn with_finish(mut self, mut finish: Box<Finish>) -> Body {
+        match &self.kind {
+            Kind::Full(None) => finish.complete = true,
+            Kind::Full(Some(_)) => {}
+            // Nothing to stream (HEAD, 204, 304): done already, and hyper may never poll it.
+            Kind::Upstream(streamed) if streamed.inner.is_end_stream() => {
+                self.finish = Some(finish);
+                self.end_of_stream();
+                return self;
+            }
+            Kind::Upstream(_) => {}
+        }
+        self.finish = Some(finish);
+        self
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Full(bytes) => {
+                let Some(bytes) = bytes.take() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(f) = &mut this.finish {
+                    f.sent += bytes.len() as u64;
+                    f.complete = true;
+                }
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Kind::Upstream(streamed) => {
+                let polled = Pin::new(&mut streamed.inner).poll_frame(cx);
+                match polled {
+                    Poll::Pending => {
+                        let read_timeout = streamed.read_timeout;
+                        let idle = streamed
+                            .idle
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(read_timeout)));
+                        if idle.as_mut().poll(cx).is_ready() {
+                            streamed.connection = None;
+                            if let Some(f) = &mut this.finish {
+                                f.error = Some("ReadTimedout");
+                            }
+                            return Poll::Ready(Some(Err(
+                                "the origin's response body stalled past read_timeout".into(),
+                            )));
+                        }
+                        Poll::Pending
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        streamed.idle = None;
+                        if let (Some(data), Some(f)) = (frame.data_ref(), &mut this.finish) {
+                            f.sent += data.len() as u64;
+                            caching::on_body(&f.gateway.cache, &mut f.ctx, Some(data), false);
+                        }
+                        if streamed.inner.is_end_stream() {
+                            this.end_of_stream();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(None) => {
+                        this.end_of_stream();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        streamed.connection = None;
+                        if let Some(f) = &mut this.finish {
+                            f.error = Some("ReadError");
+                        }
+                        Poll::Ready(Some(Err(Box::new(e))))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(streamed) => streamed.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(streamed) => streamed.inner.size_hint(),
+        }
+    }
+}
+
+impl Body {
+    /// The origin's body has been read to its end: store what was captured, release the
+    /// connection.
+    fn end_of_stream(&mut self) {
+        if let Kind::Upstream(streamed) = &mut self.kind {
+            if let Some(connection) = streamed.connection.take() {
+                connection.release();
+            }
+        }
+        if let Some(f) = &mut self.finish {
+            if !f.complete {
+                f.complete = true;
+                caching::on_body(&f.gateway.cache, &mut f.ctx, None, true);
+            }
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            telemetry::finish(*finish);
+        }
+    }
+}

@@ -1,0 +1,632 @@
+//! The request pipeline: one async function per request, calling each concern in order.
+//!
+//! ```text
+//! framing → limits → canonical path → [PURGE] → route (once) → sanitise → auth → rate limit
+//!         → cache lookup ──hit──────────────────────────────────────────────▶ respond
+//!                        └─miss / bypass / no rule → upstream → fill / purge ─▶ respond
+//!                                                                   (body end) → telemetry
+//! ```
+//!
+//! Each step is a method that either lets the request go on (`ControlFlow::Continue`) or
+//! answers it (`ControlFlow::Break` with the response): a refused request never reaches a later
+//! step, and nothing is an error used as a signal. The matched route, the verified identity and
+//! the rate-limit verdict travel in [`RequestCtx`]; the request's end — metrics, access log, the
+//! cache's shared-tier write — happens once, when its response body is done ([`body`]).
+
+pub mod body;
+mod caching;
+mod forwarding;
+mod purging;
+mod refresh;
+mod respond;
+mod telemetry;
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{HeaderValue, CONTENT_LENGTH, RETRY_AFTER, UPGRADE, WWW_AUTHENTICATE};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body as _, Incoming};
+
+use crate::auth::{self, Identity, Rejection};
+use crate::cache::Cache;
+use crate::config::Unmatched;
+use crate::problem::Problem;
+use crate::purge::Purger;
+use crate::ratelimit::{Limiter, RequestFacts, Verdict};
+use crate::routing::canonical::{canonical_method, canonical_path};
+use crate::routing::RouteId;
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::upstream::body::RequestBody;
+use crate::upstream::UpstreamError;
+
+use crate::header_rules::{RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
+use body::{Body, Finish};
+
+/// The longest client-supplied request id passed on; longer or odd ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// What a step decides: go on, or answer now with this response.
+type Step = ControlFlow<Response<Body>>;
+
+/// The client connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+impl Connection {
+    /// The scheme the client used: part of the cache key, and `X-Forwarded-Proto`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// The gateway: one instance serves every request of every listener.
+pub struct Gateway {
+    snapshot: SharedSnapshot,
+    limiter: Limiter,
+    cache: Arc<Cache>,
+    purger: Arc<Purger>,
+}
+
+/// What the steps of one request share.
+pub struct RequestCtx {
+    /// The configuration this request runs on, from start to end.
+    pub snapshot: Arc<Snapshot>,
+    pub request_id: String,
+    pub route: Option<RouteId>,
+    /// The client's address: the peer, or what a trusted proxy says.
+    pub client_ip: IpAddr,
+    pub connection: Connection,
+    /// Where the request stands with the cache.
+    pub cache: caching::CachePhase,
+    /// The cache rule's tags for this request, filled in from its path.
+    pub cache_tags: Vec<String>,
+    /// What this request's write purged, for the access log.
+    pub purged: Option<crate::purge::PurgeReport>,
+    /// The rate-limit decision, whose headers go on the response.
+    pub rate_limit: Option<Verdict>,
+    /// The verified token's identity, when the route checked one and it was present.
+    pub identity: Option<Arc<Identity>>,
+    /// Why authentication refused the request, for logs.
+    pub auth_failure: Option<&'static str>,
+    pub started: Instant,
+    /// How long the origin took to send its response header.
+    pub upstream_elapsed: Option<std::time::Duration>,
+}
+
+impl RequestCtx {
+    /// The matched route's name, `-` when none matched.
+    pub fn route_name(&self) -> &str {
+        self.route
+            .map_or("-", |id| self.snapshot.routes.route(id).name.as_str())
+    }
+
+    /// Whether this is an HTTP/1.1 protocol upgrade (WebSocket).
+    fn is_upgrade(head: &Parts) -> bool {
+        head.version == Version::HTTP_11 && head.headers.contains_key(UPGRADE)
+    }
+}
+
+fn request_id_from(header: Option<&HeaderValue>) -> String {
+    match header.and_then(|v| v.to_str().ok()) {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_LEN
+                && id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            id.to_owned()
+        }
+        _ => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+fn header_bytes(head: &Parts) -> u64 {
+    // "METHOD target HTTP/1.1\r\n", without formatting the target.
+    let target = head.uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + head.uri.authority().map_or(0, |a| a.as_str().len());
+    let line = head.method.as_str().len() + target + 12;
+    let fields: usize = head
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    (line + fields) as u64
+}
+
+/// Replaces the request's target with `path` and its query, in origin form.
+fn set_path(head: &mut Parts, path: &str) -> Result<(), Problem> {
+    let target = match head.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    match target.parse() {
+        Ok(uri) => {
+            head.uri = uri;
+            Ok(())
+        }
+        Err(_) => Err(Problem::new(400, "the request target is not valid")),
+    }
+}
+
+/// What the client is told about a failure. Never the origin's address: that is for the logs,
+/// not for whoever sent the request.
+fn detail_for(error: &UpstreamError) -> String {
+    match error.status() {
+        504 => format!("the upstream did not answer in time ({})", error.label()),
+        413 => error.to_string(),
+        _ => format!(
+            "the gateway could not get a valid response from the upstream: {}",
+            error.label()
+        ),
+    }
+}
+
+impl Gateway {
+    pub fn new(
+        snapshot: SharedSnapshot,
+        limiter: Limiter,
+        cache: Arc<Cache>,
+        purger: Arc<Purger>,
+    ) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            snapshot,
+            limiter,
+            cache,
+            purger,
+        })
+    }
+
+    /// Serves one request: the whole pipeline, start to end.
+    pub async fn handle(
+        self: &Arc<Self>,
+        connection: Connection,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
+        let (mut head, body) = request.into_parts();
+        let mut ctx = RequestCtx {
+            snapshot: self.snapshot.load_full(),
+            request_id: request_id_from(head.headers.get(REQUEST_ID)),
+            route: None,
+            client_ip: connection.peer.ip(),
+            connection,
+            rate_limit: None,
+            cache: caching::CachePhase::default(),
+            cache_tags: Vec::new(),
+            purged: None,
+            identity: None,
+            auth_failure: None,
+            started: Instant::now(),
+            upstream_elapsed: None,
+        };
+        let mut error = None;
+        let response = match self.admit(&mut head, &mut ctx).await {
+            ControlFlow::Break(response) => response,
+            ControlFlow::Continue(()) => {
+                match caching::lookup(&self.cache, &head, &mut ctx).await {
+                    ControlFlow::Break(response) => response,
+                    ControlFlow::Continue(()) => {
+                        self.forward(&mut head, body, &mut ctx, &mut error).await
+                    }
+                }
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let finish = Box::new(Finish {
+            gateway: self.clone(),
+            status: parts.status.as_u16(),
+            method: head.method,
+            uri: head.uri,
+            sent: 0,
+            error,
+            complete: false,
+            ctx,
+        });
+        Response::from_parts(parts, body.with_finish(finish))
+    }
+
+    /// Every step before the cache: framing and size limits, the canonical path, routing,
+    /// sanitising, authentication, rate limiting.
+    async fn admit(&self, head: &mut Parts, ctx: &mut RequestCtx) -> Step {
+        Self::check_framing(head, ctx)?;
+        Self::check_size(head, ctx)?;
+        if let Some(method) = canonical_method(&head.method) {
+            head.method = method;
+        }
+        Self::canonicalize(head, ctx)?;
+        if let Some(token) = ctx.snapshot.purge_method_token.clone() {
+            if head.method.as_str() == "PURGE" {
+                return ControlFlow::Break(
+                    purging::purge_request(&self.purger, &self.cache, head, ctx, &token).await,
+                );
+            }
+        }
+        Self::route(head, ctx)?;
+        let peer = ctx.connection.peer.ip();
+        let trusted_peer = ctx.snapshot.trusted_proxies.trusts(peer);
+        ctx.client_ip = ctx.snapshot.trusted_proxies.client_ip(peer, &head.headers);
+        sanitize(head, ctx, trusted_peer);
+        self.authenticate(head, ctx).await?;
+        self.rate_limit(head, ctx).await
+    }
+
+    /// Body framing (RFC 9112 §6): ambiguous framing is refused, and the connection closed, since
+    /// where this request's body ends is exactly what is in doubt.
+    fn check_framing(head: &mut Parts, ctx: &RequestCtx) -> Step {
+        match forwarding::request_framing(&head.headers) {
+            Ok(None) => ControlFlow::Continue(()),
+            Ok(Some(length)) => {
+                head.headers.insert(CONTENT_LENGTH, length);
+                ControlFlow::Continue(())
+            }
+            Err(detail) => {
+                let mut response = respond::problem(ctx, Problem::new(400, detail));
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                ControlFlow::Break(response)
+            }
+        }
+    }
+
+    /// `431` for a request head over `max_request_header_bytes`, `413` for a declared body over
+    /// `max_request_body_bytes` (a streamed one is cut off when it passes the limit).
+    fn check_size(head: &Parts, ctx: &RequestCtx) -> Step {
+        let limits = &ctx.snapshot.limits;
+        let size = header_bytes(head);
+        if size > limits.max_request_header_bytes {
+            return ControlFlow::Break(respond::problem(
+                ctx,
+                Problem::new(
+                    431,
+                    format!(
+                        "the request line and headers are {size} bytes; this gateway accepts at most {}",
+                        limits.max_request_header_bytes
+                    ),
+                ),
+            ));
+        }
+        let declared = head
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(length) = declared.filter(|&l| l > limits.max_request_body_bytes) {
+            return ControlFlow::Break(respond::problem(
+                ctx,
+                Problem::new(
+                    413,
+                    format!(
+                        "the request body is {length} bytes; this gateway accepts at most {}",
+                        limits.max_request_body_bytes
+                    ),
+                ),
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// The canonical-path step: rewrites the request's path to its canonical form (see
+    /// [`crate::routing::canonical`]), so everything after it — and the origin — sees one
+    /// spelling. Refuses paths that have none with `400`. An absolute-form target (HTTP/1.1) or
+    /// `:authority` (HTTP/2) names the request's host (RFC 9112 §3.2.2): it becomes `Host`, and
+    /// the target becomes origin-form.
+    fn canonicalize(head: &mut Parts, ctx: &RequestCtx) -> Step {
+        let authority = head
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let path = match canonical_path(head.uri.path(), &ctx.snapshot.routes.paths) {
+            Ok(std::borrow::Cow::Borrowed(_)) if authority.is_none() => {
+                return ControlFlow::Continue(())
+            }
+            Ok(path) => path.into_owned(),
+            Err(e) => {
+                return ControlFlow::Break(respond::problem(ctx, Problem::new(400, e.to_string())))
+            }
+        };
+        if let Some(authority) = authority {
+            // The target's authority is the host; a `Host` naming another leaves it open which
+            // one the origin will believe (RFC 9112 §3.2.2 lets a proxy refuse the request).
+            if let Some(host) = head.headers.get(http::header::HOST) {
+                if !host.as_bytes().eq_ignore_ascii_case(authority.as_bytes()) {
+                    return ControlFlow::Break(respond::problem(
+                        ctx,
+                        Problem::new(
+                            400,
+                            "the request target names a different host than the Host header; send one host",
+                        ),
+                    ));
+                }
+            }
+            head.headers.insert(http::header::HOST, authority);
+        }
+        match set_path(head, &path) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(problem) => ControlFlow::Break(respond::problem(ctx, problem)),
+        }
+    }
+
+    /// The routing step: matches the canonical path once, rewrites typed parameters into their
+    /// canonical form, and refuses unmatched requests when `[defaults] unmatched = "deny"`.
+    fn route(head: &mut Parts, ctx: &mut RequestCtx) -> Step {
+        let resolution = ctx.snapshot.routes.resolve(&head.method, head.uri.path());
+        if let Some(path) = &resolution.rewritten {
+            if let Err(problem) = set_path(head, path) {
+                return ControlFlow::Break(respond::problem(ctx, problem));
+            }
+        }
+        ctx.route = resolution.route;
+        if ctx.route.is_some() || ctx.snapshot.routes.unmatched == Unmatched::Pass {
+            return ControlFlow::Continue(());
+        }
+        let problem = if resolution.allowed.is_empty() {
+            Problem::new(
+                404,
+                "no route of this gateway matches the request path, and unmatched requests are refused",
+            )
+        } else {
+            let allowed: Vec<&str> = resolution.allowed.iter().map(Method::as_str).collect();
+            Problem::new(
+                405,
+                format!(
+                    "{} is not routed for this path; routed methods: {}",
+                    head.method,
+                    allowed.join(", ")
+                ),
+            )
+            .with_header(http::header::ALLOW, allowed.join(", "))
+        };
+        ControlFlow::Break(respond::problem(ctx, problem))
+    }
+
+    /// The authentication step: checks the token against the route's policy, and either
+    /// forwards the identity or answers 401/403 itself.
+    async fn authenticate(&self, head: &mut Parts, ctx: &mut RequestCtx) -> Step {
+        // `Authorization` is a singleton field: with two, the gateway and the origin could each
+        // believe a different one.
+        if head
+            .headers
+            .get_all(http::header::AUTHORIZATION)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            return ControlFlow::Break(respond::problem(
+                ctx,
+                Problem::new(
+                    400,
+                    "the request carries more than one Authorization header; send exactly one",
+                ),
+            ));
+        }
+        let snapshot = ctx.snapshot.clone();
+        let Some(authenticator) = &snapshot.auth else {
+            return ControlFlow::Continue(());
+        };
+        let policy = &snapshot.routes.policy(ctx.route).auth;
+        // An address that has failed too often may not try new tokens for a while.
+        let guarded =
+            policy.mode != crate::config::AuthMode::None && self.limiter.limits_auth_failures();
+        let new_token = guarded
+            && authenticator
+                .token_from(&head.headers)
+                .is_some_and(|t| !authenticator.is_remembered(t));
+        if new_token {
+            if let Some(verdict) = self.limiter.auth_failures_exhausted(ctx.client_ip).await {
+                ctx.auth_failure = Some("throttled");
+                let problem = Problem::new(
+                    429,
+                    "too many failed authentication attempts from this address; try again later",
+                );
+                return ControlFlow::Break(limited(ctx, problem, &verdict));
+            }
+        }
+        match authenticator.check(policy, &head.headers).await {
+            Ok(identity) => {
+                auth::forward(policy, identity.as_deref(), &mut head.headers);
+                ctx.identity = identity;
+                ControlFlow::Continue(())
+            }
+            Err(rejection) => {
+                ctx.auth_failure = Some(rejection.label());
+                if matches!(rejection, Rejection::Invalid(_)) {
+                    self.limiter.record_auth_failure(ctx.client_ip).await;
+                }
+                let problem = Problem::new(rejection.status(), rejection.detail())
+                    .with_header(WWW_AUTHENTICATE, rejection.challenge(&authenticator.realm));
+                ControlFlow::Break(respond::problem(ctx, problem))
+            }
+        }
+    }
+
+    /// The rate-limit step: counts the request against its route's limits and answers `429`
+    /// itself when one is exhausted.
+    async fn rate_limit(&self, head: &Parts, ctx: &mut RequestCtx) -> Step {
+        let snapshot = ctx.snapshot.clone();
+        let Some(policy) = &snapshot.routes.policy(ctx.route).rate_limit else {
+            return ControlFlow::Continue(());
+        };
+        let facts = RequestFacts {
+            client_ip: ctx.client_ip,
+            subject: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+            headers: &head.headers,
+        };
+        let verdict = self.limiter.check(policy, &facts).await;
+        if verdict.allowed {
+            ctx.rate_limit = Some(verdict);
+            return ControlFlow::Continue(());
+        }
+        let problem = Problem::new(
+            429,
+            "rate limit exceeded; retry after the time in Retry-After",
+        );
+        let response = limited(ctx, problem, &verdict);
+        ctx.rate_limit = Some(verdict);
+        ControlFlow::Break(response)
+    }
+
+    /// The upstream step: sends the request to an origin and turns its answer into the client's
+    /// response — labelled for the cache, captured for a fill, purging what a write changed.
+    async fn forward(
+        &self,
+        head: &mut Parts,
+        body: Incoming,
+        ctx: &mut RequestCtx,
+        error: &mut Option<&'static str>,
+    ) -> Response<Body> {
+        let upgrade = RequestCtx::is_upgrade(head);
+        let client_upgrade = if upgrade {
+            head.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        let mut request = Request::new(RequestBody::Empty);
+        *request.method_mut() = head.method.clone();
+        *request.uri_mut() = head.uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() =
+            if caching::needs_request_headers(ctx) || purging::may_write_through(head, ctx) {
+                head.headers.clone()
+            } else {
+                // Nothing after this reads the client's headers but its host.
+                let headers = std::mem::take(&mut head.headers);
+                if let Some(host) = headers.get(http::header::HOST) {
+                    head.headers.insert(http::header::HOST, host.clone());
+                }
+                headers
+            };
+        forwarding::upstream_request(
+            request.headers_mut(),
+            &forwarding::Forwarded {
+                client_ip: ctx.connection.peer.ip(),
+                proto: ctx.connection.scheme(),
+                request_id: &ctx.request_id,
+                upgrade,
+            },
+        );
+        caching::on_upstream_request(ctx, request.headers_mut());
+        let progress = if body.is_end_stream() {
+            None
+        } else {
+            let (streamed, progress) =
+                RequestBody::client(body, ctx.snapshot.limits.max_request_body_bytes);
+            *request.body_mut() = streamed;
+            Some(progress)
+        };
+
+        let started = Instant::now();
+        let snapshot = ctx.snapshot.clone();
+        let exchange = snapshot.upstream.send(request, progress.as_deref()).await;
+        ctx.upstream_elapsed = Some(started.elapsed());
+        let exchange = match exchange {
+            Ok(exchange) => exchange,
+            Err(e) => {
+                if !matches!(e, UpstreamError::BodyTooLarge(_)) {
+                    *error = Some(e.label());
+                }
+                let status = e.status();
+                if let Some(response) = caching::serve_stale_on_error(ctx, head, status) {
+                    return response;
+                }
+                let mut response = respond::problem(ctx, Problem::new(status, detail_for(&e)));
+                if progress.is_some() {
+                    // The rest of the client's body is unread.
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return response;
+            }
+        };
+
+        let (mut parts, incoming) = exchange.response.into_parts();
+        forwarding::upstream_response(&mut parts.headers, parts.status);
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let origin_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+            if let (Some(client), Some(origin)) = (client_upgrade, origin_upgrade) {
+                tokio::spawn(tunnel(client, origin));
+            }
+            respond::finish_headers(ctx, &mut parts.headers);
+            return Response::from_parts(parts, Body::empty());
+        }
+        if let Some(answer) = caching::on_response(&self.cache, head, ctx, &mut parts) {
+            // A stored entry answers instead (a 304 confirmed it, or stale-if-error on a 5xx).
+            if incoming.is_end_stream() {
+                exchange.connection.release();
+            }
+            return answer;
+        }
+        purging::on_response(&self.purger, &self.cache, head, ctx, &mut parts).await;
+        respond::finish_headers(ctx, &mut parts.headers);
+        Response::from_parts(
+            parts,
+            Body::upstream(
+                incoming,
+                exchange.connection,
+                snapshot.upstream.read_timeout,
+            ),
+        )
+    }
+}
+
+/// A `429` with `Retry-After` and the limit's headers.
+fn limited(ctx: &RequestCtx, problem: Problem, verdict: &Verdict) -> Response<Body> {
+    let mut problem = problem.with_header(RETRY_AFTER, verdict.retry_after_secs.to_string());
+    if !verdict.policy_header.is_empty() {
+        problem = problem
+            .with_header(RATELIMIT_POLICY, verdict.policy_header.clone())
+            .with_header(RATELIMIT, verdict.status_header.clone());
+    }
+    respond::problem(ctx, problem)
+}
+
+/// The sanitising step (see [`forwarding::sanitize_request`]): an override header reaches the
+/// origin only when `[server] forward_override_headers` names it, or the route's cache rule keys
+/// on it.
+fn sanitize(head: &mut Parts, ctx: &RequestCtx, trusted_peer: bool) {
+    let snapshot = &ctx.snapshot;
+    let vary = snapshot
+        .routes
+        .policy(ctx.route)
+        .cache
+        .as_ref()
+        .map_or(&[][..], |c| c.vary.as_slice());
+    let keep_override = |name: &str| {
+        snapshot.forward_override_headers.iter().any(|h| h == name)
+            || vary.iter().any(|h| h == name)
+    };
+    let upgrade = RequestCtx::is_upgrade(head);
+    forwarding::sanitize_request(
+        &mut head.headers,
+        &forwarding::Sanitize {
+            trusted_peer,
+            upgrade,
+            claim_headers: snapshot.routes.gateway_headers(),
+            keep_override: &keep_override,
+        },
+    );
+}
+
+/// Joins a client and an origin after `101 Switching Protocols`, both ways, until either ends.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, origin: hyper::upgrade::OnUpgrade) {
+    let (client, origin) = match tokio::try_join!(client, origin) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "protocol upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut origin = hyper_util::rt::TokioIo::new(origin);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut origin).await;
+}

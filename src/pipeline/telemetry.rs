@@ -1,0 +1,79 @@
+//! The last step of every request: its metrics and its access-log line, and the cache work that
+//! waits for the response to be over (the shared-tier write, the fill lease). Runs when the
+//! response body is dropped (see [`super::body`]).
+
+use crate::metrics::{method_label, metrics};
+
+use super::body::Finish;
+use super::caching;
+
+pub fn finish(mut f: Finish) {
+    let failed = f.error.is_some() || !f.complete;
+    if let Some(work) = caching::on_done(&mut f.ctx, failed) {
+        let cache = f.gateway.cache.clone();
+        tokio::spawn(work.run(cache));
+    }
+    let ctx = &f.ctx;
+    let route = ctx.route_name();
+    let duration = ctx.started.elapsed();
+
+    let m = metrics();
+    let status_buf = itoa_status(f.status);
+    let status_text = std::str::from_utf8(&status_buf).unwrap_or("0");
+    m.requests
+        .with_label_values(&[route, method_label(&f.method), status_text])
+        .inc();
+    m.request_duration
+        .with_label_values(&[route])
+        .observe(duration.as_secs_f64());
+    if let Some(upstream) = ctx.upstream_elapsed {
+        m.upstream_duration
+            .with_label_values(&[route])
+            .observe(upstream.as_secs_f64());
+    }
+    if let Some(kind) = f.error {
+        m.upstream_errors.with_label_values(&[kind]).inc();
+    }
+    if let Some(reason) = ctx.auth_failure {
+        m.auth_failures.with_label_values(&[reason]).inc();
+    }
+    let rate_limit = match &ctx.rate_limit {
+        Some(v) => {
+            let outcome = if v.allowed { "allowed" } else { "limited" };
+            m.rate_limit_decisions
+                .with_label_values(&[route, outcome, v.decided_by])
+                .inc();
+            outcome
+        }
+        None => "-",
+    };
+
+    tracing::info!(
+        target: "access",
+        request_id = %ctx.request_id,
+        client_ip = %ctx.client_ip,
+        method = %f.method,
+        path = %f.uri.path(),
+        route,
+        status = f.status,
+        bytes = f.sent,
+        duration_ms = duration.as_secs_f64() * 1000.0,
+        upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+        cache = ctx.cache.label(),
+        rate_limit,
+        subject = ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
+        auth_failure = ctx.auth_failure,
+        purge = ctx.purged.and_then(|p| p.seq),
+        error = f.error,
+    );
+}
+
+/// A status code as three ASCII digits, without allocating.
+fn itoa_status(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
+}

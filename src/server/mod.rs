@@ -1,0 +1,261 @@
+//! Starting and stopping the gateway: the runtimes, the listeners ([`listener`]), the admin
+//! listener, and the drain.
+//!
+//! Every listener address is bound before anything else starts, so an address in use ends the
+//! process at once with a message naming it. Requests are served on a multi-thread tokio
+//! runtime with `[server] threads` workers; store connections, health checks and reloads run on
+//! a small runtime of their own, so a busy data path never delays them.
+//!
+//! `SIGTERM` drains: the listeners close, open connections finish their in-flight requests
+//! (HTTP/1.1 connections close after their current response, HTTP/2 ones get `GOAWAY`) for up to
+//! `[server] grace_period`, then the process exits 0. `SIGINT` exits at once.
+
+pub mod listener;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::Admin;
+use crate::cache::Cache;
+use crate::config::LoadedConfig;
+use crate::pipeline::Gateway;
+use crate::purge::Purger;
+use crate::ratelimit::{self, Limiter};
+use crate::reload::{reload_on_sighup, Reloader};
+use crate::snapshot::Snapshot;
+use crate::store;
+
+/// Serves until SIGTERM (graceful: stop accepting, drain for `server.grace_period`) or SIGINT
+/// (fast). Returns an error message, naming what failed, if the gateway cannot start.
+pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
+    let config = &loaded.config;
+    let admin_address = config.admin.as_ref().map(|a| a.address.get_ref().as_str());
+    let mut bound = Vec::new();
+    for listener in config.listeners.get_ref() {
+        let address = listener.address.get_ref().as_str();
+        bound.push(bind(address)?);
+    }
+    let admin_listener = admin_address.map(bind).transpose()?;
+
+    // One TLS crypto provider for every rustls user in the process (the listeners, upstream TLS, the JWKS client,
+    // rediss://). Installing fails only if one is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    // Background work (store connections and health checks) runs on its own small runtime;
+    // requests are served on the request runtime.
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(crate::store::BACKGROUND_THREADS)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the background runtime: {e}"))?;
+    let store = {
+        let _guard = control.enter();
+        store::from_config(config.store.as_ref()).map_err(|e| e.to_string())?
+    };
+    let auth_failures = match &config.rate_limit.auth_failures {
+        Some(rate) => {
+            let (count, period) = crate::config::values::parse_rate(rate.get_ref())?;
+            Some(ratelimit::Limit {
+                name: "auth-failures".to_owned(),
+                count,
+                period,
+                burst: count,
+                key: vec![ratelimit::KeyPart::Ip],
+            })
+        }
+        None => None,
+    };
+    let limiter = Limiter::new(
+        store.clone(),
+        &config.rate_limit.prefix,
+        config.rate_limit.instances,
+        auth_failures,
+        *config.rate_limit.ipv6_prefix.get_ref(),
+    );
+    tracing::info!(store = store.kind(), "store ready");
+    if let Some(auth) = &snapshot.auth {
+        let _guard = control.enter();
+        auth.start_background_tasks();
+        for name in auth.defaulted_secrets() {
+            tracing::warn!(
+                "auth: the JWT secret comes from the built-in default of ${{{name}:-...}} because {name} is not set; \
+                 anyone who can read the configuration can mint tokens. Set {name} before exposing this gateway"
+            );
+        }
+    }
+
+    let threads = config
+        .server
+        .threads
+        .as_ref()
+        .map(|t| *t.get_ref())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("cachegate-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the request runtime: {e}"))?;
+
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let purger = {
+        // Its subscription to the other instances' purges runs on the control runtime.
+        let _guard = control.enter();
+        Purger::new(Some(store.clone()))
+    };
+    let cache = Arc::new(Cache::new(
+        config.cache.memory_capacity.0,
+        config.cache.compress_above.0,
+        Some(store.clone()),
+        purger.clone(),
+    ));
+    let reloader = Arc::new(Reloader::new(
+        loaded.path.clone(),
+        loaded.source.clone(),
+        shared.clone(),
+        control.handle().clone(),
+    ));
+    control.spawn(reload_on_sighup(reloader.clone()));
+    let admin = admin_listener.map(|listener| {
+        let token = config
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.as_ref())
+            .map(|t| t.as_str().to_owned());
+        let admin = Arc::new(Admin::new(
+            shared.clone(),
+            store.clone(),
+            cache.clone(),
+            purger.clone(),
+            reloader,
+            token,
+        ));
+        (listener, admin)
+    });
+    let gateway = Gateway::new(shared, limiter, cache, purger);
+    let mut listeners = Vec::new();
+    for (listener, std_listener) in config.listeners.get_ref().iter().zip(bound) {
+        let address = listener.address.get_ref().as_str();
+        let tls = match &listener.tls {
+            None => None,
+            Some(tls) => Some(
+                listener::tls_acceptor(
+                    tls.cert_file.get_ref().as_str(),
+                    tls.key_file.get_ref().as_str(),
+                    tls.http2,
+                )
+                .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?,
+            ),
+        };
+        let http2 = listener.tls.as_ref().is_none_or(|t| t.http2);
+        listeners.push((address.to_owned(), std_listener, tls, http2));
+    }
+    let grace_period = config.server.grace_period.0;
+    let served = runtime.block_on(serve(gateway, listeners, admin, grace_period));
+    runtime.shutdown_timeout(config.server.shutdown_timeout.0);
+    control.shutdown_timeout(Duration::from_secs(1));
+    tracing::info!("stopped");
+    served
+}
+
+/// Binds `address` now, so a clash is reported before anything starts.
+fn bind(address: &str) -> Result<std::net::TcpListener, String> {
+    let listener = std::net::TcpListener::bind(address).map_err(|e| {
+        format!(
+            "cannot listen on {address}: {e}; stop whatever uses that address or change it in the configuration"
+        )
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot set up {address}: {e}"))?;
+    Ok(listener)
+}
+
+type ListenerSetup = (
+    String,
+    std::net::TcpListener,
+    Option<tokio_rustls::TlsAcceptor>,
+    bool,
+);
+
+/// Serves until a signal; see the module docs for what each does.
+async fn serve(
+    gateway: Arc<Gateway>,
+    listeners: Vec<ListenerSetup>,
+    admin: Option<(std::net::TcpListener, Arc<Admin>)>,
+    grace_period: Duration,
+) -> Result<(), String> {
+    let (drain, draining) = watch::channel(false);
+    let (open, mut closed) = mpsc::channel::<()>(1);
+    let serving = Arc::new(listener::Serving {
+        gateway,
+        draining: draining.clone(),
+        open,
+    });
+    for (address, std_listener, tls, http2) in listeners {
+        let tcp = tokio::net::TcpListener::from_std(std_listener)
+            .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+        tracing::info!(address, tls = tls.is_some(), "listening");
+        tokio::spawn(listener::accept_loop(tcp, tls, http2, serving.clone()));
+    }
+    if let Some((std_listener, admin)) = admin {
+        let tcp = tokio::net::TcpListener::from_std(std_listener)
+            .map_err(|e| format!("cannot listen on the admin address: {e}"))?;
+        tracing::info!(address = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
+        tokio::spawn(serve_admin(tcp, admin, draining));
+    }
+    drop(serving);
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    tokio::select! {
+        _ = terminate.recv() => {
+            tracing::info!(grace_period = ?grace_period, "SIGTERM: draining");
+            let _ = drain.send(true);
+            // Every connection holds a sender; `recv` returns `None` when the last one is gone.
+            if tokio::time::timeout(grace_period, closed.recv()).await.is_err() {
+                tracing::warn!("the grace period ended with requests still in flight");
+            }
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT: stopping now");
+        }
+    }
+    Ok(())
+}
+
+/// The admin listener: HTTP/1.1, one small service.
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    admin: Arc<Admin>,
+    mut draining: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+            _ = draining.changed() => return,
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let admin = admin.clone();
+                async move {
+                    let response = admin.serve(request).await;
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|body| http_body_util::Full::new(bytes::Bytes::from(body))),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
