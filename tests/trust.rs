@@ -634,6 +634,12 @@ cache = { ttl = "60s", stale_while_revalidate = "10s", stale_if_error = "10s" }
     )
     .await;
     assert_eq!(resp.status, 400);
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/problem+json"),
+        "{}",
+        resp.body
+    );
     assert_eq!(upstream.served("ANY /__headers").await, before);
 
     // Raw non-ASCII bytes beside dots in a path (found by the property tests: a panic once).
@@ -774,6 +780,15 @@ async fn ambiguous_messages_are_refused_and_never_forwarded() {
         ("content-length: +2", "{}"),
         ("content-length: 0x2", "{}"),
         ("content-length: 2\r\ncontent-length: 3", "{}"),
+        // Chunked twice.
+        (
+            "transfer-encoding: chunked, chunked",
+            "2\r\n{}\r\n0\r\n\r\n",
+        ),
+        (
+            "transfer-encoding: chunked\r\ntransfer-encoding: chunked",
+            "2\r\n{}\r\n0\r\n\r\n",
+        ),
     ] {
         let resp = raw_request(
             port,
@@ -784,4 +799,36 @@ async fn ambiguous_messages_are_refused_and_never_forwarded() {
         assert_eq!(resp.status, 400, "{extra:?}: {}", resp.body);
     }
     assert_eq!(upstream.served("ANY /__headers").await, before);
+
+    // Both framings at once (request smuggling's classic), in either order: hyper's parser takes
+    // the other course RFC 9112 §6.1 allows — chunked wins, Content-Length is dropped, and the
+    // connection closes after the response. The origin sees one unambiguous framing, and what
+    // follows the chunked body is never read as another request.
+    for framing in [
+        "content-length: 2\r\ntransfer-encoding: chunked",
+        "transfer-encoding: chunked\r\ncontent-length: 2",
+    ] {
+        let before = upstream.served("ANY /__headers").await;
+        let resp = raw_request(
+            port,
+            &format!("POST /__headers HTTP/1.1\r\nhost: x\r\n{framing}\r\nconnection: keep-alive"),
+            b"2\r\n{}\r\n0\r\n\r\nGET /__headers?smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await;
+        match resp.status {
+            400 => {}
+            200 => {
+                let seen = &resp.json()["headers"];
+                assert!(seen.get("content-length").is_none(), "{seen}");
+                assert_eq!(seen["transfer-encoding"], json!(["chunked"]), "{seen}");
+                assert_eq!(resp.header("connection"), Some("close"), "{framing:?}");
+            }
+            other => panic!("unexpected {other}: {}", resp.body),
+        }
+        assert_eq!(
+            upstream.served("ANY /__headers").await,
+            before + u64::from(resp.status == 200),
+            "{framing:?}: the request after the body was not smuggled through"
+        );
+    }
 }

@@ -103,13 +103,24 @@ fn doomed(name: &HeaderName, rules: &Sanitize<'_>) -> bool {
     false
 }
 
-/// Checks a request's body framing (RFC 9112 §6): `Content-Length` and `Transfer-Encoding`
-/// together, or `Content-Length` values that differ or are not numbers, are refused — an origin
+/// Checks a request's body framing (RFC 9112 §6): chunked named twice, `Content-Length` and
+/// `Transfer-Encoding` together, or `Content-Length` values that differ or are not numbers, are refused — an origin
 /// could frame the body differently from the gateway (request smuggling). Several equal values
 /// are one: `Ok(Some(value))` says to send that one alone.
 pub fn request_framing(
     headers: &HeaderMap,
 ) -> std::result::Result<Option<HeaderValue>, &'static str> {
+    let chunked = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count();
+    if chunked > 1 {
+        // RFC 9112 §6.1: chunked is applied once; a second one is read differently by different
+        // parsers.
+        return Err("Transfer-Encoding names chunked more than once; send it once");
+    }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter().peekable();
     if lengths.peek().is_none() {
         return Ok(None);

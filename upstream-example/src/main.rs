@@ -4,6 +4,7 @@
 
 mod api;
 mod db;
+mod idle;
 mod stats;
 
 use std::net::SocketAddr;
@@ -36,6 +37,10 @@ struct Args {
     /// SQLite file to use; an in-memory database when absent.
     #[arg(long)]
     db: Option<String>,
+    /// Close a keep-alive connection that has been idle this long between requests, as Node
+    /// (5 s by default) and uvicorn do; 0 keeps idle connections open.
+    #[arg(long, default_value_t = 0)]
+    keep_alive_timeout_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -84,13 +89,31 @@ async fn serve(args: Args) -> Result<(), String> {
                 };
                 app.stats.connection_accepted();
                 let app = app.clone();
+                let keep_alive_timeout = Duration::from_millis(args.keep_alive_timeout_ms);
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| api::handle(app.clone(), req));
-                    // Errors here are client disconnects; nothing to report to anyone.
-                    let _ = http1::Builder::new()
+                    let idle = idle::Idle::new();
+                    let in_flight = idle.clone();
+                    let service = service_fn(move |req| {
+                        let (app, guard) = (app.clone(), in_flight.busy());
+                        async move {
+                            let response = api::handle(app, req).await;
+                            drop(guard);
+                            response
+                        }
+                    });
+                    let conn = http1::Builder::new()
                         .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                        .serve_connection(TokioIo::new(idle.watch(stream)), service);
+                    // Errors here are client disconnects; nothing to report to anyone.
+                    if keep_alive_timeout.is_zero() {
+                        let _ = conn.await;
+                    } else {
+                        // Dropping the connection closes the socket, as Node does.
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = idle.expired(keep_alive_timeout) => {}
+                        }
+                    }
                 });
             }
             _ = shutdown_signal() => return Ok(()),
