@@ -126,8 +126,27 @@ fn request_id_from(header: Option<&HeaderValue>) -> String {
         {
             id.to_owned()
         }
-        _ => uuid::Uuid::new_v4().to_string(),
+        _ => new_request_id(),
     }
+}
+
+/// A fresh request id: 32 hex digits, a random per-process prefix and a counter. Unique without
+/// a random draw or UUID formatting per request; not a secret.
+fn new_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for word in [prefix, count] {
+        for shift in (0..16).rev() {
+            id.push(HEX[(word >> (shift * 4)) as usize & 0xf] as char);
+        }
+    }
+    id
 }
 
 fn header_bytes(head: &Parts) -> u64 {

@@ -42,7 +42,10 @@ pub fn builder(http2: bool) -> auto::Builder<TokioExecutor> {
         // The configured `max_request_header_bytes` is checked by the pipeline, which answers
         // with problem+json; hyper's own limit only has to be above any configurable value.
         .max_buf_size(MAX_HEADER_LIMIT as usize + 1)
-        .max_headers(MAX_HEADERS);
+        .max_headers(MAX_HEADERS)
+        // One copy into hyper's buffer and one `write`, instead of `writev` of head and body:
+        // cheaper for the small responses an API gateway mostly sends (measured in bench/).
+        .writev(false);
     if !http2 {
         builder = builder.http1_only();
     }

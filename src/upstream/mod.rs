@@ -253,6 +253,19 @@ impl UpstreamGroup {
                     return Err(e);
                 }
             };
+            // An idempotent request without a body may be sent again if a reused connection
+            // turns out closed after it was written (RFC 9110 §9.2.2): the origin closed it
+            // while idle at the moment it was taken.
+            let replay = (progress.is_none()
+                && connection.reused
+                && request.method().is_idempotent())
+            .then(|| {
+                (
+                    request.method().clone(),
+                    request.uri().clone(),
+                    request.headers().clone(),
+                )
+            });
             match self.exchange(&mut connection, request, progress).await {
                 Ok(response) => {
                     return Ok(Exchange {
@@ -266,6 +279,25 @@ impl UpstreamGroup {
                     request = *unsent;
                     let mut fresh = origin.pool.connect().await?;
                     return match self.exchange(&mut fresh, request, progress).await {
+                        Ok(response) => Ok(Exchange {
+                            response,
+                            connection: fresh,
+                            origin: index,
+                        }),
+                        Err(failure) => Err(self.failed(origin, failure)),
+                    };
+                }
+                Err(Failure::Error(UpstreamError::Exchange(e)))
+                    if replay.is_some() && closed_under_us(&e) =>
+                {
+                    let (method, uri, headers) = replay.expect("checked");
+                    let mut again = Request::new(RequestBody::Empty);
+                    *again.method_mut() = method;
+                    *again.uri_mut() = uri;
+                    *again.headers_mut() = headers;
+                    *again.version_mut() = http::Version::HTTP_11;
+                    let mut fresh = origin.pool.connect().await?;
+                    return match self.exchange(&mut fresh, again, None).await {
                         Ok(response) => Ok(Exchange {
                             response,
                             connection: fresh,
@@ -339,6 +371,14 @@ impl UpstreamGroup {
             }
         }
     }
+}
+
+/// Whether an exchange failed because the connection closed before any response: what an
+/// origin closing an idle connection looks like from the other end.
+fn closed_under_us(error: &hyper::Error) -> bool {
+    error.is_incomplete_message()
+        || error.is_canceled()
+        || std::error::Error::source(error).is_some_and(|e| e.is::<std::io::Error>())
 }
 
 /// How one attempt failed: with the request handed back unsent, or for good.

@@ -130,6 +130,8 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let (sender, conn) = http1::Builder::new()
+        // The request head and a small body go out in one `write` (see the listener's note).
+        .writev(false)
         .handshake(TokioIo::new(io))
         .await
         .map_err(UpstreamError::Handshake)?;
