@@ -2,9 +2,6 @@
 #   docker build -t cachegate .
 #   docker run -p 8080:8080 -v $PWD/config/docker.toml:/etc/cachegate/cachegate.toml:ro cachegate
 FROM rust:1.95-slim-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --workspace --bins

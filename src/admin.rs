@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
+use crate::auth::bears_token;
 use crate::cache::entry::Entry;
 use crate::cache::Cache;
 use crate::metrics::metrics;
@@ -195,15 +196,6 @@ impl Admin {
     }
 }
 
-/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
-pub(crate) fn bears_token(headers: &http::HeaderMap, token: &str) -> bool {
-    headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
-}
-
 /// Largest `POST /purge` body accepted.
 const MAX_PURGE_BODY: usize = 64 * 1024;
 
@@ -280,11 +272,6 @@ impl PurgeTarget {
             PurgeTarget::All => json!({"all": true}),
         }
     }
-}
-
-/// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {

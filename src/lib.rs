@@ -1,14 +1,14 @@
-//! cachegate: a reverse-proxy caching gateway for HTTP CRUD APIs, built on pingora.
+//! cachegate: a reverse-proxy caching gateway for HTTP CRUD APIs, on hyper and tokio.
 //!
-//! A request flows one way through the modules: [`routing`] makes its path canonical and
-//! matches it against the [`snapshot`] of the configuration, [`proxy`] strips what the client
-//! may not send (see [`header_rules`]), [`auth`] checks its token, [`ratelimit`] counts it,
-//! [`cache`] may answer it, and otherwise [`proxy`] carries it through pingora's phases to the
-//! [`upstream`] group; a write's response [`purge`]s what it changed; errors are answered by
-//! [`problem`]. State shared between requests and instances lives behind the [`store`]
-//! boundary. [`config`] parses and validates the TOML file; [`server`] starts and stops
-//! everything; [`reload`] swaps configurations; [`admin`] answers operators on a separate
-//! listener, including [`metrics`].
+//! A request flows one way, through one async function ([`pipeline::Gateway::handle`]):
+//! [`routing`] makes its path canonical and matches it once against the [`snapshot`] of the
+//! configuration; the [`pipeline`] strips what the client may not send (see [`header_rules`]);
+//! [`auth`] checks its token; [`ratelimit`] counts it; [`cache`] may answer it; otherwise it
+//! goes to the [`upstream`] group over pooled connections; a write's response [`purge`]s what it
+//! changed; errors are answered by [`problem`]. State shared between requests and instances lives
+//! behind the [`store`] boundary. [`config`] parses and validates the TOML file; [`server`]
+//! binds, serves and drains; [`reload`] swaps configurations; [`admin`] answers operators on a
+//! separate listener, including [`metrics`].
 
 pub mod admin;
 pub mod auth;

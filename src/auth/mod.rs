@@ -690,6 +690,21 @@ fn scopes_of(claims: &Map<String, Value>) -> BTreeSet<String> {
     scopes
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time): the
+/// operator token gate of the admin listener and of `PURGE`.
+pub fn bears_token(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

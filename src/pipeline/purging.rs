@@ -118,7 +118,7 @@ pub async fn purge_request(
     ctx: &RequestCtx,
     token: &str,
 ) -> Response<Body> {
-    if !crate::admin::bears_token(&req.headers, token) {
+    if !crate::auth::bears_token(&req.headers, token) {
         let problem = Problem::new(401, "PURGE needs the admin token as a bearer token")
             .with_header(
                 http::header::WWW_AUTHENTICATE,
