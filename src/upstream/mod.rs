@@ -235,7 +235,7 @@ impl UpstreamGroup {
     /// response header. `progress` is the streamed body's, when it has one.
     pub async fn send(
         &self,
-        mut request: Request<RequestBody>,
+        request: Request<RequestBody>,
         progress: Option<&Progress>,
     ) -> Result<Exchange, UpstreamError> {
         let mut tried = 0;
@@ -276,16 +276,7 @@ impl UpstreamGroup {
                 }
                 Err(Failure::Unsent(unsent, _)) if connection.reused => {
                     // The pooled connection was closed under us before a byte was written.
-                    request = *unsent;
-                    let mut fresh = origin.pool.connect().await?;
-                    return match self.exchange(&mut fresh, request, progress).await {
-                        Ok(response) => Ok(Exchange {
-                            response,
-                            connection: fresh,
-                            origin: index,
-                        }),
-                        Err(failure) => Err(self.failed(origin, failure)),
-                    };
+                    return self.once_more(index, *unsent, progress).await;
                 }
                 Err(Failure::Error(UpstreamError::Exchange(e)))
                     if replay.is_some() && closed_under_us(&e) =>
@@ -296,18 +287,29 @@ impl UpstreamGroup {
                     *again.uri_mut() = uri;
                     *again.headers_mut() = headers;
                     *again.version_mut() = http::Version::HTTP_11;
-                    let mut fresh = origin.pool.connect().await?;
-                    return match self.exchange(&mut fresh, again, None).await {
-                        Ok(response) => Ok(Exchange {
-                            response,
-                            connection: fresh,
-                            origin: index,
-                        }),
-                        Err(failure) => Err(self.failed(origin, failure)),
-                    };
+                    return self.once_more(index, again, None).await;
                 }
                 Err(failure) => return Err(self.failed(origin, failure)),
             }
+        }
+    }
+
+    /// The last attempt: `request` on a fresh connection to origin `index`.
+    async fn once_more(
+        &self,
+        index: usize,
+        request: Request<RequestBody>,
+        progress: Option<&Progress>,
+    ) -> Result<Exchange, UpstreamError> {
+        let origin = &self.origins[index];
+        let mut fresh = origin.pool.connect().await?;
+        match self.exchange(&mut fresh, request, progress).await {
+            Ok(response) => Ok(Exchange {
+                response,
+                connection: fresh,
+                origin: index,
+            }),
+            Err(failure) => Err(self.failed(origin, failure)),
         }
     }
 
