@@ -113,14 +113,7 @@ impl Reloader {
 }
 
 /// Reloads on every SIGHUP until the process ends.
-pub async fn reload_on_sighup(reloader: Arc<Reloader>) {
-    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(signal) => signal,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; reload through the admin listener instead");
-            return;
-        }
-    };
+pub async fn reload_on_sighup(reloader: Arc<Reloader>, mut hangups: tokio::signal::unix::Signal) {
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
         let reloader = reloader.clone();

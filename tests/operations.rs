@@ -542,3 +542,17 @@ async fn reload_needs_a_configured_token() {
         "metrics are open without a token"
     );
 }
+
+/// A signal sent the moment the port answers finds its handler in place: SIGHUP reloads, it does
+/// not end the process (the default action of an unhandled SIGHUP).
+#[tokio::test]
+async fn a_sighup_as_soon_as_the_port_answers_reloads_and_never_kills() {
+    let upstream = Upstream::start();
+    for _ in 0..3 {
+        let admin_port = free_port();
+        let gateway = Gateway::start(&ops_config(&upstream.url(), admin_port, "", "v1"));
+        gateway.process.signal("HUP");
+        let resp = Client::new().get(&gateway.url("/products/1")).await;
+        assert_eq!(resp.status, StatusCode::OK, "the gateway is still serving");
+    }
+}

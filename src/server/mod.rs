@@ -1,8 +1,9 @@
 //! Starting and stopping the gateway: the runtimes, the listeners ([`listener`]), the admin
 //! listener, and the drain.
 //!
-//! Every listener address is bound before anything else starts, so an address in use ends the
-//! process at once with a message naming it. Requests are served on a multi-thread tokio
+//! Every listener address is bound before the store, the cache or any listener starts, so an
+//! address in use ends the process at once with a message naming it; the signal handlers are in
+//! place before that, so a signal sent as soon as the port answers is never lost. Requests are served on a multi-thread tokio
 //! runtime with `[server] threads` workers; store connections, health checks and reloads run on
 //! a small runtime of their own, so a busy data path never delays them.
 //!
@@ -33,13 +34,6 @@ use crate::store;
 pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     let config = &loaded.config;
     let admin_address = config.admin.as_ref().map(|a| a.address.get_ref().as_str());
-    let mut bound = Vec::new();
-    for listener in config.listeners.get_ref() {
-        let address = listener.address.get_ref().as_str();
-        bound.push(bind(address)?);
-    }
-    let admin_listener = admin_address.map(bind).transpose()?;
-
     // One TLS crypto provider for every rustls user in the process (the listeners, upstream TLS, the JWKS client,
     // rediss://). Installing fails only if one is installed already, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -52,6 +46,41 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the background runtime: {e}"))?;
+    let threads = config
+        .server
+        .threads
+        .as_ref()
+        .map(|t| *t.get_ref())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // tokio's multi-thread scheduler even for one worker: a current-thread runtime measured
+    // slower here (hits 0.74× vs 0.79–0.82× of the bare-hyper floor, pass-through 0.95× vs 1.13×;
+    // see the README's Benchmarks).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("cachegate-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the request runtime: {e}"))?;
+
+    // Signal handlers before the listeners: a SIGHUP or SIGTERM sent as soon as the port
+    // answers must reload or drain, not meet the default action (which ends the process).
+    use tokio::signal::unix::{signal, SignalKind};
+    let hangups = {
+        let _guard = control.enter();
+        signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?
+    };
+    let terminate = {
+        let _guard = runtime.enter();
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?
+    };
+
+    let mut bound = Vec::new();
+    for listener in config.listeners.get_ref() {
+        let address = listener.address.get_ref().as_str();
+        bound.push(bind(address)?);
+    }
+    let admin_listener = admin_address.map(bind).transpose()?;
+
     let store = {
         let _guard = control.enter();
         store::from_config(config.store.as_ref()).map_err(|e| e.to_string())?
@@ -88,22 +117,6 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         }
     }
 
-    let threads = config
-        .server
-        .threads
-        .as_ref()
-        .map(|t| *t.get_ref())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // tokio's multi-thread scheduler even for one worker: a current-thread runtime measured
-    // slower here (hits 0.74× vs 0.79–0.82× of the bare-hyper floor, pass-through 0.95× vs 1.13×;
-    // see the README's Benchmarks).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name("cachegate-worker")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the request runtime: {e}"))?;
-
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let purger = {
         // Its subscription to the other instances' purges runs on the control runtime.
@@ -122,7 +135,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         shared.clone(),
         control.handle().clone(),
     ));
-    control.spawn(reload_on_sighup(reloader.clone()));
+    control.spawn(reload_on_sighup(reloader.clone(), hangups));
     let admin = admin_listener.map(|listener| {
         let token = config
             .admin
@@ -158,7 +171,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         listeners.push((address.to_owned(), std_listener, tls, http2));
     }
     let grace_period = config.server.grace_period.0;
-    let served = runtime.block_on(serve(gateway, listeners, admin, grace_period));
+    let served = runtime.block_on(serve(gateway, listeners, admin, grace_period, terminate));
     runtime.shutdown_timeout(config.server.shutdown_timeout.0);
     control.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");
@@ -191,6 +204,7 @@ async fn serve(
     listeners: Vec<ListenerSetup>,
     admin: Option<(std::net::TcpListener, Arc<Admin>)>,
     grace_period: Duration,
+    mut terminate: tokio::signal::unix::Signal,
 ) -> Result<(), String> {
     let (drain, draining) = watch::channel(false);
     let (open, mut closed) = mpsc::channel::<()>(1);
@@ -213,8 +227,6 @@ async fn serve(
     }
     drop(serving);
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     tokio::select! {
         _ = terminate.recv() => {
             tracing::info!(grace_period = ?grace_period, "SIGTERM: draining");
