@@ -85,7 +85,7 @@ type Flights =
     Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>;
 
 /// Whether a missed request fetches from the origin itself or waits for one that already does.
-pub enum Flight {
+enum Flight {
     /// Fetch; dropping the guard (when the request ends, stored or not) wakes the followers.
     Leader(FlightGuard),
     /// Wait for the leader, then look up again.
@@ -149,7 +149,7 @@ pub struct CacheRequest<'a> {
 
 /// A stored response that answers a request.
 pub struct Hit {
-    /// `memory` or `redis`.
+    /// `memory`, `redis`, or `coalesced` (filled while this request waited).
     pub tier: &'static str,
     pub entry: Arc<Entry>,
     pub age_secs: u64,
@@ -173,6 +173,32 @@ pub enum Lookup {
         stale: Option<Arc<Entry>>,
     },
     /// The cache does not apply to this request; says why.
+    Bypass(&'static str),
+}
+
+/// What the cache decides for one request, coalescing included (see [`Cache::decide`]).
+pub enum Decision {
+    /// A fresh entry answers: from a tier, or filled meanwhile by the request this one waited
+    /// for (`tier` is then `coalesced`).
+    Hit(Hit),
+    /// Inside stale-while-revalidate: serve `hit` now. `refresh` is `Some` for the one request
+    /// that should refresh it in the background (hold the guard until the refresh ends).
+    Stale {
+        hit: Hit,
+        primary: CacheKey,
+        refresh: Option<FlightGuard>,
+    },
+    /// Forward to the origin, and maybe fill under `primary` (see [`Lookup::Miss`] for `stale`).
+    /// `flight`: held by the request that leads this key's fetch — dropping it wakes the waiting
+    /// requests, so drop it as soon as the entry is stored or found not storable. `lease`: this
+    /// instance holds the cross-instance fill lease; release it ([`Cache::release_lease`]) when
+    /// the fill is written.
+    Miss {
+        primary: CacheKey,
+        stale: Option<Arc<Entry>>,
+        flight: Option<FlightGuard>,
+        lease: bool,
+    },
     Bypass(&'static str),
 }
 
@@ -468,6 +494,62 @@ impl Cache {
         }
     }
 
+    /// The cache's whole answer for a request: [`Cache::lookup`], then on a miss the coalescing —
+    /// in this process one request per key leads the fetch and the others wait for its entry
+    /// (bounded by [`COALESCE_WAIT`]); across instances the leader takes a lease, and when
+    /// another instance holds it, waits for that instance's entry in the shared tier. A resource
+    /// whose last answer could not be stored is fetched without waiting (hit-for-miss).
+    pub async fn decide(&self, policy: &CachePolicy, request: &CacheRequest<'_>) -> Decision {
+        let (primary, stale) = match self.lookup(policy, request).await {
+            Lookup::Hit(hit) => return Decision::Hit(hit),
+            Lookup::Bypass(reason) => return Decision::Bypass(reason),
+            Lookup::StaleWhileRevalidate { hit, primary } => {
+                let refresh = match self.lead_or_follow(&primary) {
+                    Flight::Leader(guard) => Some(guard),
+                    Flight::Follower(_) => None,
+                };
+                return Decision::Stale {
+                    hit,
+                    primary,
+                    refresh,
+                };
+            }
+            Lookup::Miss { primary, stale } => (primary, stale),
+        };
+        let fetching = *request.method == Method::GET;
+        let mut lease = false;
+        let flight = match self.join_flight(&primary) {
+            None => None,
+            Some(Flight::Leader(guard)) if fetching => {
+                lease = self.take_lease(&primary).await;
+                if !lease {
+                    if let Some(mut hit) = self.wait_for_shared(policy, request).await {
+                        hit.tier = "coalesced";
+                        return Decision::Hit(hit);
+                    }
+                }
+                Some(guard)
+            }
+            Some(Flight::Leader(_)) => None,
+            Some(Flight::Follower(mut done)) => {
+                // The leader's sender is dropped the moment its entry is stored or found not
+                // storable; then look again.
+                let _ = tokio::time::timeout(COALESCE_WAIT, done.changed()).await;
+                if let Lookup::Hit(mut hit) = self.lookup(policy, request).await {
+                    hit.tier = "coalesced";
+                    return Decision::Hit(hit);
+                }
+                None
+            }
+        };
+        Decision::Miss {
+            primary,
+            stale,
+            flight,
+            lease,
+        }
+    }
+
     /// The age of an entry now, in seconds: its age when stored plus its time here.
     pub fn age_secs(entry: &Entry) -> u64 {
         age_at(entry, now_ms())
@@ -755,7 +837,7 @@ impl Cache {
 
     /// While another instance holds the lease on `primary`, polls the shared tier for the entry
     /// it is filling; gives up when the lease ends or after [`LEASE_TTL`].
-    pub async fn wait_for_shared(
+    async fn wait_for_shared(
         &self,
         policy: &CachePolicy,
         request: &CacheRequest<'_>,
@@ -783,7 +865,7 @@ impl Cache {
     /// Joins the flight for a missed key: the first request leads, the others follow — unless
     /// the resource's last answer could not be stored, in which case waiting would only queue
     /// requests behind each other: then `None`, and the request fetches on its own.
-    pub fn join_flight(&self, primary: &CacheKey) -> Option<Flight> {
+    fn join_flight(&self, primary: &CacheKey) -> Option<Flight> {
         if self.uncacheable.contains_key(primary.as_str()) {
             return None;
         }
@@ -801,7 +883,7 @@ impl Cache {
 
     /// The flight for a key, whatever its last answer was: the first request leads (a
     /// background refresh, for example), the others follow.
-    pub fn lead_or_follow(&self, primary: &CacheKey) -> Flight {
+    fn lead_or_follow(&self, primary: &CacheKey) -> Flight {
         let mut flights = self.flights.lock().expect("flights mutex poisoned");
         if let Some(receiver) = flights.get(primary.as_str()) {
             return Flight::Follower(receiver.clone());

@@ -23,10 +23,7 @@ use super::respond::{self, Serving, CACHE_STATUS, X_CACHE};
 use super::{RequestCtx, Step};
 use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
-use crate::cache::{
-    Cache, CacheRequest, Fill, FillStart, Flight, FlightGuard, Hit, Lookup, SharedWrite,
-    COALESCE_WAIT,
-};
+use crate::cache::{Cache, CacheRequest, Decision, Fill, FillStart, FlightGuard, Hit, SharedWrite};
 use crate::metrics::metrics;
 
 /// Where a request stands with the cache.
@@ -133,8 +130,8 @@ fn not_modified(req: &Parts, entry: &Entry) -> bool {
     matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
 }
 
-/// Looks the request up; a hit (fresh, stale-while-revalidate, or filled by the request this
-/// one waited for) is answered here.
+/// Asks the cache ([`Cache::decide`], which owns coalescing and leases); a hit (fresh,
+/// stale-while-revalidate, or filled by the request this one waited for) is answered here.
 pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> Step {
     let snapshot = ctx.snapshot.clone();
     let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
@@ -144,17 +141,21 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
         let params = snapshot.routes.params(req.uri.path());
         ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
     }
-    let outcome = cache.lookup(policy, &cache_request(req, ctx)).await;
+    let decision = cache.decide(policy, &cache_request(req, ctx)).await;
     let route = ctx.route_name();
-    match outcome {
-        Lookup::Hit(hit) => {
+    match decision {
+        Decision::Hit(hit) => {
             count(route, "hit", hit.tier);
             ctx.cache = CachePhase::Hit;
             ControlFlow::Break(serve_hit(req, ctx, hit, false))
         }
-        Lookup::StaleWhileRevalidate { hit, primary } => {
+        Decision::Stale {
+            hit,
+            primary,
+            refresh,
+        } => {
             count(route, "stale", hit.tier);
-            if let Flight::Leader(guard) = cache.lead_or_follow(&primary) {
+            if let Some(guard) = refresh {
                 let refresh = super::refresh::Refresh::new(
                     cache.clone(),
                     policy.clone(),
@@ -169,41 +170,12 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             ctx.cache = CachePhase::Stale;
             ControlFlow::Break(serve_hit(req, ctx, hit, true))
         }
-        Lookup::Miss { primary, stale } => {
-            let fetching = req.method == Method::GET;
-            let mut lease = false;
-            let flight = match cache.join_flight(&primary) {
-                // Its last answer could not be stored: nothing to wait for.
-                None => None,
-                Some(Flight::Leader(guard)) if fetching => {
-                    lease = cache.take_lease(&primary).await;
-                    if !lease {
-                        // Another instance is filling it: wait for its entry in the shared tier.
-                        if let Some(hit) = cache
-                            .wait_for_shared(policy, &cache_request(req, ctx))
-                            .await
-                        {
-                            count(route, "hit", "coalesced");
-                            ctx.cache = CachePhase::Hit;
-                            return ControlFlow::Break(serve_hit(req, ctx, hit, false));
-                        }
-                    }
-                    Some(guard)
-                }
-                Some(Flight::Leader(_)) => None,
-                Some(Flight::Follower(mut done)) => {
-                    // Another request is fetching this resource: wait for it (bounded), then
-                    // look again. Its sender is dropped the moment its entry is stored or found
-                    // not storable.
-                    let _ = tokio::time::timeout(COALESCE_WAIT, done.changed()).await;
-                    if let Lookup::Hit(hit) = cache.lookup(policy, &cache_request(req, ctx)).await {
-                        count(route, "hit", "coalesced");
-                        ctx.cache = CachePhase::Hit;
-                        return ControlFlow::Break(serve_hit(req, ctx, hit, false));
-                    }
-                    None
-                }
-            };
+        Decision::Miss {
+            primary,
+            stale,
+            flight,
+            lease,
+        } => {
             count(route, "miss", "memory");
             ctx.cache = CachePhase::Miss(Box::new(Miss {
                 primary,
@@ -218,7 +190,7 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             }));
             ControlFlow::Continue(())
         }
-        Lookup::Bypass(reason) => {
+        Decision::Bypass(reason) => {
             count(route, "bypass", "-");
             ctx.cache = CachePhase::Bypass(reason);
             ControlFlow::Continue(())
