@@ -262,10 +262,10 @@ impl Gateway {
             head.method = method;
         }
         Self::canonicalize(head, ctx)?;
-        if let Some(token) = ctx.snapshot.purge_method_token.clone() {
-            if head.method.as_str() == "PURGE" {
+        if head.method.as_str() == "PURGE" {
+            if let Some(token) = &ctx.snapshot.purge_method_token {
                 return ControlFlow::Break(
-                    purging::purge_request(&self.purger, &self.cache, head, ctx, &token).await,
+                    purging::purge_request(&self.purger, &self.cache, head, ctx, token).await,
                 );
             }
         }
