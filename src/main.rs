@@ -154,7 +154,8 @@ fn run(args: &RunArgs) -> ExitCode {
         .log_format
         .or(loaded.config.server.log_format)
         .unwrap_or(LogFormat::Text);
-    init_logging(format);
+    // Held until the gateway has stopped: dropping it flushes the log lines still queued.
+    let _log_writer = init_logging(format);
     match cachegate::server::run(loaded, snapshot) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -166,12 +167,17 @@ fn run(args: &RunArgs) -> ExitCode {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default: warnings, plus cachegate's own info events
 /// and the access log).
-fn init_logging(format: LogFormat) {
+///
+/// Lines are written by a dedicated thread, never by the thread serving a request: a slow or
+/// blocked stderr (a full pipe, a stalled log shipper) must not stall traffic. The queue is
+/// bounded (128k lines); when it is full, lines are dropped rather than requests delayed.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("warn,cachegate=info,access=info"));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder
             .json()
@@ -182,4 +188,5 @@ fn init_logging(format: LogFormat) {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
+    guard
 }

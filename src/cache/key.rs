@@ -120,26 +120,29 @@ pub struct KeyParts<'a> {
 
 /// A primary key (one resource) and, from it, variant keys (one per combination of the values of
 /// the headers the response varies on).
+///
+/// The key is the identifying material itself (length-prefixed fields, so no two different
+/// inputs can run together), not a digest of it: the in-process tier compares it in full, so no
+/// hash collision, crafted or accidental, can hand one request's entry to another, and a hit
+/// costs no cryptographic hash. The shared tier's keys are the SHA-256 of the material
+/// ([`CacheKey::shared`]): fixed-length, the same on every instance, and computed only when Redis
+/// is asked.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey(String);
 
 impl CacheKey {
     pub fn primary(parts: &KeyParts<'_>) -> CacheKey {
-        let mut hasher = Sha256::new();
-        // Length-prefixed fields, so no two different inputs can concatenate alike.
-        for field in [
-            "GET",
-            parts.scheme,
-            parts.host.unwrap_or(""),
-            parts.path,
-            &normalized_query(parts.query, parts.query_rule),
-            parts.user.unwrap_or(""),
-        ] {
-            hasher.update((field.len() as u64).to_be_bytes());
-            hasher.update(field.as_bytes());
+        let query = normalized_query(parts.query, parts.query_rule);
+        let host = parts.host.unwrap_or("");
+        let user = parts.user.unwrap_or("");
+        let mut material = String::with_capacity(
+            24 + parts.scheme.len() + host.len() + parts.path.len() + query.len() + user.len(),
+        );
+        for field in [parts.scheme, host, parts.path, &query, user] {
+            push_field(&mut material, field);
         }
-        hasher.update([u8::from(parts.user.is_some())]);
-        CacheKey(hex(&hasher.finalize()))
+        material.push(if parts.user.is_some() { 'u' } else { 's' });
+        CacheKey(material)
     }
 
     /// The key of the variant selected by `request` for the headers in `vary` (lower-case names,
@@ -152,8 +155,8 @@ impl CacheKey {
         let mut names: Vec<&HeaderName> = vary.iter().collect();
         names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         names.dedup();
-        let mut hasher = Sha256::new();
-        hasher.update(self.0.as_bytes());
+        let mut material = self.0.clone();
+        material.push('|');
         for name in names {
             let values: Vec<String> = request
                 .get_all(name)
@@ -165,22 +168,32 @@ impl CacheKey {
                         .join(" ")
                 })
                 .collect();
-            let joined = values.join(",");
-            hasher.update((name.as_str().len() as u64).to_be_bytes());
-            hasher.update(name.as_str().as_bytes());
-            hasher.update([u8::from(!values.is_empty())]);
-            hasher.update((joined.len() as u64).to_be_bytes());
-            hasher.update(joined.as_bytes());
+            push_field(&mut material, name.as_str());
+            material.push(if values.is_empty() { '-' } else { '+' });
+            push_field(&mut material, &values.join(","));
         }
-        CacheKey(hex(&hasher.finalize()))
+        CacheKey(material)
     }
 
-    pub fn as_str(&self) -> &str {
+    /// The in-process key: the material itself.
+    pub fn local(&self) -> &str {
         &self.0
+    }
+
+    /// The shared tier's key: lower-case hex SHA-256 of the material.
+    pub fn shared(&self) -> String {
+        hex(&Sha256::digest(self.0.as_bytes()))
     }
 }
 
-/// Lower-case hex, without a formatting call per byte (keys are built on every lookup).
+/// Appends `field` as `<length>:<field>`: a netstring, so field boundaries are unambiguous.
+fn push_field(out: &mut String, field: &str) {
+    use std::fmt::Write;
+    let _ = write!(out, "{}:", field.len());
+    out.push_str(field);
+}
+
+/// Lower-case hex, without a formatting call per byte.
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);

@@ -425,11 +425,9 @@ impl Cache {
         }
         let primary = Cache::primary_key(policy, request);
         let now = now_ms();
-        let known_vary = self.memory.vary_of(primary.as_str());
-        let vary = known_vary
-            .as_deref()
-            .map_or_else(|| policy.vary.clone(), Clone::clone);
-        let variant = primary.variant(&vary, request.headers);
+        let known_vary = self.memory.vary_of(primary.local());
+        let vary: &[HeaderName] = known_vary.as_deref().map_or(&policy.vary, |v| v.as_slice());
+        let variant = primary.variant(vary, request.headers);
         // A request with a cookie may be served only what the origin said is for everyone.
         let cookie_bound = request.headers.contains_key(COOKIE)
             && policy.scope == CacheScope::Shared
@@ -439,7 +437,7 @@ impl Cache {
         };
         let in_memory = self
             .memory
-            .get(variant.as_str())
+            .get(variant.local())
             .filter(|e| state(e, now) != State::Gone && self.is_current(e) && for_this_request(e));
         if let Some(entry) = in_memory.as_ref().filter(|e| state(e, now) == State::Fresh) {
             return Lookup::Hit(hit("memory", entry.clone(), now));
@@ -575,7 +573,7 @@ impl Cache {
         let store = self.shared.as_ref()?;
         if vary_unknown {
             if let Ok(Some(names)) = store
-                .get(&format!("{VARY_PREFIX}{}", primary.as_str()))
+                .get(&format!("{VARY_PREFIX}{}", primary.shared()))
                 .await
             {
                 let names: Vec<HeaderName> = String::from_utf8_lossy(&names)
@@ -583,15 +581,15 @@ impl Cache {
                     .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                     .collect();
                 variant = primary.variant(&names, request.headers);
-                self.memory.set_vary(primary.as_str().to_owned(), names);
+                self.memory.set_vary(primary.local().to_owned(), names);
             }
         }
         let raw = store
-            .get(&format!("{L2_PREFIX}{}", variant.as_str()))
+            .get(&format!("{L2_PREFIX}{}", variant.shared()))
             .await
             .ok()??;
         match Entry::decode(raw) {
-            Ok(entry) => Some((variant.as_str().to_owned(), Arc::new(entry))),
+            Ok(entry) => Some((variant.local().to_owned(), Arc::new(entry))),
             Err(e) => {
                 tracing::debug!(error = %e, "cache: ignoring an unreadable shared entry");
                 None
@@ -730,9 +728,9 @@ impl Cache {
             vary: fill.vary.clone(),
         };
         let shared = self.shared.as_ref().map(|_| SharedWrite {
-            entry_key: format!("{L2_PREFIX}{}", fill.variant.as_str()),
+            entry_key: format!("{L2_PREFIX}{}", fill.variant.shared()),
             entry: entry.encode_compressed(self.compress_above),
-            vary_key: format!("{VARY_PREFIX}{}", fill.primary.as_str()),
+            vary_key: format!("{VARY_PREFIX}{}", fill.primary.shared()),
             vary: fill
                 .vary
                 .iter()
@@ -744,9 +742,9 @@ impl Cache {
         });
         let entry = Arc::new(entry);
         self.memory
-            .set_vary(fill.primary.as_str().to_owned(), fill.vary);
+            .set_vary(fill.primary.local().to_owned(), fill.vary);
         self.memory
-            .insert(fill.variant.as_str().to_owned(), entry.clone());
+            .insert(fill.variant.local().to_owned(), entry.clone());
         Some((entry, shared))
     }
 
@@ -819,7 +817,7 @@ impl Cache {
         let Some(store) = &self.shared else {
             return true;
         };
-        let key = format!("{LEASE_PREFIX}{}", primary.as_str());
+        let key = format!("{LEASE_PREFIX}{}", primary.shared());
         store
             .set_if_absent(&key, Bytes::from_static(b"1"), LEASE_TTL)
             .await
@@ -830,7 +828,7 @@ impl Cache {
     pub async fn release_lease(&self, primary: &CacheKey) {
         if let Some(store) = &self.shared {
             let _ = store
-                .delete(&format!("{LEASE_PREFIX}{}", primary.as_str()))
+                .delete(&format!("{LEASE_PREFIX}{}", primary.shared()))
                 .await;
         }
     }
@@ -844,7 +842,7 @@ impl Cache {
     ) -> Option<Hit> {
         let store = self.shared.as_ref()?;
         let primary = Cache::primary_key(policy, request);
-        let lease = format!("{LEASE_PREFIX}{}", primary.as_str());
+        let lease = format!("{LEASE_PREFIX}{}", primary.shared());
         let deadline = tokio::time::Instant::now() + LEASE_TTL;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LEASE_POLL).await;
@@ -866,7 +864,7 @@ impl Cache {
     /// the resource's last answer could not be stored, in which case waiting would only queue
     /// requests behind each other: then `None`, and the request fetches on its own.
     fn join_flight(&self, primary: &CacheKey) -> Option<Flight> {
-        if self.uncacheable.contains_key(primary.as_str()) {
+        if self.uncacheable.contains_key(primary.local()) {
             return None;
         }
         Some(self.lead_or_follow(primary))
@@ -875,9 +873,9 @@ impl Cache {
     /// Remembers whether a resource's answer could be stored (see [`Cache::join_flight`]).
     pub fn note_storable(&self, primary: &CacheKey, storable: bool) {
         if storable {
-            self.uncacheable.invalidate(primary.as_str());
+            self.uncacheable.invalidate(primary.local());
         } else {
-            self.uncacheable.insert(primary.as_str().to_owned(), ());
+            self.uncacheable.insert(primary.local().to_owned(), ());
         }
     }
 
@@ -885,13 +883,13 @@ impl Cache {
     /// background refresh, for example), the others follow.
     fn lead_or_follow(&self, primary: &CacheKey) -> Flight {
         let mut flights = self.flights.lock().expect("flights mutex poisoned");
-        if let Some(receiver) = flights.get(primary.as_str()) {
+        if let Some(receiver) = flights.get(primary.local()) {
             return Flight::Follower(receiver.clone());
         }
         let (done, receiver) = tokio::sync::watch::channel(());
-        flights.insert(primary.as_str().to_owned(), receiver);
+        flights.insert(primary.local().to_owned(), receiver);
         Flight::Leader(FlightGuard {
-            key: primary.as_str().to_owned(),
+            key: primary.local().to_owned(),
             flights: self.flights.clone(),
             _done: done,
         })

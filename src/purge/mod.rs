@@ -204,6 +204,8 @@ struct Marks {
     prefixes: RwLock<Vec<(String, u64)>>,
     /// Keys purged while Redis was unreachable: never served until the purge is replayed.
     pending: Mutex<Pending>,
+    /// Whether `pending` holds anything: read without the lock on every hit.
+    any_pending: std::sync::atomic::AtomicBool,
     /// `false` from a resubscription until the shared state is read again: nothing is current.
     synced: std::sync::atomic::AtomicBool,
     /// The sequence number from which this instance has seen every purge (its first subscription);
@@ -248,6 +250,7 @@ impl Marks {
             floor: AtomicU64::new(0),
             prefixes: RwLock::default(),
             pending: Mutex::default(),
+            any_pending: std::sync::atomic::AtomicBool::new(false),
             synced: std::sync::atomic::AtomicBool::new(true),
             complete_from: AtomicU64::new(u64::MAX),
         }
@@ -265,6 +268,7 @@ impl Marks {
                 }
                 pending.keys.insert(key.clone());
             }
+            self.any_pending.store(true, Ordering::Release);
             return;
         }
         for key in keys {
@@ -295,6 +299,10 @@ impl Marks {
             if keys.iter().any(|k| k == "prefix:") {
                 *pending = Pending::default();
             }
+            self.any_pending.store(
+                pending.overflowed || !pending.keys.is_empty(),
+                Ordering::Release,
+            );
         }
         // After the marks: a fill stamped with this number started after they were in place.
         self.seq.fetch_max(seq, Ordering::AcqRel);
@@ -308,6 +316,11 @@ impl Marks {
     fn is_current(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
         if !self.synced.load(Ordering::Acquire) || stamp < self.floor.load(Ordering::Acquire) {
             return false;
+        }
+        // The hit path's usual case: no purge numbered above the entry's stamp has been applied
+        // here, so no mark can exceed it (marks are applied before `seq` rises).
+        if stamp >= self.seq.load(Ordering::Acquire) && !self.any_pending.load(Ordering::Acquire) {
+            return true;
         }
         if keys.iter().any(|k| self.mark_of(k) > stamp) {
             return false;
