@@ -400,9 +400,15 @@ impl Limiter {
     }
 }
 
-/// Builds the verdict and its headers (draft-ietf-httpapi-ratelimit-headers): every limit in
-/// `RateLimit-Policy` (`q` quota, `w` window in seconds) and `RateLimit` (`r` remaining, `t`
-/// seconds until the quota is whole again).
+/// Builds the verdict and its headers (draft-ietf-httpapi-ratelimit-headers), one item per limit.
+///
+/// `RateLimit-Policy` states each limit as configured: `q` requests per `w` seconds (`"600/minute"`
+/// is `q=600;w=60`, whatever its `burst`; with the local fallback, this instance's share of it).
+/// GCRA has no fixed windows, so `RateLimit` describes its state as a client can use it: `r` is
+/// how many requests would be admitted right now, back to back (at most `burst`), and `t` the
+/// seconds until `r` is back to `burst` if nothing is sent. A client that sends at most `r` now and
+/// then paces at `q` per `w` is never refused. `Retry-After` on a refusal is the seconds (rounded
+/// up) until one more request would be admitted.
 fn verdict(
     limits: &[Limit],
     outcomes: &[GcraOutcome],
@@ -429,7 +435,7 @@ fn verdict(
             policy_header.push_str(", ");
             status_header.push_str(", ");
         }
-        let quota = (limit.burst / share).max(1);
+        let quota = (limit.count / share).max(1);
         policy_header.push_str(&format!(
             "\"{}\";q={};w={}",
             limit.name,
