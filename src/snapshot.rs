@@ -10,11 +10,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::auth::Authenticator;
-use crate::config::{ConfigErrors, LoadedConfig};
+use crate::config::{ConfigErrors, LoadedConfig, SpanError};
 use crate::ratelimit::TrustedProxies;
 use crate::routing::canonical::PathRules;
 use crate::routing::RouteTable;
 use crate::upstream::UpstreamGroup;
+use http::HeaderName;
 
 #[derive(Debug)]
 pub struct Limits {
@@ -55,6 +56,23 @@ impl Snapshot {
             PathRules::from_config(&config.server),
         )
         .map_err(|e| errors.extend(e));
+        let field = &config.cache.cache_control_field;
+        let routes = match HeaderName::from_bytes(field.get_ref().trim().as_bytes()) {
+            Ok(name) => routes.map(|mut routes| {
+                routes.target_cache_control(&crate::cache::policy::targeted_fields(name));
+                routes
+            }),
+            Err(_) => {
+                errors.push(SpanError::new(
+                    field.span(),
+                    format!(
+                        "cache_control_field: {:?} is not a header name",
+                        field.get_ref()
+                    ),
+                ));
+                Err(())
+            }
+        };
         let upstream = UpstreamGroup::compile(&config.upstream).map_err(|e| errors.extend(e));
         match (routes, upstream, auth) {
             (Ok(routes), Ok(upstream), Ok(auth)) if errors.is_empty() => Ok(Snapshot {

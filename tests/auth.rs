@@ -736,14 +736,13 @@ auth = "required"
 "#,
         upstream.url()
     ));
-    assert!(
-        gateway.logs().contains("WARN")
-            && gateway
-                .logs()
-                .contains("CACHEGATE_TEST_NEVER_SET_SECRET is not set"),
-        "{}",
-        gateway.logs()
-    );
+    // The log is written by its own thread: poll for the line.
+    let warned = eventually(Duration::from_secs(5), || async {
+        let logs = gateway.logs();
+        logs.contains("WARN") && logs.contains("CACHEGATE_TEST_NEVER_SET_SECRET is not set")
+    })
+    .await;
+    assert!(warned, "{}", gateway.logs());
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &json!({"sub": "dev", "exp": now() + 60}),

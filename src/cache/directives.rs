@@ -1,8 +1,9 @@
-//! `Cache-Control` directives (RFC 9111 §5.2), parsed once from a header map.
+//! `Cache-Control` directives (RFC 9111 §5.2), parsed once from a header map, and the targeted
+//! fields (`CDN-Cache-Control`, RFC 9213) that replace it for the gateway.
 
 use std::time::Duration;
 
-use http::header::{HeaderMap, CACHE_CONTROL, PRAGMA};
+use http::header::{HeaderMap, HeaderName, CACHE_CONTROL, PRAGMA};
 
 /// The directives cachegate acts on. Unknown directives are ignored, as §5.2.3 requires.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -19,12 +20,22 @@ pub struct CacheControl {
     pub proxy_revalidate: bool,
     pub stale_while_revalidate: Option<Duration>,
     pub stale_if_error: Option<Duration>,
+    /// `must-understand` (§5.2.2.3): store only statuses the cache understands, then ignore
+    /// `no-store`.
+    pub must_understand: bool,
+    /// `no-cache="a, b"`: these response fields (lower case) are not stored (§5.2.2.4).
+    pub no_cache_fields: Vec<String>,
+    /// `private="a, b"`: these response fields (lower case) are not stored (§5.2.2.7).
+    pub private_fields: Vec<String>,
     /// Request only: `max-stale` (with no value: any staleness).
     pub max_stale: Option<Option<Duration>>,
     /// Request only.
     pub min_fresh: Option<Duration>,
     /// Request only.
     pub only_if_cached: bool,
+    /// Parsed from a targeted field (RFC 9213) rather than `Cache-Control`: `Expires` is then
+    /// ignored too.
+    pub targeted: bool,
 }
 
 /// The largest delta-seconds value a cache needs to represent (RFC 9111 §1.2.2: larger values,
@@ -51,9 +62,49 @@ impl CacheControl {
     /// Parses every `Cache-Control` field of `headers`. `Pragma: no-cache` counts as `no-cache`
     /// when there is no `Cache-Control` (§5.4).
     pub fn parse(headers: &HeaderMap) -> CacheControl {
+        let (cc, any) = CacheControl::parse_fields(headers.get_all(CACHE_CONTROL));
+        if any {
+            return cc;
+        }
+        let pragma_no_cache = headers
+            .get_all(PRAGMA)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+            });
+        CacheControl {
+            no_cache: pragma_no_cache,
+            ..cc
+        }
+    }
+
+    /// Parses a response's caching policy for the gateway (RFC 9213): the first of `targeted`
+    /// (most specific first, e.g. `Cachegate-Cache-Control`, then `CDN-Cache-Control`) with a
+    /// non-empty value replaces `Cache-Control` and `Expires`; without one, `Cache-Control`.
+    pub fn parse_response(headers: &HeaderMap, targeted: &[HeaderName]) -> CacheControl {
+        for name in targeted {
+            let values = headers.get_all(name);
+            let present = values
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| !v.trim().is_empty()));
+            if present {
+                let (cc, _) = CacheControl::parse_fields(values);
+                return CacheControl {
+                    targeted: true,
+                    ..cc
+                };
+            }
+        }
+        CacheControl::parse(headers)
+    }
+
+    /// The directives of every value of one field; also whether there was any value.
+    fn parse_fields(values: http::header::GetAll<'_, http::HeaderValue>) -> (CacheControl, bool) {
         let mut cc = CacheControl::default();
         let mut any = false;
-        for value in headers.get_all(CACHE_CONTROL) {
+        for value in values {
             let Ok(value) = value.to_str() else { continue };
             any = true;
             for directive in split_directives(value) {
@@ -68,8 +119,15 @@ impl CacheControl {
                     // With field names, only those fields need revalidation (or must not be
                     // stored); treating them as whole-response directives would be stricter
                     // than needed, so the qualified forms are left to the field handling.
-                    "no-cache" => cc.no_cache |= argument.is_none(),
-                    "private" => cc.private |= argument.is_none(),
+                    "no-cache" => match argument {
+                        None => cc.no_cache = true,
+                        Some(fields) => cc.no_cache_fields.extend(field_names(fields)),
+                    },
+                    "private" => match argument {
+                        None => cc.private = true,
+                        Some(fields) => cc.private_fields.extend(field_names(fields)),
+                    },
+                    "must-understand" => cc.must_understand = true,
                     "public" => cc.public = true,
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
@@ -84,19 +142,17 @@ impl CacheControl {
                 }
             }
         }
-        if !any {
-            let pragma_no_cache = headers
-                .get_all(PRAGMA)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| {
-                    v.split(',')
-                        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
-                });
-            cc.no_cache = pragma_no_cache;
-        }
-        cc
+        (cc, any)
     }
+}
+
+/// The field names of a qualified `no-cache="..."` / `private="..."`, lower case.
+fn field_names(argument: &str) -> impl Iterator<Item = String> + '_ {
+    argument
+        .trim_matches('"')
+        .split(',')
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
 }
 
 /// Splits a directive list on commas that are not inside a quoted string

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{HeaderMap, AGE, COOKIE, DATE, EXPIRES, SET_COOKIE, VARY};
+use http::header::{HeaderMap, AGE, COOKIE, DATE, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY};
 use http::Method;
 
 use super::directives::{delta_seconds, CacheControl, MAX_DELTA};
@@ -16,8 +16,10 @@ pub struct StoreRule {
     pub ttl: Option<Duration>,
     /// Upper bound on any freshness lifetime, the origin's included.
     pub max_ttl: Option<Duration>,
-    /// Statuses that may be stored.
-    pub statuses: Vec<u16>,
+    /// Statuses that may be stored, when the rule lists them (the rule wins). `None`: RFC 9111
+    /// §3 — any final status with explicit freshness, and only the heuristically cacheable ones
+    /// ([`HEURISTICALLY_CACHEABLE`]) with a rule `ttl` or heuristic freshness.
+    pub statuses: Option<Vec<u16>>,
     /// Let the origin's `Cache-Control` / `Expires` decide freshness (else only `ttl` does).
     pub honor_origin: bool,
     /// Entries are per user (keyed by the token's subject), so `private` responses and
@@ -31,6 +33,22 @@ pub struct StoreRule {
     /// Store responses with `Set-Cookie` after removing it (else they are not stored).
     pub strip_set_cookie: bool,
 }
+
+/// Statuses RFC 9110 §15.1 lets a cache give heuristic freshness (206 left out: the gateway
+/// stores complete representations only).
+pub const HEURISTICALLY_CACHEABLE: [u16; 11] =
+    [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+
+/// The statuses the gateway understands, for `must-understand` (§5.2.2.3): those RFC 9110
+/// defines whose responses it can store and serve whole (not 206, not 304).
+const UNDERSTOOD: [u16; 39] = [
+    200, 201, 202, 203, 204, 205, 300, 301, 302, 303, 305, 307, 308, 400, 401, 402, 403, 404, 405,
+    406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417, 421, 422, 426, 500, 501, 502, 503,
+    504,
+];
+
+/// The most freshness a response gets from its `Last-Modified` alone (§4.2.2 heuristic).
+pub const MAX_HEURISTIC: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a response is not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,10 +99,25 @@ pub fn storable(
     if *method != Method::GET {
         return Err(NotStorable::Method);
     }
-    if !rule.statuses.contains(&status) {
+    // 206 and 304 are never stored as a representation; `must-understand` limits storing to
+    // the statuses the gateway understands, and then overrides `no-store` (§5.2.2.3).
+    if status == 206
+        || status == 304
+        || (response_cc.must_understand && !UNDERSTOOD.contains(&status))
+    {
         return Err(NotStorable::Status(status));
     }
-    if response_cc.no_store || request_cc.no_store {
+    let explicit = origin_freshness(response, response_cc, rule, now);
+    let status_allowed = match &rule.statuses {
+        Some(listed) => listed.contains(&status),
+        None => {
+            explicit.is_some() || HEURISTICALLY_CACHEABLE.contains(&status) || response_cc.public
+        }
+    };
+    if !status_allowed {
+        return Err(NotStorable::Status(status));
+    }
+    if (response_cc.no_store && !response_cc.must_understand) || request_cc.no_store {
         return Err(NotStorable::NoStore);
     }
     if response_cc.private && !rule.per_user {
@@ -92,9 +125,9 @@ pub fn storable(
     }
     // §3.5: a shared cache stores an authorised response only when the origin explicitly allows
     // it, or when the gateway's own rule says the content is shared (it did the authorising).
-    let origin_allows =
-        response_cc.public || response_cc.s_maxage.is_some() || response_cc.must_revalidate;
-    if authorized && !(rule.per_user || rule.allow_authorized || origin_allows) {
+    if authorized
+        && !(rule.per_user || rule.allow_authorized || shared_despite_authorization(response_cc))
+    {
         return Err(NotStorable::Authorized);
     }
     // A cookie may select a user's answer the origin does not mark private; only what the origin
@@ -117,14 +150,22 @@ pub fn storable(
     if response.contains_key(SET_COOKIE) && !rule.strip_set_cookie {
         return Err(NotStorable::SetCookie);
     }
-    let lifetime =
-        freshness_lifetime(response, response_cc, rule, now).ok_or(NotStorable::NoFreshness)?;
+    let lifetime = explicit
+        .or_else(|| heuristic_freshness(response, rule, now))
+        .map(|lifetime| cap(lifetime, rule))
+        .ok_or(NotStorable::NoFreshness)?;
     // A zero lifetime is still worth storing when it can be revalidated (`no-cache`, or
     // validators) — the entry then serves conditional revalidations.
     if lifetime.is_zero() && !(response_cc.no_cache || has_validator(response)) {
         return Err(NotStorable::NoFreshness);
     }
     Ok(lifetime)
+}
+
+/// §3.5: the origin lets a shared cache store (and reuse for anyone) its answer to a request
+/// with credentials: `public`, `s-maxage` or `must-revalidate`.
+pub fn shared_despite_authorization(cc: &CacheControl) -> bool {
+    cc.public || cc.s_maxage.is_some() || cc.must_revalidate
 }
 
 /// The origin says a response is for every client, cookies or not: `public` or `s-maxage`.
@@ -144,30 +185,66 @@ fn http_date(headers: &HeaderMap, name: http::header::HeaderName) -> Option<Syst
 }
 
 /// §4.2.1 for a shared cache: `s-maxage`, then `max-age`, then `Expires - Date`; the rule's
-/// `ttl` when the origin says nothing (or is not honoured); capped by `max_ttl`.
+/// `ttl` or the `Last-Modified` heuristic when the origin says nothing (or is not honoured);
+/// capped by `max_ttl`.
 pub fn freshness_lifetime(
     response: &HeaderMap,
     cc: &CacheControl,
     rule: &StoreRule,
     now: SystemTime,
 ) -> Option<Duration> {
-    let from_origin = if rule.honor_origin {
-        cc.s_maxage.or(cc.max_age).or_else(|| {
-            response.get(EXPIRES).map(|_| {
-                // An invalid Expires (like "0") means already expired (§5.3).
-                let expires = http_date(response, EXPIRES).unwrap_or(SystemTime::UNIX_EPOCH);
-                let date = http_date(response, DATE).unwrap_or(now);
-                expires.duration_since(date).unwrap_or(Duration::ZERO)
-            })
-        })
-    } else {
+    origin_freshness(response, cc, rule, now)
+        .or_else(|| heuristic_freshness(response, rule, now))
+        .map(|lifetime| cap(lifetime, rule))
+}
+
+/// The origin's explicit freshness (§4.2.1), when the rule honours it.
+fn origin_freshness(
+    response: &HeaderMap,
+    cc: &CacheControl,
+    rule: &StoreRule,
+    now: SystemTime,
+) -> Option<Duration> {
+    if !rule.honor_origin {
+        return None;
+    }
+    let expires = if cc.targeted {
         None
+    } else {
+        response.get(EXPIRES)
     };
-    let lifetime = from_origin.or(rule.ttl)?.min(MAX_DELTA);
-    Some(match rule.max_ttl {
+    cc.s_maxage.or(cc.max_age).or_else(|| {
+        expires.map(|_| {
+            // An invalid Expires (like "0") means already expired (§5.3).
+            let expires = http_date(response, EXPIRES).unwrap_or(SystemTime::UNIX_EPOCH);
+            let date = http_date(response, DATE).unwrap_or(now);
+            expires.duration_since(date).unwrap_or(Duration::ZERO)
+        })
+    })
+}
+
+/// Freshness when the origin gives none: the rule's `ttl`; without one (pure RFC 9111 mode),
+/// 10% of the time since `Last-Modified` (§4.2.2), at most [`MAX_HEURISTIC`].
+fn heuristic_freshness(
+    response: &HeaderMap,
+    rule: &StoreRule,
+    now: SystemTime,
+) -> Option<Duration> {
+    if rule.ttl.is_some() {
+        return rule.ttl;
+    }
+    let modified = http_date(response, LAST_MODIFIED)?;
+    let date = http_date(response, DATE).unwrap_or(now);
+    let since = date.duration_since(modified).ok()?;
+    Some((since / 10).min(MAX_HEURISTIC))
+}
+
+fn cap(lifetime: Duration, rule: &StoreRule) -> Duration {
+    let lifetime = lifetime.min(MAX_DELTA);
+    match rule.max_ttl {
         Some(max) => lifetime.min(max),
         None => lifetime,
-    })
+    }
 }
 
 /// §4.2.3: the age of a response when it arrived, from its `Age` and `Date` headers and the
@@ -186,17 +263,34 @@ pub fn initial_age(
             .unwrap_or(Duration::ZERO)
             .as_secs(),
     );
-    let age_value = response
-        .get(AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(delta_seconds)
-        .unwrap_or(Duration::ZERO);
+    let age_value = match response.get(AGE) {
+        None => Duration::ZERO,
+        Some(value) => age_field(value),
+    };
     let response_delay = response_time
         .duration_since(request_time)
         .unwrap_or(Duration::ZERO);
     apparent_age
         .max(age_value.saturating_add(response_delay))
         .min(MAX_DELTA)
+}
+
+/// An `Age` value (§5.1): of a list (`Age: 1, 2`) the first member counts. A value that is not
+/// a non-negative integer (`Age: 3a`) says the response went through something that mangled it;
+/// its age is unknown, so it is taken as too old to be fresh (the RFC allows ignoring the field
+/// instead; serving it fresh for a full lifetime is the riskier choice).
+fn age_field(value: &http::HeaderValue) -> Duration {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .and_then(|first| {
+            let first = first.trim();
+            (!first.is_empty() && first.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| delta_seconds(first))
+                .flatten()
+        })
+        .unwrap_or(MAX_DELTA)
 }
 
 #[cfg(test)]
@@ -218,7 +312,7 @@ mod tests {
         StoreRule {
             ttl: Some(Duration::from_secs(60)),
             max_ttl: Some(Duration::from_secs(3600)),
-            statuses: vec![200, 404],
+            statuses: Some(vec![200, 404]),
             honor_origin: true,
             per_user: false,
             allow_authorized: false,

@@ -158,19 +158,25 @@ impl CacheKey {
         let mut material = self.0.clone();
         material.push('|');
         for name in names {
-            let values: Vec<String> = request
-                .get_all(name)
-                .iter()
-                .map(|v| {
-                    String::from_utf8_lossy(v.as_bytes())
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
-                .collect();
+            let fields = request.get_all(name);
+            let present = fields.iter().next().is_some();
+            let value = if SET_VALUED.contains(&name.as_str()) {
+                set_value(fields)
+            } else {
+                fields
+                    .iter()
+                    .map(|v| {
+                        String::from_utf8_lossy(v.as_bytes())
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             push_field(&mut material, name.as_str());
-            material.push(if values.is_empty() { '-' } else { '+' });
-            push_field(&mut material, &values.join(","));
+            material.push(if present { '+' } else { '-' });
+            push_field(&mut material, &value);
         }
         CacheKey(material)
     }
@@ -184,6 +190,39 @@ impl CacheKey {
     pub fn shared(&self) -> String {
         hex(&Sha256::digest(self.0.as_bytes()))
     }
+}
+
+/// Request fields whose value is a set of case-insensitive members (RFC 9110 §12.5): the order
+/// of the members and their case and spacing do not change what the client accepts, so
+/// `Accept-Language: en, fr` and `fr,EN` select the same variant. (Weights stay part of each
+/// member: `en;q=0.5` is not `en`.)
+pub const SET_VALUED: [&str; 4] = [
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+];
+
+/// A set-valued field's members, each lower case without spaces, sorted, deduplicated.
+fn set_value(fields: http::header::GetAll<'_, http::HeaderValue>) -> String {
+    let mut members: Vec<String> = fields
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|m| {
+                    m.chars()
+                        .filter(|c| !c.is_whitespace())
+                        .collect::<String>()
+                        .to_ascii_lowercase()
+                })
+                .filter(|m| !m.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    members.sort();
+    members.dedup();
+    members.join(",")
 }
 
 /// Appends `field` as `<length>:<field>`: a netstring, so field boundaries are unambiguous.
@@ -292,5 +331,29 @@ mod tests {
         );
         assert_ne!(base.variant(&vary, &gzip), base.variant(&vary, &none));
         assert_eq!(base.variant(&[], &gzip), base, "no Vary, one variant");
+        let languages = [HeaderName::from_static("accept-language")];
+        let mut en_fr = HeaderMap::new();
+        en_fr.insert("accept-language", "en, fr".parse().unwrap());
+        let mut fr_en = HeaderMap::new();
+        fr_en.append("accept-language", "FR".parse().unwrap());
+        fr_en.append("accept-language", "en".parse().unwrap());
+        let mut weighted = HeaderMap::new();
+        weighted.insert("accept-language", "en;q=0.5, fr".parse().unwrap());
+        assert_eq!(
+            base.variant(&languages, &en_fr),
+            base.variant(&languages, &fr_en),
+            "a set: order, case and lines do not matter"
+        );
+        assert_ne!(
+            base.variant(&languages, &en_fr),
+            base.variant(&languages, &weighted)
+        );
+        let mut empty = HeaderMap::new();
+        empty.insert("accept-language", "".parse().unwrap());
+        assert_ne!(
+            base.variant(&languages, &empty),
+            base.variant(&languages, &none),
+            "present but empty is not absent"
+        );
     }
 }

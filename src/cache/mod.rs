@@ -35,6 +35,7 @@ pub mod freshness;
 pub mod key;
 pub mod memory;
 pub mod policy;
+pub mod range;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -406,9 +407,11 @@ impl Cache {
         if request.has_body {
             return Lookup::Bypass("body");
         }
-        if request.authorized && !(policy.rule.per_user || policy.rule.allow_authorized) {
-            return Lookup::Bypass("authorization");
-        }
+        // §3.5: a request with credentials may be answered only by an entry whose origin said
+        // any client may have it (`public`, `s-maxage`, `must-revalidate`) — unless the rule
+        // makes entries per user or declares the route's authorised content shared.
+        let authorized_bound =
+            request.authorized && !(policy.rule.per_user || policy.rule.allow_authorized);
         // An override header the origin is allowed to see (`[server] forward_override_headers`)
         // changes its answer: unless the rule keys on it, the cache stays out of the way.
         let unkeyed_override = OVERRIDE_HEADERS
@@ -433,7 +436,12 @@ impl Cache {
             && policy.scope == CacheScope::Shared
             && !policy.rule.allow_cookies;
         let for_this_request = |e: &Entry| {
-            !cookie_bound || freshness::shared_for_everyone(&CacheControl::parse(&e.headers))
+            if !(cookie_bound || authorized_bound) {
+                return true;
+            }
+            let cc = CacheControl::parse_response(&e.headers, &policy.targeted);
+            (!cookie_bound || freshness::shared_for_everyone(&cc))
+                && (!authorized_bound || freshness::shared_despite_authorization(&cc))
         };
         let in_memory = self
             .memory
@@ -615,7 +623,7 @@ impl Cache {
         } else {
             CacheControl::default()
         };
-        let response_cc = CacheControl::parse(response);
+        let response_cc = CacheControl::parse_response(response, &policy.targeted);
         let exchange = Exchange {
             method: request.method,
             request: request.headers,
@@ -674,6 +682,16 @@ impl Cache {
         }
         headers.remove(SET_COOKIE);
         headers.remove(purge::SURROGATE_KEY);
+        // `no-cache="f"` and `private="f"` (§5.2.2.4, §5.2.2.7): the entry is kept without those
+        // fields (a per-user entry is private already and keeps `private` ones).
+        for name in &response_cc.no_cache_fields {
+            headers.remove(name.as_str());
+        }
+        if policy.scope == CacheScope::Shared {
+            for name in &response_cc.private_fields {
+                headers.remove(name.as_str());
+            }
+        }
         let mut depends_on = vec![purge::path_key(request.path)];
         depends_on.extend(request.tags.iter().map(|t| purge::tag_key(t)));
         depends_on.extend(purge::response_tags(response).map(|t| purge::tag_key(&t)));

@@ -1,5 +1,6 @@
 //! A route's cache rule, compiled from its `cache` section.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -10,7 +11,6 @@ use super::key::QueryRule;
 use crate::config::{CachePolicyConfig, CacheScope, QueryConfig, SpanError};
 use crate::purge::template::Template;
 
-const DEFAULT_STATUSES: [u16; 7] = [200, 203, 204, 300, 301, 404, 410];
 const DEFAULT_MAX_OBJECT: u64 = 1024 * 1024;
 const DEFAULT_KEEP: Duration = Duration::from_secs(600);
 
@@ -33,6 +33,17 @@ pub struct CachePolicy {
     pub honor_client_cache_control: bool,
     /// Tags of every stored entry; `{name}` is filled from the route's path.
     pub tags: Vec<Template>,
+    /// The targeted cache-control fields the gateway obeys instead of `Cache-Control` (RFC
+    /// 9213), most specific first; never passed on to clients.
+    pub targeted: Arc<[HeaderName]>,
+}
+
+/// The gateway's own targeted field unless `[cache] cache_control_field` names another.
+pub const GATEWAY_CACHE_CONTROL: &str = "cachegate-cache-control";
+
+/// The targeted fields for a gateway whose own field is `own`: it, then `CDN-Cache-Control`.
+pub fn targeted_fields(own: HeaderName) -> Arc<[HeaderName]> {
+    Arc::from([own, HeaderName::from_static("cdn-cache-control")])
 }
 
 impl CachePolicy {
@@ -76,11 +87,8 @@ impl CachePolicy {
             }
             Some((QueryConfig::Only(names), _)) => QueryRule::Only(names.clone()),
         };
-        let statuses = c
-            .statuses
-            .clone()
-            .unwrap_or_else(|| DEFAULT_STATUSES.to_vec());
-        if statuses.iter().any(|s| !(200..=599).contains(s)) {
+        let statuses = c.statuses.clone();
+        if statuses.iter().flatten().any(|s| !(200..=599).contains(s)) {
             errors.push(SpanError::new(
                 config.span(),
                 "statuses must be final HTTP statuses (200-599)",
@@ -111,6 +119,7 @@ impl CachePolicy {
             max_object: c.max_object.map_or(DEFAULT_MAX_OBJECT, |b| b.0),
             honor_client_cache_control: c.honor_client_cache_control.unwrap_or(per_user),
             tags,
+            targeted: targeted_fields(HeaderName::from_static(GATEWAY_CACHE_CONTROL)),
         })
     }
 

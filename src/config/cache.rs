@@ -15,6 +15,10 @@ pub struct CacheConfig {
     /// Entries larger than this are compressed (zstd) in the shared tier. `"0"` turns
     /// compression off.
     pub compress_above: ByteSize,
+    /// The response field addressed to this gateway alone (RFC 9213 targeted cache control):
+    /// when an origin sends it, it replaces `CDN-Cache-Control`, which in turn replaces
+    /// `Cache-Control` and `Expires`. Neither reaches clients.
+    pub cache_control_field: Spanned<String>,
 }
 
 impl Default for CacheConfig {
@@ -22,6 +26,7 @@ impl Default for CacheConfig {
         CacheConfig {
             memory_capacity: ByteSize(256 * 1024 * 1024),
             compress_above: ByteSize(4 * 1024),
+            cache_control_field: Spanned::new(0..0, "Cachegate-Cache-Control".to_owned()),
         }
     }
 }

@@ -23,6 +23,7 @@ use super::respond::{self, Serving, CACHE_STATUS, X_CACHE};
 use super::{RequestCtx, Step};
 use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
+use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{Cache, CacheRequest, Decision, Fill, FillStart, FlightGuard, Hit, SharedWrite};
 use crate::metrics::metrics;
 
@@ -240,8 +241,17 @@ fn serve_hit(req: &Parts, ctx: &RequestCtx, hit: Hit, stale: bool) -> Response<B
         x_cache,
         not_modified: unchanged,
         head_only: req.method == Method::HEAD,
+        range: range_of(req, &hit.entry, unchanged),
     };
     respond::entry(ctx, &hit.entry, serving)
+}
+
+/// The part of a stored complete `200` a `GET` asks for with `Range` (RFC 9110 §14).
+fn range_of(req: &Parts, entry: &Entry, not_modified: bool) -> RangeAnswer {
+    if req.method != Method::GET || not_modified || entry.status != 200 {
+        return RangeAnswer::Full;
+    }
+    range::answer(&req.headers, &entry.headers, entry.body.len() as u64)
 }
 
 /// The entry the origin confirmed with a `304`, as the response.
@@ -257,6 +267,7 @@ fn serve_revalidated(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<B
         x_cache: "REVALIDATED",
         not_modified: unchanged,
         head_only: req.method == Method::HEAD,
+        range: range_of(req, entry, unchanged),
     };
     respond::entry(ctx, entry, serving)
 }
@@ -289,6 +300,7 @@ fn stale_on_error(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<Body
         x_cache: "STALE",
         not_modified: false,
         head_only: req.method == Method::HEAD,
+        range: range_of(req, entry, false),
     };
     respond::entry(ctx, entry, serving)
 }

@@ -105,6 +105,11 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The policy the request runs under: its route's, or the defaults'.
+    pub fn route_policy(&self) -> &crate::routing::Policy {
+        self.snapshot.routes.policy(self.route)
+    }
+
     /// The matched route's name, `-` when none matched.
     pub fn route_name(&self) -> &str {
         self.route

@@ -484,6 +484,20 @@ impl RouteTable {
     }
 
     /// The policy for a request: its route's, or the default.
+    /// Makes every cache rule obey `targeted` (see [`CachePolicy::targeted`]).
+    pub fn target_cache_control(&mut self, targeted: &std::sync::Arc<[HeaderName]>) {
+        for policy in self
+            .routes
+            .iter_mut()
+            .map(|r| &mut r.policy)
+            .chain([&mut self.default_policy])
+        {
+            if let Some(cache) = policy.cache.as_mut() {
+                cache.targeted = targeted.clone();
+            }
+        }
+    }
+
     pub fn policy(&self, id: Option<RouteId>) -> &Policy {
         id.map_or(&self.default_policy, |id| &self.routes[id].policy)
     }

@@ -38,6 +38,19 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     // rediss://). Installing fails only if one is installed already, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
+    // Before anything listens: a warning about the configuration is in the log by the time the
+    // port answers.
+    for name in snapshot
+        .auth
+        .iter()
+        .flat_map(|auth| auth.defaulted_secrets())
+    {
+        tracing::warn!(
+            "auth: the JWT secret comes from the built-in default of ${{{name}:-...}} because {name} is not set; \
+             anyone who can read the configuration can mint tokens. Set {name} before exposing this gateway"
+        );
+    }
+
     // Background work (store connections and health checks) runs on its own small runtime;
     // requests are served on the request runtime.
     let control = tokio::runtime::Builder::new_multi_thread()
@@ -109,12 +122,6 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     if let Some(auth) = &snapshot.auth {
         let _guard = control.enter();
         auth.start_background_tasks();
-        for name in auth.defaulted_secrets() {
-            tracing::warn!(
-                "auth: the JWT secret comes from the built-in default of ${{{name}:-...}} because {name} is not set; \
-                 anyone who can read the configuration can mint tokens. Set {name} before exposing this gateway"
-            );
-        }
     }
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
