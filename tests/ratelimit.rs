@@ -121,6 +121,43 @@ async fn limit_triggers_exactly_at_n_on_the_memory_store() {
     limit_triggers_exactly_at_n("", &upstream).await;
 }
 
+/// `RateLimit-Policy` states each limit's quota as configured, whatever its burst
+/// (draft-ietf-httpapi-ratelimit-headers); `RateLimit` gives what may be sent now; `Retry-After`
+/// on a 429 is the time until one more request is admitted.
+#[tokio::test]
+async fn headers_state_the_configured_quota_and_retry_after_the_next_admission() {
+    let upstream = Upstream::start();
+    let routes = r#"
+[[routes]]
+path = "/products/{id}"
+rate_limit = { limits = [ { rate = "50/10s", burst = 1, key = "ip", name = "fast" }, { rate = "600/minute", burst = 10, key = "ip", name = "minute" } ] }
+"#;
+    let gateway = Gateway::start(&config(&upstream, "", "", routes));
+    let first = get(&gateway, "/products/1", &[]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some("\"fast\";q=50;w=10, \"minute\";q=600;w=60")
+    );
+    let state = first.header("ratelimit").unwrap();
+    assert!(
+        state.starts_with("\"fast\";r=0;t=") && state.contains("\"minute\";r=9;t="),
+        "{state}"
+    );
+    let refused = get(&gateway, "/products/1", &[]).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        refused.header("retry-after"),
+        Some("1"),
+        "one request per 200 ms, rounded up to a second"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        get(&gateway, "/products/1", &[]).await.status,
+        StatusCode::OK
+    );
+}
+
 #[tokio::test]
 async fn two_gateways_on_one_redis_admit_exactly_n_together() {
     let redis = Redis::start();

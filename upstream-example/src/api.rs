@@ -13,7 +13,7 @@
 //! | any | `/__headers` | the request's method and headers as JSON |
 //! | POST | `/__sink` | streams the body through SHA-256: `{"bytes":N,"sha256":".."}`; counted again as `POST /__sink completed` once the whole body arrived |
 //! | GET | `/__bytes/{n}` | `n` bytes of the pattern `i % 251`, streamed |
-//! | any | `/__respond[/...]?status=&cache-control=&expires=&age=&date=&vary=&set-cookie=&etag=&last-modified=&cache-groups=&surrogate-key=&cache-group-invalidation=&location=&content-location=&fail-after=` | a response with those headers (`304` when `If-None-Match` equals `etag`; `503` once this endpoint has answered more than `fail-after` times); the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
+//! | any | `/__respond[/...]?status=&cache-control=&expires=&age=&date=&vary=&set-cookie=&etag=&last-modified=&cache-groups=&surrogate-key=&cache-group-invalidation=&location=&content-location=&fail-after=&h.NAME=` | a response with those headers (`h.NAME=value`: any header `NAME`) (`304` when `If-None-Match` equals `etag`; `503` once this endpoint has answered more than `fail-after` times); the body says how many times this endpoint answered and echoes the request's `Accept` and `Accept-Language` |
 //!
 //! Errors are JSON `{"error": code, "message": text}`; validation errors add `"fields"`.
 
@@ -428,15 +428,13 @@ fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody
             | "surrogate-key"
             | "cache-group-invalidation"
             | "location"
-            | "content-location" => {
-                if let (Ok(name), Ok(value)) = (
-                    hyper::header::HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(&value),
-                ) {
-                    resp.headers_mut().append(name, value);
+            | "content-location" => append_header(&mut resp, name, &value),
+            // Any other response header, for conformance tests: `h.cdn-cache-control=max-age%3D5`.
+            _ => {
+                if let Some(name) = name.strip_prefix("h.") {
+                    append_header(&mut resp, name, &value);
                 }
             }
-            _ => {}
         }
     }
     let etag_matches = resp.headers().get(ETAG).is_some_and(|etag| {
@@ -451,6 +449,15 @@ fn respond_as_asked(app: &App, req: &Request<Incoming>) -> Response<ResponseBody
         resp.headers_mut().remove(CONTENT_TYPE);
     }
     resp
+}
+
+fn append_header(resp: &mut Response<ResponseBody>, name: &str, value: &str) {
+    if let (Ok(name), Ok(value)) = (
+        hyper::header::HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        resp.headers_mut().append(name, value);
+    }
 }
 
 /// Decodes `%XX` escapes and `+` (the test clients encode header values in the query).
