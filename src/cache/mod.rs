@@ -7,6 +7,13 @@
 //! - [`entry`]: the stored response and its versioned binary codec.
 //! - [`policy`]: a route's compiled cache rule.
 //! - [`memory`]: the in-process tier (L1).
+//! - [`range`]: byte ranges answered from a stored response.
+//! - `shared`: the Redis tier (L2) and the fill leases between instances.
+//! - `coalesce`: one origin request per missed resource in process (flights, hit-for-miss).
+//! - `fill`: whether a response is stored, capturing it, storing it, `304` updates.
+//!
+//! This file is the facade: [`Cache::decide`] (lookup, then coalescing and leases) and the
+//! entry states.
 //!
 //! With Redis as the store, entries are also written to Redis (L2) in the [`entry`] encoding and
 //! shared by every gateway instance; an L2 hit fills L1. A corrupt or foreign L2 entry is a miss,
@@ -37,81 +44,30 @@ pub mod memory;
 pub mod policy;
 pub mod range;
 
+mod coalesce;
+mod fill;
+mod shared;
+
+use coalesce::{Flight, Flights, UNCACHEABLE_FOR};
+pub use coalesce::{FlightGuard, COALESCE_WAIT};
+pub use fill::{Fill, FillStart};
+pub use shared::SharedWrite;
+
 use std::sync::Arc;
-use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, AGE, COOKIE, SET_COOKIE, VARY};
+use http::header::{HeaderMap, HeaderName, AGE, COOKIE};
 use http::Method;
 
 use self::directives::CacheControl;
 use self::entry::Entry;
-use self::freshness::{initial_age, storable, Exchange};
 use self::key::{CacheKey, KeyParts};
 use self::memory::MemoryTier;
 use self::policy::CachePolicy;
 use crate::config::CacheScope;
 use crate::header_rules::OVERRIDE_HEADERS;
-use crate::purge::{self, Purger};
+use crate::purge::Purger;
 use crate::store::Store;
-
-/// Prefix of the shared tier's keys in the store.
-const L2_PREFIX: &str = "cachegate:cache:";
-/// Prefix of the shared tier's variant indexes (resource → the headers it varies on).
-const VARY_PREFIX: &str = "cachegate:cache-vary:";
-/// Prefix of the fill leases that coalesce misses across instances.
-const LEASE_PREFIX: &str = "cachegate:cache-lease:";
-/// How long a fill lease lasts: a holder that dies releases it by expiry.
-const LEASE_TTL: Duration = Duration::from_secs(5);
-/// How often an instance waiting on another's lease looks for the entry in the shared tier.
-const LEASE_POLL: Duration = Duration::from_millis(20);
-/// The longest an entry lives in the shared tier; purge marks outlive it.
-const MAX_SHARED_TTL: Duration = Duration::from_secs(23 * 3600);
-
-/// Response headers never stored: they describe one exchange, not the resource.
-const PER_EXCHANGE: [&str; 5] = [
-    "x-request-id",
-    "ratelimit",
-    "ratelimit-policy",
-    "cache-status",
-    "x-cache",
-];
-
-/// How long a request waits for another request filling the same entry before going to the
-/// origin itself.
-pub const COALESCE_WAIT: Duration = Duration::from_secs(10);
-
-type Flights =
-    Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>;
-
-/// Whether a missed request fetches from the origin itself or waits for one that already does.
-enum Flight {
-    /// Fetch; dropping the guard (when the request ends, stored or not) wakes the followers.
-    Leader(FlightGuard),
-    /// Wait for the leader, then look up again.
-    Follower(tokio::sync::watch::Receiver<()>),
-}
-
-pub struct FlightGuard {
-    key: String,
-    flights: Flights,
-    _done: tokio::sync::watch::Sender<()>,
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        // Remove before `_done` drops, so a late arrival starts a new flight rather than waiting
-        // on a finished one.
-        if let Ok(mut flights) = self.flights.lock() {
-            flights.remove(&self.key);
-        }
-    }
-}
-
-/// How long a resource whose last answer could not be stored is fetched without coalescing
-/// (Varnish's hit-for-miss): concurrent requests for it go to the origin side by side.
-const UNCACHEABLE_FOR: Duration = Duration::from_secs(60);
 
 pub struct Cache {
     /// Misses being fetched, by primary key (in-process coalescing).
@@ -203,68 +159,8 @@ pub enum Decision {
     Bypass(&'static str),
 }
 
-/// An entry stored in process that still has to be written to the shared tier.
-#[derive(Clone)]
-pub struct SharedWrite {
-    entry_key: String,
-    entry: Bytes,
-    vary_key: String,
-    vary: String,
-    ttl: Duration,
-}
-
-/// When a request went to the origin, and the purge sequence number known then: a purge after
-/// it makes what it brings back stale (see [`crate::purge`]).
-#[derive(Debug, Clone, Copy)]
-pub struct FillStart {
-    pub sent_at: SystemTime,
-    pub stamp: u64,
-}
-
-/// A response being captured for the cache while it streams to the client.
-pub struct Fill {
-    variant: CacheKey,
-    primary: CacheKey,
-    vary: Vec<HeaderName>,
-    status: u16,
-    headers: HeaderMap,
-    stored_at_ms: u64,
-    fresh_for_ms: u64,
-    stale_while_revalidate_ms: u64,
-    stale_if_error_ms: u64,
-    keep_ms: u64,
-    stamp: u64,
-    path: String,
-    depends_on: Vec<String>,
-    max_object: u64,
-    body: BytesMut,
-    /// The whole body arrived.
-    pub complete: bool,
-}
-
-impl Fill {
-    /// Adds a body chunk; `false` once the body outgrows `max_object` (then drop the fill).
-    pub fn push(&mut self, chunk: &Bytes) -> bool {
-        if (self.body.len() + chunk.len()) as u64 > self.max_object {
-            return false;
-        }
-        self.body.extend_from_slice(chunk);
-        true
-    }
-}
-
 fn millis_since_epoch(t: SystemTime) -> u64 {
     directives::millis(t.duration_since(UNIX_EPOCH).unwrap_or_default())
-}
-
-fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
-    response
-        .get_all(VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()).ok())
-        .collect()
 }
 
 fn now_ms() -> u64 {
@@ -318,14 +214,6 @@ fn age_at(entry: &Entry, now: u64) -> u64 {
         .min(directives::MAX_DELTA.as_secs())
 }
 
-/// Response headers a `304` must not change in the stored response (RFC 9111 §3.2): the body's
-/// framing and coding stay those of the stored body.
-const KEPT_ON_UPDATE: [HeaderName; 3] = [
-    http::header::CONTENT_LENGTH,
-    http::header::TRANSFER_ENCODING,
-    http::header::CONTENT_ENCODING,
-];
-
 impl Cache {
     /// A cache with an in-process tier of `memory_capacity` bytes, and a shared tier in `store`
     /// when that store is shared between instances.
@@ -360,25 +248,6 @@ impl Cache {
     fn is_current(&self, entry: &Entry) -> bool {
         self.purger
             .is_current(entry.stamp, &entry.path, &entry.depends_on)
-    }
-
-    /// Write-through: the response to a write that carries the target's full new
-    /// representation, planned as the GET entry for the same URL (`request` is the write, seen
-    /// as a GET). `start` must carry the write's own purge sequence number, so the entry is
-    /// current after that purge and stale after any later one.
-    pub fn plan_write_through(
-        &self,
-        policy: &CachePolicy,
-        request: &CacheRequest<'_>,
-        response: &HeaderMap,
-        start: FillStart,
-    ) -> Option<(CacheKey, Fill)> {
-        if policy.scope == CacheScope::User && request.user.is_none() {
-            return None;
-        }
-        let primary = Cache::primary_key(policy, request);
-        let fill = self.plan_fill(policy, &primary, request, 200, response, start)?;
-        Some((primary, fill))
     }
 
     fn primary_key(policy: &CachePolicy, request: &CacheRequest<'_>) -> CacheKey {
@@ -567,360 +436,6 @@ impl Cache {
             < entry
                 .fresh_until_ms()
                 .saturating_add(entry.stale_if_error_ms)
-    }
-
-    /// The shared tier: finds the variant (learning the resource's `Vary` from the tier when this
-    /// instance has not seen it) and decodes it; returns it with its in-process key.
-    async fn lookup_shared(
-        &self,
-        primary: &CacheKey,
-        vary_unknown: bool,
-        mut variant: CacheKey,
-        request: &CacheRequest<'_>,
-    ) -> Option<(String, Arc<Entry>)> {
-        let store = self.shared.as_ref()?;
-        if vary_unknown {
-            if let Ok(Some(names)) = store
-                .get(&format!("{VARY_PREFIX}{}", primary.shared()))
-                .await
-            {
-                let names: Vec<HeaderName> = String::from_utf8_lossy(&names)
-                    .split(',')
-                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                    .collect();
-                variant = primary.variant(&names, request.headers);
-                self.memory.set_vary(primary.local().to_owned(), names);
-            }
-        }
-        let raw = store
-            .get(&format!("{L2_PREFIX}{}", variant.shared()))
-            .await
-            .ok()??;
-        match Entry::decode(raw) {
-            Ok(entry) => Some((variant.local().to_owned(), Arc::new(entry))),
-            Err(e) => {
-                tracing::debug!(error = %e, "cache: ignoring an unreadable shared entry");
-                None
-            }
-        }
-    }
-
-    /// Decides whether the response to a missed request is stored; if so, returns the [`Fill`]
-    /// that captures it.
-    pub fn plan_fill(
-        &self,
-        policy: &CachePolicy,
-        primary: &CacheKey,
-        request: &CacheRequest<'_>,
-        status: u16,
-        response: &HeaderMap,
-        start: FillStart,
-    ) -> Option<Fill> {
-        let FillStart { sent_at, stamp } = start;
-        let received_at = SystemTime::now();
-        let request_cc = if policy.honor_client_cache_control {
-            CacheControl::parse(request.headers)
-        } else {
-            CacheControl::default()
-        };
-        let response_cc = CacheControl::parse_response(response, &policy.targeted);
-        let exchange = Exchange {
-            method: request.method,
-            request: request.headers,
-            authorized: request.authorized,
-            request_cc: &request_cc,
-            status,
-            response,
-            response_cc: &response_cc,
-        };
-        let lifetime = storable(&exchange, &policy.rule_for(status), received_at).ok()?;
-        let age = initial_age(response, sent_at, received_at);
-        // `no-cache`: stored, but revalidated before every reuse.
-        let fresh_for = if response_cc.no_cache {
-            Duration::ZERO
-        } else {
-            lifetime.saturating_sub(age)
-        };
-        // Stale serving, unless the origin forbids it (§4.2.4, §5.2.2.2, §5.2.2.8); the
-        // origin's own RFC 5861 directives win over the rule's when the origin is honoured.
-        let may_serve_stale =
-            !(response_cc.no_cache || response_cc.must_revalidate || response_cc.proxy_revalidate);
-        let window = |origin: Option<Duration>, rule: Option<Duration>| {
-            let window = if policy.rule.honor_origin {
-                origin.or(rule)
-            } else {
-                rule
-            };
-            match window {
-                Some(w) if may_serve_stale => directives::millis(w),
-                _ => 0,
-            }
-        };
-        let stale_while_revalidate_ms = window(
-            response_cc.stale_while_revalidate,
-            policy.stale_while_revalidate,
-        );
-        let stale_if_error_ms = window(response_cc.stale_if_error, policy.stale_if_error);
-        let keep_ms = directives::millis(policy.keep);
-        let has_validator = response.contains_key(http::header::ETAG)
-            || response.contains_key(http::header::LAST_MODIFIED);
-        if fresh_for.is_zero() && !(has_validator && keep_ms > 0) {
-            // Could never be used.
-            return None;
-        }
-        let declared = response
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > policy.max_object) {
-            return None;
-        }
-
-        let mut headers = response.clone();
-        for name in PER_EXCHANGE {
-            headers.remove(name);
-        }
-        headers.remove(SET_COOKIE);
-        headers.remove(purge::SURROGATE_KEY);
-        // `no-cache="f"` and `private="f"` (§5.2.2.4, §5.2.2.7): the entry is kept without those
-        // fields (a per-user entry is private already and keeps `private` ones).
-        for name in &response_cc.no_cache_fields {
-            headers.remove(name.as_str());
-        }
-        if policy.scope == CacheScope::Shared {
-            for name in &response_cc.private_fields {
-                headers.remove(name.as_str());
-            }
-        }
-        let mut depends_on = vec![purge::path_key(request.path)];
-        depends_on.extend(request.tags.iter().map(|t| purge::tag_key(t)));
-        depends_on.extend(purge::response_tags(response).map(|t| purge::tag_key(&t)));
-        depends_on.dedup();
-        headers.insert(AGE, age.as_secs().into());
-        let mut vary = policy.vary.clone();
-        for name in vary_names(response) {
-            if !vary.contains(&name) {
-                vary.push(name);
-            }
-        }
-        Some(Fill {
-            variant: primary.variant(&vary, request.headers),
-            primary: primary.clone(),
-            vary,
-            status,
-            headers,
-            stored_at_ms: millis_since_epoch(received_at),
-            fresh_for_ms: directives::millis(fresh_for),
-            stale_while_revalidate_ms,
-            stale_if_error_ms,
-            keep_ms,
-            stamp,
-            path: request.path.to_owned(),
-            depends_on,
-            max_object: policy.max_object,
-            body: BytesMut::new(),
-            complete: false,
-        })
-    }
-
-    /// Stores a completely captured response in process, at once, and returns what remains to
-    /// be written to the shared tier (if there is one) with [`Cache::store_shared`]. Called when
-    /// the last body chunk arrives from the origin, before it is passed on, so the entry exists
-    /// by the time the client has the response.
-    pub fn store_local(&self, fill: Fill) -> Option<(Arc<Entry>, Option<SharedWrite>)> {
-        if !fill.complete {
-            return None;
-        }
-        let entry = Entry {
-            status: fill.status,
-            headers: fill.headers,
-            body: fill.body.freeze(),
-            stored_at_ms: fill.stored_at_ms,
-            fresh_for_ms: fill.fresh_for_ms,
-            stale_while_revalidate_ms: fill.stale_while_revalidate_ms,
-            stale_if_error_ms: fill.stale_if_error_ms,
-            keep_ms: fill.keep_ms,
-            stamp: fill.stamp,
-            path: fill.path,
-            depends_on: fill.depends_on,
-            vary: fill.vary.clone(),
-        };
-        let shared = self.shared.as_ref().map(|_| SharedWrite {
-            entry_key: format!("{L2_PREFIX}{}", fill.variant.shared()),
-            entry: entry.encode_compressed(self.compress_above),
-            vary_key: format!("{VARY_PREFIX}{}", fill.primary.shared()),
-            vary: fill
-                .vary
-                .iter()
-                .map(HeaderName::as_str)
-                .collect::<Vec<_>>()
-                .join(","),
-            ttl: Duration::from_millis(entry.fresh_for_ms.saturating_add(entry.retained_ms()))
-                .min(MAX_SHARED_TTL),
-        });
-        let entry = Arc::new(entry);
-        self.memory
-            .set_vary(fill.primary.local().to_owned(), fill.vary);
-        self.memory
-            .insert(fill.variant.local().to_owned(), entry.clone());
-        Some((entry, shared))
-    }
-
-    /// A stale entry the origin confirmed with `304 Not Modified`: the stored response updated
-    /// with the `304`'s headers (§4.3.4) and stored again with new freshness when it still may
-    /// be. Returns the entry to serve and what remains for the shared tier.
-    pub fn revalidated(
-        &self,
-        policy: &CachePolicy,
-        primary: &CacheKey,
-        request: &CacheRequest<'_>,
-        stale: &Entry,
-        not_modified: &HeaderMap,
-        start: FillStart,
-    ) -> (Arc<Entry>, Option<SharedWrite>) {
-        let mut headers = stale.headers.clone();
-        for name in not_modified.keys() {
-            if KEPT_ON_UPDATE.contains(name) || PER_EXCHANGE.contains(&name.as_str()) {
-                continue;
-            }
-            headers.remove(name);
-            for value in not_modified.get_all(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if !not_modified.contains_key(AGE) {
-            headers.remove(AGE);
-        }
-        let stored = self
-            .plan_fill(policy, primary, request, stale.status, &headers, start)
-            .and_then(|mut fill| {
-                fill.body = BytesMut::from(stale.body.as_ref());
-                fill.complete = true;
-                self.store_local(fill)
-            });
-        match stored {
-            Some((entry, shared)) => (entry, shared),
-            // No longer storable: it answers this request only.
-            None => (
-                Arc::new(Entry {
-                    headers,
-                    fresh_for_ms: 0,
-                    stored_at_ms: now_ms(),
-                    ..stale.clone()
-                }),
-                None,
-            ),
-        }
-    }
-
-    /// Writes a stored entry to the shared tier; a failure there is counted by the store and
-    /// otherwise ignored (the entry is still served in process).
-    pub async fn store_shared(&self, write: SharedWrite) {
-        let Some(store) = &self.shared else { return };
-        // The variant index outlives its entries a little, so instances agree on variants.
-        let _ = store
-            .set(
-                &write.vary_key,
-                Bytes::from(write.vary),
-                write.ttl + Duration::from_secs(60),
-            )
-            .await;
-        let _ = store.set(&write.entry_key, write.entry, write.ttl).await;
-    }
-
-    /// Takes the cross-instance fill lease for `primary` (the leader of this instance's flight
-    /// asks). `true` when this instance should fetch: it holds the lease, there is no shared
-    /// tier, or the store cannot say. `false`: another instance is fetching it.
-    pub async fn take_lease(&self, primary: &CacheKey) -> bool {
-        let Some(store) = &self.shared else {
-            return true;
-        };
-        let key = format!("{LEASE_PREFIX}{}", primary.shared());
-        store
-            .set_if_absent(&key, Bytes::from_static(b"1"), LEASE_TTL)
-            .await
-            .unwrap_or(true)
-    }
-
-    /// Ends this instance's lease on `primary` (after its fill was written, or failed).
-    pub async fn release_lease(&self, primary: &CacheKey) {
-        if let Some(store) = &self.shared {
-            let _ = store
-                .delete(&format!("{LEASE_PREFIX}{}", primary.shared()))
-                .await;
-        }
-    }
-
-    /// While another instance holds the lease on `primary`, polls the shared tier for the entry
-    /// it is filling; gives up when the lease ends or after [`LEASE_TTL`].
-    async fn wait_for_shared(
-        &self,
-        policy: &CachePolicy,
-        request: &CacheRequest<'_>,
-    ) -> Option<Hit> {
-        let store = self.shared.as_ref()?;
-        let primary = Cache::primary_key(policy, request);
-        let lease = format!("{LEASE_PREFIX}{}", primary.shared());
-        let deadline = tokio::time::Instant::now() + LEASE_TTL;
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(LEASE_POLL).await;
-            if let Lookup::Hit(found) = self.lookup(policy, request).await {
-                return Some(found);
-            }
-            if !matches!(store.get(&lease).await, Ok(Some(_))) {
-                // Released (or expired, or Redis is unreachable): one last look, then fetch.
-                return match self.lookup(policy, request).await {
-                    Lookup::Hit(found) => Some(found),
-                    _ => None,
-                };
-            }
-        }
-        None
-    }
-
-    /// Joins the flight for a missed key: the first request leads, the others follow — unless
-    /// the resource's last answer could not be stored, in which case waiting would only queue
-    /// requests behind each other: then `None`, and the request fetches on its own.
-    fn join_flight(&self, primary: &CacheKey) -> Option<Flight> {
-        if self.uncacheable.contains_key(primary.local()) {
-            return None;
-        }
-        Some(self.lead_or_follow(primary))
-    }
-
-    /// Remembers whether a resource's answer could be stored (see [`Cache::join_flight`]).
-    pub fn note_storable(&self, primary: &CacheKey, storable: bool) {
-        if storable {
-            self.uncacheable.invalidate(primary.local());
-        } else {
-            self.uncacheable.insert(primary.local().to_owned(), ());
-        }
-    }
-
-    /// The flight for a key, whatever its last answer was: the first request leads (a
-    /// background refresh, for example), the others follow.
-    fn lead_or_follow(&self, primary: &CacheKey) -> Flight {
-        let mut flights = self.flights.lock().expect("flights mutex poisoned");
-        if let Some(receiver) = flights.get(primary.local()) {
-            return Flight::Follower(receiver.clone());
-        }
-        let (done, receiver) = tokio::sync::watch::channel(());
-        flights.insert(primary.local().to_owned(), receiver);
-        Flight::Leader(FlightGuard {
-            key: primary.local().to_owned(),
-            flights: self.flights.clone(),
-            _done: done,
-        })
-    }
-
-    /// Entries and value bytes in the shared tier, counting at most
-    /// `limit` keys; `None` without a shared tier.
-    pub async fn shared_stats(&self, limit: u64) -> Option<Result<(u64, u64, bool), String>> {
-        let store = self.shared.as_ref()?;
-        store
-            .measure_prefix(L2_PREFIX, limit)
-            .await
-            .map(|r| r.map_err(|e| e.to_string()))
     }
 
     /// Removes the in-process entries `matches` selects (for the admin API; purges themselves
