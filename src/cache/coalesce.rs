@@ -55,7 +55,7 @@ impl Cache {
         Some(self.lead_or_follow(primary))
     }
 
-    /// Remembers whether a resource's answer could be stored (see [`Cache::join_flight`]).
+    /// Remembers whether a resource's answer could be stored (see `join_flight`).
     pub fn note_storable(&self, primary: &CacheKey, storable: bool) {
         if storable {
             self.uncacheable.invalidate(primary.local());

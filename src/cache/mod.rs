@@ -117,7 +117,7 @@ pub struct Hit {
 pub enum Lookup {
     Hit(Hit),
     /// Past freshness but inside stale-while-revalidate: serve it now, and refresh `primary` in
-    /// the background (see [`Cache::join_flight`], so only once).
+    /// the background (see `join_flight`, so only once).
     StaleWhileRevalidate {
         hit: Hit,
         primary: CacheKey,
@@ -283,9 +283,12 @@ impl Cache {
             request.authorized && !(policy.rule.per_user || policy.rule.allow_authorized);
         // An override header the origin is allowed to see (`[server] forward_override_headers`)
         // changes its answer: unless the rule keys on it, the cache stays out of the way.
-        let unkeyed_override = OVERRIDE_HEADERS
-            .iter()
-            .any(|h| request.headers.contains_key(*h) && !policy.vary.iter().any(|v| v == h));
+        // One pass over the request's few names (a lookup per override name would parse and
+        // hash six names on every hit).
+        let unkeyed_override = request
+            .headers
+            .keys()
+            .any(|name| OVERRIDE_HEADERS.contains(&name.as_str()) && !policy.vary.contains(name));
         if unkeyed_override {
             return Lookup::Bypass("override-header");
         }
