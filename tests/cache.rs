@@ -428,7 +428,7 @@ async fn rule_options_store_cookies_stripped_and_cap_freshness() {
     let routes = r#"
 [[routes]]
 path = "/__respond"
-cache = { ttl = "30s", max_ttl = "1s", strip_set_cookie = true, honor_origin = true, statuses = [200, 404], negative_ttl = "30s" }
+cache = { ttl = "30s", max_ttl = "2s", strip_set_cookie = true, honor_origin = true, statuses = [200, 404], negative_ttl = "30s" }
 "#;
     let gw = gateway(&upstream, free_port(), routes);
     let path = "/__respond?set-cookie=session%3Dabc&cache-control=max-age%3D600";
@@ -444,7 +444,8 @@ cache = { ttl = "30s", max_ttl = "1s", strip_set_cookie = true, honor_origin = t
         hit.header("set-cookie").is_none(),
         "the stored copy has no cookie"
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // 2 s, not 1: the origin's `Date` may lag up to a second, so the entry can arrive a second old.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(
         x_cache(&get(&gw, path, &[]).await),
         "MISS",

@@ -1,70 +1,151 @@
-//! The in-process tier: entries in a byte-bounded moka cache (TinyLFU admission, so one scan of
-//! cold URLs cannot flush the hot set), each expiring when it can no longer be used (fresh,
-//! served stale, or revalidated; see [`Entry::retained_ms`]), plus the variant index (primary key → the request headers its responses vary on).
+//! The in-process tier: entries in a weight-bounded TinyUFO cache (pingora's: S3-FIFO queues with
+//! TinyLFU admission, so one scan of cold URLs cannot flush the hot set), plus the variant index
+//! (primary key → the request headers its responses vary on).
+//!
+//! TinyUFO was measured against moka, which this tier used before: a lookup among 10,000 entries
+//! took 84 ns against 466 ns (145 ns against 55 ns for one hot entry), and a hit does two (variant
+//! index, entry). TinyUFO keys are 64-bit hashes, so each slot keeps its full key and a lookup
+//! compares it: a hash collision, crafted or not, is a miss, never another request's entry. Weights
+//! are in KiB (TinyUFO's are 16-bit); an entry that can no longer be used (see
+//! [`Entry::retained_ms`]) is removed when a lookup finds it, or pushed out by newer ones.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
 
 use http::HeaderName;
-use moka::sync::Cache;
-use moka::Expiry;
+use tinyufo::TinyUfo;
 
-use super::directives::MAX_DELTA;
 use super::entry::Entry;
 
-struct UntilUnusable;
+/// A value and the full key it was stored under.
+struct Slot<T> {
+    key: Box<str>,
+    value: T,
+}
 
-impl Expiry<String, Arc<Entry>> for UntilUnusable {
-    fn expire_after_create(
-        &self,
-        _key: &String,
-        entry: &Arc<Entry>,
-        _now: Instant,
-    ) -> Option<Duration> {
-        let stored = Duration::from_millis(entry.stored_at_ms);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        // Kept past freshness for as long as it may still be served stale or revalidated.
-        // Bounded: an entry's numbers may come from anywhere, and the tier adds this to an Instant.
-        let usable_until = stored.saturating_add(Duration::from_millis(
-            entry.fresh_for_ms.saturating_add(entry.retained_ms()),
-        ));
-        Some(usable_until.saturating_sub(now).min(MAX_DELTA))
+/// A TinyUFO map from string keys, collision-safe, with an index of what it holds (for purges by
+/// predicate and for the stats; touched on stores and removals only, never on lookups).
+struct Tier<T> {
+    slots: TinyUfo<u64, Arc<Slot<T>>>,
+    hasher: std::hash::RandomState,
+    /// Hash → weight (KiB) of every slot held.
+    held: Mutex<HashMap<u64, u16>>,
+}
+
+impl<T: Clone + Send + Sync + 'static> Tier<T> {
+    fn new(weight_limit: usize, estimated_items: usize) -> Tier<T> {
+        Tier {
+            slots: TinyUfo::new(weight_limit, estimated_items.max(16)),
+            hasher: std::hash::RandomState::new(),
+            held: Mutex::default(),
+        }
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn get(&self, key: &str) -> Option<T> {
+        let slot = self.slots.get(&self.hash(key))?;
+        (*slot.key == *key).then(|| slot.value.clone())
+    }
+
+    /// Stores `value`; returns how many other slots were pushed out for room.
+    fn insert(&self, key: String, value: T, weight: u16) -> u64 {
+        let hash = self.hash(&key);
+        let slot = Arc::new(Slot {
+            key: key.into_boxed_str(),
+            value,
+        });
+        // Always admitted: requests coalesced behind this fill look it up next.
+        let evicted = self.slots.force_put(hash, slot.clone(), weight);
+        let mut held = self.held.lock().expect("tier index poisoned");
+        held.insert(hash, weight);
+        let mut pushed_out = 0;
+        // Evictions name TinyUFO's own hash of our hash; the slot says whose it was.
+        for kv in evicted {
+            if Arc::ptr_eq(&kv.data, &slot) {
+                held.remove(&hash);
+            } else {
+                held.remove(&self.hash(&kv.data.key));
+                pushed_out += 1;
+            }
+        }
+        pushed_out
+    }
+
+    fn remove_hash(&self, hash: u64) {
+        if self.slots.remove(&hash).is_some() {
+            self.held.lock().expect("tier index poisoned").remove(&hash);
+        }
+    }
+
+    fn remove(&self, key: &str) {
+        let hash = self.hash(key);
+        if self.slots.get(&hash).is_some_and(|slot| *slot.key == *key) {
+            self.remove_hash(hash);
+        }
+    }
+
+    /// Removes every slot `matches` selects; returns how many.
+    fn remove_matching(&self, matches: impl Fn(&T) -> bool) -> u64 {
+        let hashes: Vec<u64> = self
+            .held
+            .lock()
+            .expect("tier index poisoned")
+            .keys()
+            .copied()
+            .collect();
+        let mut removed = 0;
+        for hash in hashes {
+            if self
+                .slots
+                .get(&hash)
+                .is_some_and(|slot| matches(&slot.value))
+            {
+                self.remove_hash(hash);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Slots held and their weight in KiB.
+    fn stats(&self) -> (u64, u64) {
+        let held = self.held.lock().expect("tier index poisoned");
+        let weight: u64 = held.values().map(|w| u64::from(*w)).sum();
+        (held.len() as u64, weight)
     }
 }
 
+/// Bytes per unit of weight.
+const KIB: u64 = 1024;
+
+/// An entry's weight: its key, headers and body, in KiB rounded up (at most TinyUFO's 64 MiB).
+fn weight_of(key: &str, entry: &Entry) -> u16 {
+    let headers: usize = entry
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    let bytes = (key.len() + headers + entry.body.len() + 64) as u64;
+    u16::try_from(bytes.div_ceil(KIB)).unwrap_or(u16::MAX)
+}
+
 pub struct MemoryTier {
-    entries: Cache<String, Arc<Entry>>,
-    variants: Cache<String, Arc<Vec<HeaderName>>>,
+    entries: Tier<Arc<Entry>>,
+    variants: Tier<Arc<Vec<HeaderName>>>,
 }
 
 impl MemoryTier {
     pub fn new(capacity_bytes: u64) -> MemoryTier {
+        let weight_limit = usize::try_from(capacity_bytes / KIB).unwrap_or(usize::MAX);
         MemoryTier {
-            entries: Cache::builder()
-                .max_capacity(capacity_bytes)
-                .weigher(|key: &String, entry: &Arc<Entry>| {
-                    let headers: usize = entry
-                        .headers
-                        .iter()
-                        .map(|(n, v)| n.as_str().len() + v.len())
-                        .sum();
-                    (key.len() + headers + entry.body.len() + 64)
-                        .try_into()
-                        .unwrap_or(u32::MAX)
-                })
-                .expire_after(UntilUnusable)
-                .eviction_listener(|_key, _entry, cause| {
-                    if cause == moka::notification::RemovalCause::Size {
-                        crate::metrics::metrics().cache_memory_evictions.inc();
-                    }
-                })
-                .build(),
-            variants: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(Duration::from_secs(3600))
-                .build(),
+            // Sized for entries of about 4 KiB; TinyUFO uses it for its frequency sketch.
+            entries: Tier::new(weight_limit, weight_limit / 4),
+            // One unit per resource.
+            variants: Tier::new(100_000, 100_000),
         }
     }
 
@@ -73,7 +154,18 @@ impl MemoryTier {
     }
 
     pub fn insert(&self, key: String, entry: Arc<Entry>) {
-        self.entries.insert(key, entry);
+        let weight = weight_of(&key, &entry);
+        let pushed_out = self.entries.insert(key, entry, weight);
+        if pushed_out > 0 {
+            crate::metrics::metrics()
+                .cache_memory_evictions
+                .inc_by(pushed_out);
+        }
+    }
+
+    /// Drops an entry found to be no longer usable.
+    pub fn remove(&self, key: &str) {
+        self.entries.remove(key);
     }
 
     pub fn vary_of(&self, primary: &str) -> Option<Arc<Vec<HeaderName>>> {
@@ -81,26 +173,40 @@ impl MemoryTier {
     }
 
     pub fn set_vary(&self, primary: String, names: Vec<HeaderName>) {
-        self.variants.insert(primary, Arc::new(names));
+        self.variants.insert(primary, Arc::new(names), 1);
     }
 
     /// Removes every entry `matches` selects; returns how many.
     pub fn remove_matching(&self, matches: impl Fn(&Entry) -> bool) -> u64 {
-        let doomed: Vec<Arc<String>> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| matches(entry))
-            .map(|(key, _)| key)
-            .collect();
-        for key in &doomed {
-            self.entries.invalidate(key.as_str());
-        }
-        doomed.len() as u64
+        self.entries.remove_matching(|entry| matches(entry))
     }
 
-    /// Entries and their weighed bytes (after pending maintenance).
+    /// Entries and their weighed bytes (KiB granularity).
     pub fn stats(&self) -> (u64, u64) {
-        self.entries.run_pending_tasks();
-        (self.entries.entry_count(), self.entries.weighted_size())
+        let (count, kib) = self.entries.stats();
+        (count, kib * KIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colliding_hashes_are_misses_and_purges_reach_every_match() {
+        let tier: Tier<u32> = Tier::new(1000, 100);
+        tier.insert("a".into(), 1, 1);
+        tier.insert("b".into(), 2, 1);
+        assert_eq!(tier.get("a"), Some(1));
+        // A slot found under another key's hash is not that key's.
+        let hash_of_a = tier.hash("a");
+        let stolen = Arc::new(Slot {
+            key: "not-a".into(),
+            value: 9,
+        });
+        tier.slots.force_put(hash_of_a, stolen, 1);
+        assert_eq!(tier.get("a"), None);
+        assert_eq!(tier.remove_matching(|v| *v == 2), 1);
+        assert_eq!(tier.get("b"), None);
     }
 }

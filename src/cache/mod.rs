@@ -315,10 +315,13 @@ impl Cache {
             (!cookie_bound || freshness::shared_for_everyone(&cc))
                 && (!authorized_bound || freshness::shared_despite_authorization(&cc))
         };
-        let in_memory = self
-            .memory
-            .get(variant.local())
-            .filter(|e| state(e, now) != State::Gone && self.is_current(e) && for_this_request(e));
+        let in_memory = self.memory.get(variant.local()).filter(|e| {
+            if state(e, now) == State::Gone {
+                self.memory.remove(variant.local());
+                return false;
+            }
+            self.is_current(e) && for_this_request(e)
+        });
         if let Some(entry) = in_memory.as_ref().filter(|e| state(e, now) == State::Fresh) {
             return Lookup::Hit(hit("memory", entry.clone(), now));
         }
