@@ -10,7 +10,8 @@ use super::{ByteSize, Dur};
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Bytes of responses (headers and bodies) kept in memory; admission and eviction are
-    /// TinyLFU (moka), so a scan of cold URLs does not flush the hot set.
+    /// TinyUFO (pingora's S3-FIFO with TinyLFU admission), so a scan of cold URLs does not flush
+    /// the hot set.
     pub memory_capacity: ByteSize,
     /// Entries larger than this are compressed (zstd) in the shared tier. `"0"` turns
     /// compression off.
