@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{free_port, Client, Gateway, Response, Upstream};
+use common::{free_port, get, x_cache, Client, Gateway, Response, Upstream};
 use hyper::{Method, StatusCode};
 
 const SECRET: &str = "cache-test-secret-0123456789abcdef";
@@ -36,16 +36,6 @@ secret = "{SECRET}"
 "#,
         upstream.url()
     ))
-}
-
-async fn get(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> Response {
-    Client::new()
-        .send(Method::GET, &gateway.url(path), headers, Bytes::new())
-        .await
-}
-
-fn x_cache(resp: &Response) -> &str {
-    resp.header("x-cache").unwrap_or("-")
 }
 
 #[tokio::test]

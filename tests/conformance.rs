@@ -6,9 +6,7 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use common::{config_for, Client, Gateway, Response, Upstream};
-use hyper::Method;
+use common::{config_for, get, x_cache, Gateway, Upstream};
 
 /// A gateway whose `/__respond` route has the cache rule `rule`.
 fn gateway(upstream: &Upstream, rule: &str) -> Gateway {
@@ -45,16 +43,6 @@ fn encode(value: &str) -> String {
             }
         })
         .collect()
-}
-
-async fn get(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> Response {
-    Client::new()
-        .send(Method::GET, &gateway.url(path), headers, Bytes::new())
-        .await
-}
-
-fn x_cache(resp: &Response) -> &str {
-    resp.header("x-cache").unwrap_or("-")
 }
 
 /// Sends the same request twice; whether the second was answered from cache.

@@ -136,6 +136,9 @@ fn weight_of(key: &str, entry: &Entry) -> u16 {
 pub struct MemoryTier {
     entries: Tier<Arc<Entry>>,
     variants: Tier<Arc<Vec<HeaderName>>>,
+    /// The tier's capacity in KiB; an entry heavier than all of it is not stored (so
+    /// `memory_capacity = "0"` turns the tier off).
+    weight_limit: u64,
 }
 
 impl MemoryTier {
@@ -146,6 +149,7 @@ impl MemoryTier {
             entries: Tier::new(weight_limit, weight_limit / 4),
             // One unit per resource.
             variants: Tier::new(100_000, 100_000),
+            weight_limit: weight_limit as u64,
         }
     }
 
@@ -155,6 +159,9 @@ impl MemoryTier {
 
     pub fn insert(&self, key: String, entry: Arc<Entry>) {
         let weight = weight_of(&key, &entry);
+        if u64::from(weight) > self.weight_limit {
+            return;
+        }
         let pushed_out = self.entries.insert(key, entry, weight);
         if pushed_out > 0 {
             crate::metrics::metrics()
@@ -191,6 +198,36 @@ impl MemoryTier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(body: usize) -> Arc<Entry> {
+        Arc::new(Entry {
+            status: 200,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from(vec![0u8; body]),
+            stored_at_ms: 0,
+            fresh_for_ms: 0,
+            stale_while_revalidate_ms: 0,
+            stale_if_error_ms: 0,
+            keep_ms: 0,
+            stamp: 0,
+            path: "/p".into(),
+            depends_on: Vec::new(),
+            vary: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_zero_capacity_tier_stores_nothing_and_no_entry_outweighs_the_tier() {
+        let off = MemoryTier::new(0);
+        off.insert("k".into(), entry(10));
+        assert!(off.get("k").is_none());
+        let small = MemoryTier::new(4 * 1024);
+        small.insert("big".into(), entry(8 * 1024));
+        assert!(small.get("big").is_none());
+        small.insert("fits".into(), entry(1024));
+        assert!(small.get("fits").is_some());
+        assert_eq!(small.stats().0, 1);
+    }
 
     #[test]
     fn colliding_hashes_are_misses_and_purges_reach_every_match() {

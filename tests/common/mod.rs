@@ -253,6 +253,18 @@ impl Gateway {
     }
 }
 
+/// `GET path` on a gateway with extra request `headers`, on a fresh keep-alive client.
+pub async fn get(gateway: &Gateway, path: &str, headers: &[(&str, &str)]) -> Response {
+    Client::new()
+        .send(Method::GET, &gateway.url(path), headers, Bytes::new())
+        .await
+}
+
+/// A response's `X-Cache` (`HIT`, `MISS`, ...), `-` when absent.
+pub fn x_cache(resp: &Response) -> &str {
+    resp.header("x-cache").unwrap_or("-")
+}
+
 /// The admin listener's port in a configuration, if it has one.
 fn admin_port(config: &str) -> Option<u16> {
     let table: toml::Table = toml::from_str(config).ok()?;
