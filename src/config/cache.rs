@@ -18,7 +18,7 @@ pub struct CacheConfig {
     pub compress_above: ByteSize,
     /// The response field addressed to this gateway alone (RFC 9213 targeted cache control):
     /// when an origin sends it, it replaces `CDN-Cache-Control`, which in turn replaces
-    /// `Cache-Control` and `Expires`. Neither reaches clients.
+    /// `Cache-Control` and `Expires`. On routes with a cache rule neither reaches clients.
     pub cache_control_field: Spanned<String>,
 }
 
