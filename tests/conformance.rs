@@ -431,3 +431,20 @@ async fn must_understand_overrides_no_store_only_for_understood_statuses() {
         .await
     );
 }
+
+/// RFC 9111 §5.2.1, a deliberate difference: on a shared route a client's `no-cache` does not
+/// send the request to the origin (any client could otherwise defeat the cache for everyone);
+/// a rule with `honor_client_cache_control` (the default on per-user routes) obeys it.
+#[tokio::test]
+async fn client_no_cache_is_ignored_on_shared_routes_unless_the_rule_honours_it() {
+    let upstream = Upstream::start();
+    let path = respond(&[("cache-control", "max-age=60")]);
+    let shared = gateway(&upstream, "");
+    get(&shared, &path, &[]).await;
+    let forced = get(&shared, &path, &[("cache-control", "no-cache")]).await;
+    assert_eq!(x_cache(&forced), "HIT");
+    let honouring = gateway(&upstream, "honor_client_cache_control = true");
+    get(&honouring, &path, &[]).await;
+    let forced = get(&honouring, &path, &[("cache-control", "no-cache")]).await;
+    assert_eq!(x_cache(&forced), "BYPASS");
+}
