@@ -25,7 +25,6 @@ use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
 use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{Cache, CacheRequest, Decision, Fill, FillStart, FlightGuard, Hit, SharedWrite};
-use crate::metrics::metrics;
 
 /// Where a request stands with the cache.
 #[derive(Default)]
@@ -143,10 +142,9 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
         ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
     }
     let decision = cache.decide(policy, &cache_request(req, ctx)).await;
-    let route = ctx.route_name();
     match decision {
         Decision::Hit(hit) => {
-            count(route, "hit", hit.tier);
+            count(ctx, "hit", hit.tier);
             ctx.cache = CachePhase::Hit;
             ControlFlow::Break(serve_hit(req, ctx, hit, false))
         }
@@ -155,7 +153,7 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             primary,
             refresh,
         } => {
-            count(route, "stale", hit.tier);
+            count(ctx, "stale", hit.tier);
             if let Some(guard) = refresh {
                 let refresh = super::refresh::Refresh::new(
                     cache.clone(),
@@ -177,7 +175,7 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             flight,
             lease,
         } => {
-            count(route, "miss", "memory");
+            count(ctx, "miss", "memory");
             ctx.cache = CachePhase::Miss(Box::new(Miss {
                 primary,
                 start: cache.fill_start(),
@@ -192,7 +190,7 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             ControlFlow::Continue(())
         }
         Decision::Bypass(reason) => {
-            count(route, "bypass", "-");
+            count(ctx, "bypass", "-");
             ctx.cache = CachePhase::Bypass(reason);
             ControlFlow::Continue(())
         }
@@ -205,11 +203,11 @@ pub fn needs_request_headers(ctx: &RequestCtx) -> bool {
     matches!(ctx.cache, CachePhase::Miss(_))
 }
 
-fn count(route: &str, result: &str, tier: &str) {
-    metrics()
-        .cache_results
-        .with_label_values(&[route, result, tier])
-        .inc();
+fn count(ctx: &RequestCtx, result: &str, tier: &str) {
+    ctx.snapshot
+        .routes
+        .metrics(ctx.route)
+        .cache_result(result, tier);
 }
 
 /// On a miss with a kept stale entry that has a validator, turns the upstream request into a
@@ -256,7 +254,7 @@ fn range_of(req: &Parts, entry: &Entry, not_modified: bool) -> RangeAnswer {
 
 /// The entry the origin confirmed with a `304`, as the response.
 fn serve_revalidated(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<Body> {
-    count(ctx.route_name(), "revalidated", "origin");
+    count(ctx, "revalidated", "origin");
     let unchanged = not_modified(req, entry);
     let ttl = entry.fresh_for_ms / 1000;
     let cache_status = format!("cachegate; fwd=stale; fwd-status=304; stored; ttl={ttl}");
@@ -292,7 +290,7 @@ pub fn serve_stale_on_error(
 }
 
 fn stale_on_error(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<Body> {
-    count(ctx.route_name(), "stale", "memory");
+    count(ctx, "stale", "memory");
     let serving = Serving {
         status: entry.status,
         age_secs: Cache::age_secs(entry),

@@ -2,7 +2,7 @@
 //! waits for the response to be over (the shared-tier write, the fill lease). Runs when the
 //! response body is dropped (see [`super::body`]).
 
-use crate::metrics::{method_label, metrics};
+use crate::metrics::metrics;
 
 use super::body::Finish;
 use super::caching;
@@ -18,18 +18,10 @@ pub fn finish(mut f: Finish) {
     let duration = ctx.started.elapsed();
 
     let m = metrics();
-    let status_buf = itoa_status(f.status);
-    let status_text = std::str::from_utf8(&status_buf).unwrap_or("0");
-    m.requests
-        .with_label_values(&[route, method_label(&f.method), status_text])
-        .inc();
-    m.request_duration
-        .with_label_values(&[route])
-        .observe(duration.as_secs_f64());
+    let route_metrics = ctx.snapshot.routes.metrics(ctx.route);
+    route_metrics.request(&f.method, f.status, duration);
     if let Some(upstream) = ctx.upstream_elapsed {
-        m.upstream_duration
-            .with_label_values(&[route])
-            .observe(upstream.as_secs_f64());
+        route_metrics.upstream(upstream);
     }
     if let Some(kind) = f.error {
         m.upstream_errors.with_label_values(&[kind]).inc();
@@ -66,14 +58,4 @@ pub fn finish(mut f: Finish) {
         purge = ctx.purged.and_then(|p| p.seq),
         error = f.error,
     );
-}
-
-/// A status code as three ASCII digits, without allocating.
-fn itoa_status(status: u16) -> [u8; 3] {
-    let s = status.min(999);
-    [
-        b'0' + (s / 100) as u8,
-        b'0' + (s / 10 % 10) as u8,
-        b'0' + (s % 10) as u8,
-    ]
 }

@@ -17,6 +17,7 @@ use self::canonical::PathRules;
 use crate::auth::AuthPolicy;
 use crate::cache::policy::CachePolicy;
 use crate::config::{PolicyConfig, RouteConfig, SpanError, Unmatched};
+use crate::metrics::RouteMetrics;
 use crate::purge::template::path_params;
 use crate::purge::PurgeRule;
 use crate::ratelimit::RateLimitPolicy;
@@ -241,6 +242,8 @@ pub struct Route {
     /// `None` means every method.
     pub methods: Option<Vec<Method>>,
     pub policy: Policy,
+    /// Its per-request metrics, labelled with `name`.
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
@@ -276,6 +279,8 @@ pub struct RouteTable {
     router: matchit::Router<TemplateRoutes>,
     routes: Vec<Route>,
     default_policy: Policy,
+    /// The metrics of requests no route matched (route `-`).
+    unmatched_metrics: RouteMetrics,
     /// How paths are made canonical before they are matched.
     pub paths: PathRules,
     /// What happens to requests that match no route.
@@ -344,6 +349,7 @@ impl RouteTable {
                 template: template.clone(),
                 methods,
                 policy,
+                metrics: RouteMetrics::new(config.display_name()),
             };
             match by_template
                 .iter_mut()
@@ -411,6 +417,7 @@ impl RouteTable {
                 router,
                 routes,
                 default_policy,
+                unmatched_metrics: RouteMetrics::new("-"),
                 paths,
                 unmatched: defaults.unmatched,
                 gateway_headers,
@@ -481,6 +488,11 @@ impl RouteTable {
 
     pub fn route(&self, id: RouteId) -> &Route {
         &self.routes[id]
+    }
+
+    /// The per-request metrics for a request: its route's, or those of unmatched requests.
+    pub fn metrics(&self, id: Option<RouteId>) -> &RouteMetrics {
+        id.map_or(&self.unmatched_metrics, |id| &self.routes[id].metrics)
     }
 
     /// The policy for a request: its route's, or the default.
