@@ -31,6 +31,35 @@ enum Command {
     Check(RunArgs),
     /// Mint an HS256 token for local use and print it.
     Token(TokenArgs),
+    /// Show what the gateway would do with a request — canonical path, route, auth, rate-limit
+    /// keys, cache key or bypass, purges — without sending anything upstream.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    /// Path to the TOML configuration file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// The request method.
+    #[arg(
+        short = 'X',
+        long = "request",
+        value_name = "METHOD",
+        default_value = "GET"
+    )]
+    method: String,
+    /// A request header, `Name: value`; repeat for more.
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
+    headers: Vec<String>,
+    /// The client's address (IP-keyed limits, trusted proxies).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    client_ip: std::net::IpAddr,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// `http://host/path?query` or `/path?query`.
+    url: String,
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +108,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => check(&args),
         Some(Command::Run(args)) => run(&args),
         Some(Command::Token(args)) => token(args),
+        Some(Command::Explain(args)) => explain(args),
         None => match cli.run {
             Some(args) => run(&args),
             None => {
@@ -140,6 +170,79 @@ fn token(args: TokenArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn explain(args: ExplainArgs) -> ExitCode {
+    use cachegate::pipeline::explain::{self, Question};
+    let fail = |message: String| {
+        eprintln!("cachegate explain: {message}");
+        ExitCode::FAILURE
+    };
+    let (loaded, snapshot) = match cachegate::snapshot::load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Ok(method) = http::Method::from_bytes(args.method.as_bytes()) else {
+        return fail(format!("{:?} is not an HTTP method", args.method));
+    };
+    let mut headers = Vec::new();
+    for header in &args.headers {
+        let parsed = header.split_once(':').and_then(|(name, value)| {
+            let name = http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?;
+            let value = http::HeaderValue::from_str(value.trim()).ok()?;
+            Some((name, value))
+        });
+        match parsed {
+            Some(pair) => headers.push(pair),
+            None => {
+                return fail(format!(
+                    "{header:?} is not a header; write it as 'Name: value'"
+                ))
+            }
+        }
+    }
+    // Rate-limit keys are computed, never counted: no store connection is needed.
+    let store: std::sync::Arc<dyn cachegate::store::Store> =
+        std::sync::Arc::new(cachegate::store::MemoryStore::new());
+    let limiter = match cachegate::ratelimit::Limiter::from_config(store, &loaded.config.rate_limit)
+    {
+        Ok(limiter) => limiter,
+        Err(message) => return fail(message),
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(format!("cannot start a runtime: {e}")),
+    };
+    let question = Question {
+        method,
+        url: args.url,
+        headers,
+        client_ip: args.client_ip,
+    };
+    let explanation = match runtime.block_on(explain::explain(
+        std::sync::Arc::new(snapshot),
+        &limiter,
+        question,
+    )) {
+        Ok(explanation) => explanation,
+        Err(e) => return fail(e.to_string()),
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&explanation) {
+            Ok(json) => println!("{json}"),
+            Err(e) => return fail(e.to_string()),
+        }
+    } else {
+        print!("{explanation}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(args: &RunArgs) -> ExitCode {

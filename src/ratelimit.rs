@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use crate::config::values::{parse_cidr, parse_rate};
-use crate::config::{KeyConfig, OnStoreError, RateLimitPolicyConfig, SpanError};
+use crate::config::{KeyConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig, SpanError};
 use crate::store::gcra::{GcraOutcome, GcraRequest};
 use crate::store::{GcraTable, Store};
 
@@ -277,6 +277,45 @@ impl Limiter {
             auth_failures,
             ipv6_prefix,
         }
+    }
+
+    /// The limiter `[rate_limit]` describes, counting in `store`. Fails only on an invalid
+    /// `auth_failures` rate (which `cachegate check` reports first).
+    pub fn from_config(store: Arc<dyn Store>, config: &RateLimitConfig) -> Result<Limiter, String> {
+        let auth_failures = match &config.auth_failures {
+            Some(rate) => {
+                let (count, period) = parse_rate(rate.get_ref())?;
+                Some(Limit {
+                    name: "auth-failures".to_owned(),
+                    count,
+                    period,
+                    burst: count,
+                    key: vec![KeyPart::Ip],
+                })
+            }
+            None => None,
+        };
+        Ok(Limiter::new(
+            store,
+            &config.prefix,
+            config.instances,
+            auth_failures,
+            *config.ipv6_prefix.get_ref(),
+        ))
+    }
+
+    /// Each of a policy's limits with its store key for one request, without counting anything
+    /// (for `cachegate explain`).
+    pub fn keys<'p>(
+        &self,
+        policy: &'p RateLimitPolicy,
+        facts: &RequestFacts<'_>,
+    ) -> Vec<(&'p Limit, String)> {
+        policy
+            .limits
+            .iter()
+            .map(|limit| (limit, self.key(&policy.scope, limit, facts)))
+            .collect()
     }
 
     /// The store key of a limit for one request. The braces are a Redis Cluster hash tag: one

@@ -47,6 +47,7 @@ pub mod range;
 mod coalesce;
 mod fill;
 mod shared;
+pub use shared::entry_key as shared_entry_key;
 
 use coalesce::{Flight, Flights, UNCACHEABLE_FOR};
 pub use coalesce::{FlightGuard, COALESCE_WAIT};
@@ -264,23 +265,22 @@ impl Cache {
         })
     }
 
-    /// Finds a fresh entry for a request (in process, then in the shared tier), or says why the
-    /// cache does not apply.
-    pub async fn lookup(&self, policy: &CachePolicy, request: &CacheRequest<'_>) -> Lookup {
+    /// Whether the cache applies to a request under `policy`: its primary key, or why not (the
+    /// `Bypass` reason). Decided from the request alone, before any tier is read; `cachegate
+    /// explain` reports exactly this.
+    pub fn admit(
+        policy: &CachePolicy,
+        request: &CacheRequest<'_>,
+    ) -> Result<CacheKey, &'static str> {
         if *request.method != Method::GET && *request.method != Method::HEAD {
-            return Lookup::Bypass("method");
+            return Err("method");
         }
         if policy.scope == CacheScope::User && request.user.is_none() {
-            return Lookup::Bypass("anonymous");
+            return Err("anonymous");
         }
         if request.has_body {
-            return Lookup::Bypass("body");
+            return Err("body");
         }
-        // §3.5: a request with credentials may be answered only by an entry whose origin said
-        // any client may have it (`public`, `s-maxage`, `must-revalidate`) — unless the rule
-        // makes entries per user or declares the route's authorised content shared.
-        let authorized_bound =
-            request.authorized && !(policy.rule.per_user || policy.rule.allow_authorized);
         // An override header the origin is allowed to see (`[server] forward_override_headers`)
         // changes its answer: unless the rule keys on it, the cache stays out of the way.
         // One pass over the request's few names (a lookup per override name would parse and
@@ -290,15 +290,29 @@ impl Cache {
             .keys()
             .any(|name| OVERRIDE_HEADERS.contains(&name.as_str()) && !policy.vary.contains(name));
         if unkeyed_override {
-            return Lookup::Bypass("override-header");
+            return Err("override-header");
         }
         if policy.honor_client_cache_control {
             let cc = CacheControl::parse(request.headers);
             if cc.no_cache || cc.no_store {
-                return Lookup::Bypass("client-no-cache");
+                return Err("client-no-cache");
             }
         }
-        let primary = Cache::primary_key(policy, request);
+        Ok(Cache::primary_key(policy, request))
+    }
+
+    /// Finds a fresh entry for a request (in process, then in the shared tier), or says why the
+    /// cache does not apply.
+    pub async fn lookup(&self, policy: &CachePolicy, request: &CacheRequest<'_>) -> Lookup {
+        let primary = match Cache::admit(policy, request) {
+            Ok(primary) => primary,
+            Err(reason) => return Lookup::Bypass(reason),
+        };
+        // §3.5: a request with credentials may be answered only by an entry whose origin said
+        // any client may have it (`public`, `s-maxage`, `must-revalidate`) — unless the rule
+        // makes entries per user or declares the route's authorised content shared.
+        let authorized_bound =
+            request.authorized && !(policy.rule.per_user || policy.rule.allow_authorized);
         let now = now_ms();
         let known_vary = self.memory.vary_of(primary.local());
         let vary: &[HeaderName] = known_vary.as_deref().map_or(&policy.vary, |v| v.as_slice());

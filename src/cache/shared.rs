@@ -41,6 +41,11 @@ pub struct SharedWrite {
     ttl: Duration,
 }
 
+/// The shared tier's key of the entry for `variant`.
+pub fn entry_key(variant: &CacheKey) -> String {
+    format!("{L2_PREFIX}{}", variant.shared())
+}
+
 impl SharedWrite {
     /// The write of `entry`, the variant `variant` of `primary` varying on `vary`.
     pub(super) fn new(
@@ -51,7 +56,7 @@ impl SharedWrite {
         compress_above: Option<u64>,
     ) -> SharedWrite {
         SharedWrite {
-            entry_key: format!("{L2_PREFIX}{}", variant.shared()),
+            entry_key: entry_key(variant),
             entry: entry.encode_compressed(compress_above),
             vary_key: format!("{VARY_PREFIX}{}", primary.shared()),
             vary: vary
@@ -89,10 +94,7 @@ impl Cache {
                 self.memory.set_vary(primary.local().to_owned(), names);
             }
         }
-        let raw = store
-            .get(&format!("{L2_PREFIX}{}", variant.shared()))
-            .await
-            .ok()??;
+        let raw = store.get(&entry_key(&variant)).await.ok()??;
         match Entry::decode(raw) {
             Ok(entry) => Some((variant.local().to_owned(), Arc::new(entry))),
             Err(e) => {

@@ -90,7 +90,7 @@ fn has_body(req: &Parts) -> bool {
             .is_some_and(|v| v.as_bytes() != b"0")
 }
 
-fn cache_request<'a>(req: &'a Parts, ctx: &'a RequestCtx) -> CacheRequest<'a> {
+pub(super) fn cache_request<'a>(req: &'a Parts, ctx: &'a RequestCtx) -> CacheRequest<'a> {
     CacheRequest {
         method: &req.method,
         scheme: ctx.connection.scheme(),

@@ -15,6 +15,7 @@
 
 pub mod body;
 mod caching;
+pub mod explain;
 mod forwarding;
 mod purging;
 mod refresh;
@@ -105,6 +106,25 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// A request's context before any step ran.
+    pub fn new(snapshot: Arc<Snapshot>, request_id: String, connection: Connection) -> RequestCtx {
+        RequestCtx {
+            snapshot,
+            request_id,
+            route: None,
+            client_ip: connection.peer.ip(),
+            connection,
+            rate_limit: None,
+            cache: caching::CachePhase::default(),
+            cache_tags: Vec::new(),
+            purged: None,
+            identity: None,
+            auth_failure: None,
+            started: Instant::now(),
+            upstream_elapsed: None,
+        }
+    }
+
     /// The policy the request runs under: its route's, or the defaults'.
     pub fn route_policy(&self) -> &crate::routing::Policy {
         self.snapshot.routes.policy(self.route)
@@ -217,21 +237,11 @@ impl Gateway {
         request: Request<Incoming>,
     ) -> Response<Body> {
         let (mut head, body) = request.into_parts();
-        let mut ctx = RequestCtx {
-            snapshot: self.snapshot.load_full(),
-            request_id: request_id_from(head.headers.get(REQUEST_ID)),
-            route: None,
-            client_ip: connection.peer.ip(),
+        let mut ctx = RequestCtx::new(
+            self.snapshot.load_full(),
+            request_id_from(head.headers.get(REQUEST_ID)),
             connection,
-            rate_limit: None,
-            cache: caching::CachePhase::default(),
-            cache_tags: Vec::new(),
-            purged: None,
-            identity: None,
-            auth_failure: None,
-            started: Instant::now(),
-            upstream_elapsed: None,
-        };
+        );
         let mut error = None;
         let response = match self.admit(&mut head, &mut ctx).await {
             ControlFlow::Break(response) => response,
@@ -261,12 +271,7 @@ impl Gateway {
     /// Every step before the cache: framing and size limits, the canonical path, routing,
     /// sanitising, authentication, rate limiting.
     async fn admit(&self, head: &mut Parts, ctx: &mut RequestCtx) -> Step {
-        Self::check_framing(head, ctx)?;
-        Self::check_size(head, ctx)?;
-        if let Some(method) = canonical_method(&head.method) {
-            head.method = method;
-        }
-        Self::canonicalize(head, ctx)?;
+        Self::before_route(head, ctx)?;
         if head.method.as_str() == "PURGE" {
             if let Some(token) = &ctx.snapshot.purge_method_token {
                 return ControlFlow::Break(
@@ -275,12 +280,29 @@ impl Gateway {
             }
         }
         Self::route(head, ctx)?;
+        Self::identify_and_sanitize(head, ctx);
+        self.authenticate(head, ctx).await?;
+        self.rate_limit(head, ctx).await
+    }
+
+    /// The steps before routing: framing and size limits, the method's and the path's
+    /// canonical forms.
+    fn before_route(head: &mut Parts, ctx: &RequestCtx) -> Step {
+        Self::check_framing(head, ctx)?;
+        Self::check_size(head, ctx)?;
+        if let Some(method) = canonical_method(&head.method) {
+            head.method = method;
+        }
+        Self::canonicalize(head, ctx)
+    }
+
+    /// After routing: the client's address (the peer, or what a trusted proxy says), and the
+    /// headers only the gateway may set removed.
+    fn identify_and_sanitize(head: &mut Parts, ctx: &mut RequestCtx) {
         let peer = ctx.connection.peer.ip();
         let trusted_peer = ctx.snapshot.trusted_proxies.trusts(peer);
         ctx.client_ip = ctx.snapshot.trusted_proxies.client_ip(peer, &head.headers);
         sanitize(head, ctx, trusted_peer);
-        self.authenticate(head, ctx).await?;
-        self.rate_limit(head, ctx).await
     }
 
     /// Body framing (RFC 9112 §6): ambiguous framing is refused, and the connection closed, since

@@ -36,12 +36,7 @@ pub async fn on_response(
         return;
     }
     let path = req.uri.path();
-    let mut keys = vec![path_key(path)];
-    if !rule.paths.is_empty() || !rule.tags.is_empty() {
-        let params = snapshot.routes.params(path);
-        keys.extend(rule.paths.iter().map(|t| path_key(&t.expand(&params))));
-        keys.extend(rule.tags.iter().map(|t| tag_key(&t.expand(&params))));
-    }
+    let mut keys = rule.keys_for(path, || snapshot.routes.params(path));
     keys.extend(purge::invalidated_tags(&response.headers).map(|t| tag_key(&t)));
     let host = request_host(req);
     for name in [LOCATION, CONTENT_LOCATION] {

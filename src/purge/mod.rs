@@ -172,6 +172,35 @@ impl PurgeRule {
         }
     }
 
+    /// The keys a triggering write to `path` purges by the rule alone: the path itself, and the
+    /// rule's paths and tags filled in from the path's parameters (`params` is asked only when
+    /// the rule has templates). The origin's answer can add more (`Cache-Group-Invalidation`,
+    /// `Location`).
+    pub fn keys_for(
+        &self,
+        path: &str,
+        params: impl FnOnce() -> Vec<(String, String)>,
+    ) -> Vec<String> {
+        let mut keys = vec![path_key(path)];
+        if !self.paths.is_empty() || !self.tags.is_empty() {
+            let params = params();
+            keys.extend(self.paths.iter().map(|t| path_key(&t.expand(&params))));
+            keys.extend(self.tags.iter().map(|t| tag_key(&t.expand(&params))));
+        }
+        keys
+    }
+
+    /// When a write purges, in words (for `cachegate explain`).
+    pub fn trigger_description(&self) -> String {
+        match &self.statuses {
+            Some(list) => {
+                let list: Vec<String> = list.iter().map(u16::to_string).collect();
+                format!("when the origin answers {}", list.join(", "))
+            }
+            None => "when the origin answers 2xx or 3xx".to_owned(),
+        }
+    }
+
     /// Whether a write answered with `status` purges: the rule's statuses, or any 2xx and 3xx.
     pub fn triggers(&self, status: u16) -> bool {
         match &self.statuses {

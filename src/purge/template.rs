@@ -73,7 +73,13 @@ pub fn path_params(template: &str) -> Vec<String> {
     template
         .split('/')
         .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
-        .map(|name| name.trim_start_matches('*').to_owned())
+        // `{id:int}` is the parameter `id`: the type is the router's business.
+        .map(|name| {
+            let name = name.trim_start_matches('*');
+            name.split_once(':')
+                .map_or(name, |(name, _)| name)
+                .to_owned()
+        })
         .collect()
 }
 
@@ -107,6 +113,8 @@ mod tests {
         assert_eq!(tag.expand(&values), "product:7");
         let plain = Template::compile(&spanned("/products"), &params).unwrap();
         assert_eq!(plain.expand(&values), "/products");
+        // A typed parameter is named without its type.
+        assert_eq!(path_params("/products/{id:int}/{*rest}"), ["id", "rest"]);
     }
 
     #[test]

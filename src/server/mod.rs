@@ -24,7 +24,7 @@ use crate::cache::Cache;
 use crate::config::LoadedConfig;
 use crate::pipeline::Gateway;
 use crate::purge::Purger;
-use crate::ratelimit::{self, Limiter};
+use crate::ratelimit::Limiter;
 use crate::reload::{reload_on_sighup, Reloader};
 use crate::snapshot::Snapshot;
 use crate::store;
@@ -98,26 +98,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         let _guard = control.enter();
         store::from_config(config.store.as_ref()).map_err(|e| e.to_string())?
     };
-    let auth_failures = match &config.rate_limit.auth_failures {
-        Some(rate) => {
-            let (count, period) = crate::config::values::parse_rate(rate.get_ref())?;
-            Some(ratelimit::Limit {
-                name: "auth-failures".to_owned(),
-                count,
-                period,
-                burst: count,
-                key: vec![ratelimit::KeyPart::Ip],
-            })
-        }
-        None => None,
-    };
-    let limiter = Limiter::new(
-        store.clone(),
-        &config.rate_limit.prefix,
-        config.rate_limit.instances,
-        auth_failures,
-        *config.rate_limit.ipv6_prefix.get_ref(),
-    );
+    let limiter = Limiter::from_config(store.clone(), &config.rate_limit)?;
     tracing::info!(store = store.kind(), "store ready");
     if let Some(auth) = &snapshot.auth {
         let _guard = control.enter();
