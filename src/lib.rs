@@ -17,6 +17,7 @@ pub mod config;
 pub mod header_rules;
 pub mod http_client;
 pub mod metrics;
+pub mod openapi;
 pub mod pipeline;
 pub mod problem;
 pub mod purge;

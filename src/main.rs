@@ -34,6 +34,23 @@ enum Command {
     /// Show what the gateway would do with a request — canonical path, route, auth, rate-limit
     /// keys, cache key or bypass, purges — without sending anything upstream.
     Explain(ExplainArgs),
+    /// Write a starter configuration from the API's OpenAPI 3 document (JSON or YAML).
+    Init(InitArgs),
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// The OpenAPI document: a file, or an `http(s)://` URL such as
+    /// http://127.0.0.1:3000/openapi.json.
+    #[arg(long, value_name = "FILE|URL")]
+    openapi: String,
+    /// The origin to proxy to. Default: the document's first absolute server URL, else
+    /// http://127.0.0.1:3000.
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Write the configuration here (never over an existing file) instead of to stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -109,6 +126,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(&args),
         Some(Command::Token(args)) => token(args),
         Some(Command::Explain(args)) => explain(args),
+        Some(Command::Init(args)) => init(args),
         None => match cli.run {
             Some(args) => run(&args),
             None => {
@@ -170,6 +188,90 @@ fn token(args: TokenArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init(args: InitArgs) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("cachegate init: {message}");
+        ExitCode::FAILURE
+    };
+    if let Some(path) = args.output.as_ref().filter(|p| p.exists()) {
+        return fail(format!(
+            "{} exists; remove it or choose another file with -o",
+            path.display()
+        ));
+    }
+    let text = if args.openapi.starts_with("http://") || args.openapi.starts_with("https://") {
+        match fetch_text(&args.openapi) {
+            Ok(text) => text,
+            Err(message) => return fail(message),
+        }
+    } else {
+        match std::fs::read_to_string(&args.openapi) {
+            Ok(text) => text,
+            Err(e) => return fail(format!("cannot read {}: {e}", args.openapi)),
+        }
+    };
+    let document = match cachegate::openapi::parse(&text) {
+        Ok(document) => document,
+        Err(e) => return fail(format!("{}: {e}", args.openapi)),
+    };
+    let config =
+        cachegate::openapi::starter_config(&document, args.upstream.as_deref(), &args.openapi);
+    match &args.output {
+        Some(path) => {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, config.as_bytes()));
+            if let Err(e) = written {
+                return fail(format!("cannot write {}: {e}", path.display()));
+            }
+            eprintln!(
+                "wrote {}; check it with `cachegate check --config {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        None => print!("{config}"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// GETs a document (an OpenAPI description) over HTTP(S).
+fn fetch_text(url: &str) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(async {
+        let client = cachegate::http_client::client::<http_body_util::Empty<bytes::Bytes>>(None)?;
+        let fetch = async {
+            let response = client
+                .get(uri)
+                .await
+                .map_err(|e| format!("GET {url} failed: {e}"))?;
+            if !response.status().is_success() {
+                return Err(format!("GET {url} answered {}", response.status()));
+            }
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("reading {url} failed: {e}"))?
+                .to_bytes();
+            String::from_utf8(body.to_vec()).map_err(|_| format!("{url} is not UTF-8 text"))
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), fetch)
+            .await
+            .map_err(|_| format!("GET {url} timed out after 30 s"))?
+    })
 }
 
 fn explain(args: ExplainArgs) -> ExitCode {

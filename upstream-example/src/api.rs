@@ -35,6 +35,10 @@ use sha2::{Digest, Sha256};
 use crate::db::{Db, Product, ProductFields};
 use crate::stats::Stats;
 
+/// This API's OpenAPI 3.1 description, served at `/openapi.json` (what `cachegate init
+/// --openapi` reads).
+const OPENAPI: &str = include_str!("../openapi.json");
+
 pub type ResponseBody = BoxBody<Bytes, Infallible>;
 
 /// Largest JSON request body the products API accepts.
@@ -62,6 +66,15 @@ pub async fn handle(
         (["health"], _) if read => {
             app.stats.record("GET /health");
             json_response(StatusCode::OK, &json!({"status": "ok"}))
+        }
+        (["openapi.json"], _) if read => {
+            app.stats.record("GET /openapi.json");
+            let mut resp = Response::new(BoxBody::new(Full::new(Bytes::from_static(
+                OPENAPI.as_bytes(),
+            ))));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp
         }
         (["__stats"], &Method::GET) => json_response(StatusCode::OK, &app.stats.to_json()),
         (["__headers"], _) => {

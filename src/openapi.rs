@@ -1,0 +1,491 @@
+//! `cachegate init --openapi`: a starter configuration from an API's OpenAPI 3.0/3.1 document.
+//!
+//! Each path template becomes up to two kinds of routes: its reads (`GET`, `HEAD`) cached with
+//! a short TTL, and its writes, grouped by the security they require, purging their own path
+//! and their collection's (`/products/{id}` → `/products`). Operations with a bearer-token
+//! requirement (OAuth2, OpenID Connect, HTTP bearer) get `auth = "required"` with the first
+//! requirement's scopes, and their cached reads are kept per user. Integer path parameters
+//! become `{name:int}`, so `/products/07` and `/products/7` are one route, one entry, one
+//! purge target. Anything the gateway cannot check itself (API keys, HTTP basic) is left to the
+//! origin — and such reads are not cached, since the gateway cannot tell the callers apart.
+//!
+//! The output is a commented TOML file meant to be read and adjusted; `cachegate check`
+//! accepts it as written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// Freshness given to cached reads: short, since the document says nothing about how often
+/// resources change.
+const STARTER_TTL: &str = "10s";
+
+/// Why a document could not be turned into a configuration.
+#[derive(Debug)]
+pub enum OpenApiError {
+    /// Neither JSON nor YAML.
+    Parse(String),
+    /// Parsed, but not an OpenAPI 3 document.
+    NotOpenApi(String),
+}
+
+impl std::fmt::Display for OpenApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenApiError::Parse(e) => write!(f, "the document is neither JSON nor YAML: {e}"),
+            OpenApiError::NotOpenApi(e) => write!(f, "not an OpenAPI 3 document: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OpenApiError {}
+
+/// Parses an OpenAPI document written in JSON or YAML.
+pub fn parse(text: &str) -> Result<Value, OpenApiError> {
+    let document: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(json) => serde_saphyr::from_str(text)
+            .map_err(|yaml| OpenApiError::Parse(format!("as JSON: {json}; as YAML: {yaml}")))?,
+    };
+    let version = document
+        .get("openapi")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if !version.starts_with("3.") {
+        return Err(OpenApiError::NotOpenApi(format!(
+            "`openapi` is {:?}; 3.0 and 3.1 are supported (convert Swagger 2.0 first)",
+            document.get("openapi").unwrap_or(&Value::Null)
+        )));
+    }
+    if !document.get("paths").is_some_and(Value::is_object) {
+        return Err(OpenApiError::NotOpenApi("it has no `paths` object".into()));
+    }
+    Ok(document)
+}
+
+/// What an operation requires of its caller, as far as the gateway can check it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Access {
+    /// No requirement.
+    Public,
+    /// A bearer token if present (one requirement is the empty `{}`).
+    OptionalToken,
+    /// A bearer token with these scopes.
+    Token(Vec<String>),
+    /// Credentials only the origin can check (API keys, HTTP basic, mutual TLS).
+    OriginChecked,
+}
+
+/// The starter configuration for `document`, sending traffic to `upstream` (default: the
+/// document's first absolute server URL, else `http://127.0.0.1:3000`). `source` names the
+/// document in the header comment.
+pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) -> String {
+    let schemes = document
+        .pointer("/components/securitySchemes")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let global_security = document.get("security");
+    let paths = document["paths"].as_object().cloned().unwrap_or_default();
+    let templates: BTreeSet<String> = paths
+        .iter()
+        .map(|(path, item)| gateway_template(document, path, item))
+        .collect();
+
+    let mut routes = String::new();
+    let mut names = BTreeSet::new();
+    let mut uses_tokens = false;
+    for (path, item) in &paths {
+        let template = gateway_template(document, path, item);
+        let mut reads: Vec<(&str, Access)> = Vec::new();
+        let mut writes: BTreeMap<Access, Vec<&str>> = BTreeMap::new();
+        for method in ["get", "head", "post", "put", "patch", "delete"] {
+            let Some(operation) = item.get(method) else {
+                continue;
+            };
+            let security = operation.get("security").or(global_security);
+            let access = access_of(security, &schemes);
+            uses_tokens |= matches!(access, Access::Token(_) | Access::OptionalToken);
+            match method {
+                "get" | "head" => reads.push((method, access)),
+                _ => writes.entry(access).or_default().push(method),
+            }
+        }
+        let base = route_name(&template);
+        if let Some((_, access)) = reads.iter().max_by_key(|(_, a)| a.clone()) {
+            let name = unique(&mut names, format!("{base}-read"));
+            let _ = writeln!(routes, "[[routes]]\nname = {}", quote(&name));
+            let _ = writeln!(routes, "path = {}", quote(&template));
+            let _ = writeln!(routes, "methods = [\"GET\", \"HEAD\"]");
+            write_access(&mut routes, access);
+            match access {
+                Access::Public if is_probe(&template) => {
+                    let _ = writeln!(
+                        routes,
+                        "# Not cached: a health or status answer must be live."
+                    );
+                }
+                Access::Public => {
+                    let _ = writeln!(routes, "cache = {{ ttl = \"{STARTER_TTL}\" }}");
+                }
+                Access::Token(_) | Access::OptionalToken => {
+                    let _ = writeln!(
+                        routes,
+                        "# Readers are authenticated: each user's answers are cached for that user only.\n\
+                         cache = {{ ttl = \"{STARTER_TTL}\", scope = \"user\" }}"
+                    );
+                }
+                Access::OriginChecked => {
+                    let _ = writeln!(
+                        routes,
+                        "# Not cached: the origin checks credentials the gateway cannot tell apart."
+                    );
+                }
+            }
+            routes.push('\n');
+        }
+        for (access, methods) in &writes {
+            let suffix = if writes.len() == 1 {
+                "write".to_owned()
+            } else {
+                methods.join("-")
+            };
+            let name = unique(&mut names, format!("{base}-{suffix}"));
+            let methods: Vec<String> = methods
+                .iter()
+                .map(|m| quote(&m.to_ascii_uppercase()))
+                .collect();
+            let _ = writeln!(routes, "[[routes]]\nname = {}", quote(&name));
+            let _ = writeln!(routes, "path = {}", quote(&template));
+            let _ = writeln!(routes, "methods = [{}]", methods.join(", "));
+            write_access(&mut routes, access);
+            // A write purges its own path anyway; its collection's list changes too.
+            match collection_of(&template).filter(|c| templates.contains(c)) {
+                Some(collection) => {
+                    let _ = writeln!(routes, "purge = {{ paths = [{}] }}", quote(&collection));
+                }
+                None => {
+                    let _ = writeln!(routes, "# A successful write purges this path.");
+                }
+            }
+            routes.push('\n');
+        }
+    }
+
+    let title = document
+        .pointer("/info/title")
+        .and_then(Value::as_str)
+        .unwrap_or("the API");
+    let version = document
+        .pointer("/info/version")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let upstream = upstream
+        .map(str::to_owned)
+        .or_else(|| server_url(document))
+        .unwrap_or_else(|| "http://127.0.0.1:3000".to_owned());
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# cachegate configuration for {title} {version}, generated by `cachegate init` from\n\
+         # {source}.\n\
+         # A starting point: reads are cached for {STARTER_TTL}, writes purge what they change. Adjust\n\
+         # TTLs per route, then check a URL with `cachegate explain --config FILE URL` and the whole\n\
+         # file with `cachegate check --config FILE`.\n"
+    );
+    let _ = writeln!(
+        out,
+        "[[listeners]]\naddress = \"127.0.0.1:8080\"\n\n\
+         [upstream]\naddresses = [{}]\n\n\
+         # Health, readiness and metrics for operators; keep it on a private address.\n\
+         [admin]\naddress = \"127.0.0.1:9901\"\n\n\
+         # Paths the document does not describe are refused (404, or 405 for an undescribed\n\
+         # method): nothing reaches the API unless a route below allows it. Use \"pass\" to\n\
+         # forward them under these defaults instead.\n\
+         [defaults]\nunmatched = \"deny\"\n",
+        quote(&upstream)
+    );
+    if uses_tokens {
+        let _ = writeln!(out, "{}", auth_section(&schemes));
+    }
+    out.push_str(&routes);
+    out
+}
+
+/// The `[auth]` table: an OpenID Connect scheme's issuer when the document names one, else an
+/// HMAC secret from the environment to replace with the identity provider's keys.
+fn auth_section(schemes: &serde_json::Map<String, Value>) -> String {
+    let oidc = schemes.values().find_map(|s| {
+        let url = s.get("openIdConnectUrl")?.as_str()?;
+        Some(
+            url.strip_suffix("/.well-known/openid-configuration")
+                .unwrap_or(url)
+                .to_owned(),
+        )
+    });
+    match oidc {
+        Some(issuer) => format!(
+            "# Bearer tokens are verified with the keys the OpenID provider publishes.\n\
+             [auth]\nissuer = {issuer}\n\n\
+             [[auth.providers]]\nname = \"oidc\"\nalgorithms = [\"RS256\"]\noidc_issuer = {issuer}\n",
+            issuer = quote(&issuer)
+        ),
+        None => "# Bearer tokens (the document's OAuth2 / bearer schemes). This verifies HS256 tokens\n\
+                 # signed with JWT_SECRET; for your identity provider use `jwks_url` or `oidc_issuer`\n\
+                 # with its algorithms instead (see the README's [[auth.providers]]).\n\
+                 [auth]\n\n\
+                 [[auth.providers]]\nname = \"local-hmac\"\nalgorithms = [\"HS256\"]\n\
+                 secret = \"${JWT_SECRET:-dev-only-secret}\"\n"
+            .to_owned(),
+    }
+}
+
+fn write_access(out: &mut String, access: &Access) {
+    let _ = match access {
+        Access::Public => Ok(()),
+        Access::OptionalToken => writeln!(out, "auth = \"optional\""),
+        Access::Token(scopes) if scopes.is_empty() => writeln!(out, "auth = \"required\""),
+        Access::Token(scopes) => {
+            let scopes: Vec<String> = scopes.iter().map(|s| quote(s)).collect();
+            writeln!(
+                out,
+                "auth = {{ mode = \"required\", scopes = [{}] }}",
+                scopes.join(", ")
+            )
+        }
+        Access::OriginChecked => writeln!(
+            out,
+            "# The origin checks this route's credentials (API key or basic): passed through."
+        ),
+    };
+}
+
+/// What `security` (a list of alternative requirements) asks of a caller.
+fn access_of(security: Option<&Value>, schemes: &serde_json::Map<String, Value>) -> Access {
+    let Some(requirements) = security.and_then(Value::as_array) else {
+        return Access::Public;
+    };
+    if requirements.is_empty() {
+        return Access::Public;
+    }
+    let is_token = |name: &str| {
+        schemes
+            .get(name)
+            .is_some_and(|s| match s.get("type").and_then(Value::as_str) {
+                Some("oauth2") | Some("openIdConnect") => true,
+                Some("http") => s
+                    .get("scheme")
+                    .and_then(Value::as_str)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer")),
+                _ => false,
+            })
+    };
+    let optional = requirements
+        .iter()
+        .any(|r| r.as_object().is_some_and(|o| o.is_empty()));
+    // Alternatives are "any of"; the gateway's scopes are "all of": the first bearer
+    // requirement is the closest single policy.
+    let token = requirements.iter().find_map(|r| {
+        let object = r.as_object()?;
+        let (_, scopes) = object.iter().find(|(name, _)| is_token(name))?;
+        Some(
+            scopes
+                .as_array()
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    });
+    match (token, optional) {
+        (Some(_), true) => Access::OptionalToken,
+        (Some(scopes), false) => Access::Token(scopes),
+        (None, true) => Access::Public,
+        (None, false) => Access::OriginChecked,
+    }
+}
+
+/// The path template as the gateway writes it: `{id}` becomes `{id:int}` when the document
+/// types the parameter as an integer.
+fn gateway_template(document: &Value, path: &str, item: &Value) -> String {
+    let mut integers = BTreeSet::new();
+    let operations = ["get", "head", "post", "put", "patch", "delete"]
+        .iter()
+        .filter_map(|m| item.get(*m));
+    let lists = std::iter::once(item).chain(operations);
+    for list in lists.filter_map(|v| v.get("parameters").and_then(Value::as_array)) {
+        for parameter in list {
+            let parameter = resolve(document, parameter);
+            if parameter.get("in").and_then(Value::as_str) != Some("path") {
+                continue;
+            }
+            let kind = parameter
+                .pointer("/schema/type")
+                .or_else(|| parameter.get("type"));
+            let is_integer = match kind {
+                Some(Value::String(t)) => t == "integer",
+                // 3.1: `type: [integer, "null"]`.
+                Some(Value::Array(types)) => types.iter().any(|t| t == "integer"),
+                _ => false,
+            };
+            if let (true, Some(name)) = (is_integer, parameter.get("name").and_then(Value::as_str))
+            {
+                integers.insert(name.to_owned());
+            }
+        }
+    }
+    let mut out = path.to_owned();
+    for name in integers {
+        out = out.replace(&format!("{{{name}}}"), &format!("{{{name}:int}}"));
+    }
+    out
+}
+
+/// `{"$ref": "#/components/parameters/Id"}` → the object it points at (local references only).
+fn resolve<'a>(document: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(reference) => reference
+            .strip_prefix('#')
+            .and_then(|pointer| document.pointer(pointer))
+            .unwrap_or(value),
+        None => value,
+    }
+}
+
+/// Health and status endpoints, whose answers a cache would make stale.
+fn is_probe(template: &str) -> bool {
+    let last = template.rsplit('/').next().unwrap_or_default();
+    matches!(
+        last.to_ascii_lowercase().as_str(),
+        "health" | "healthz" | "livez" | "ready" | "readyz" | "status" | "ping" | "metrics"
+    )
+}
+
+/// `/products/{id:int}` → `/products`: the list a write to an item changes.
+fn collection_of(template: &str) -> Option<String> {
+    let (parent, last) = template.rsplit_once('/')?;
+    (last.starts_with('{') && !parent.is_empty()).then(|| parent.to_owned())
+}
+
+/// `/shops/{shop}/products/{id:int}` → `shops-shop-products-id`.
+fn route_name(template: &str) -> String {
+    let words: Vec<String> = template
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|segment| {
+            let segment = segment.trim_matches(|c| c == '{' || c == '}');
+            let segment = segment.split(':').next().unwrap_or(segment);
+            segment
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    if words.is_empty() {
+        "root".to_owned()
+    } else {
+        words.join("-")
+    }
+}
+
+fn unique(names: &mut BTreeSet<String>, name: String) -> String {
+    let mut candidate = name.clone();
+    let mut n = 2;
+    while !names.insert(candidate.clone()) {
+        candidate = format!("{name}-{n}");
+        n += 1;
+    }
+    candidate
+}
+
+/// The first server URL that names a host (relative ones name the document's own host).
+fn server_url(document: &Value) -> Option<String> {
+    document
+        .get("servers")?
+        .as_array()?
+        .iter()
+        .filter_map(|s| s.get("url")?.as_str())
+        .filter_map(|url| url.parse::<http::Uri>().ok())
+        // The gateway forwards the request's own path: the origin is scheme and authority.
+        .find_map(|uri| Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?)))
+}
+
+/// A TOML string literal.
+fn quote(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_parameters_typed_and_collections_found() {
+        let doc = parse(
+            r##"
+openapi: 3.1.0
+info: {title: Shop, version: "1"}
+components:
+  parameters:
+    Id: {name: id, in: path, required: true, schema: {type: integer}}
+paths:
+  /products/{id}:
+    parameters: [{$ref: "#/components/parameters/Id"}]
+    get: {}
+"##,
+        )
+        .unwrap();
+        let item = &doc["paths"]["/products/{id}"];
+        assert_eq!(
+            gateway_template(&doc, "/products/{id}", item),
+            "/products/{id:int}"
+        );
+        assert_eq!(
+            collection_of("/products/{id:int}").as_deref(),
+            Some("/products")
+        );
+        assert_eq!(collection_of("/products"), None);
+        assert_eq!(
+            route_name("/shops/{shop}/items/{id:int}"),
+            "shops-shop-items-id"
+        );
+        assert_eq!(route_name("/"), "root");
+    }
+
+    #[test]
+    fn security_requirements_map_to_policies() {
+        let schemes: serde_json::Map<String, Value> = serde_json::from_str(
+            r#"{"oauth": {"type": "oauth2"}, "bearer": {"type": "http", "scheme": "bearer"},
+                "key": {"type": "apiKey", "in": "header", "name": "X-Key"}}"#,
+        )
+        .unwrap();
+        let access = |json: &str| access_of(Some(&serde_json::from_str(json).unwrap()), &schemes);
+        assert_eq!(access("[]"), Access::Public);
+        assert_eq!(
+            access(r#"[{"oauth": ["a:write"]}]"#),
+            Access::Token(vec!["a:write".into()])
+        );
+        assert_eq!(access(r#"[{"bearer": []}]"#), Access::Token(vec![]));
+        assert_eq!(access(r#"[{"bearer": []}, {}]"#), Access::OptionalToken);
+        assert_eq!(access(r#"[{"key": []}]"#), Access::OriginChecked);
+        assert_eq!(access_of(None, &schemes), Access::Public);
+    }
+
+    #[test]
+    fn not_openapi_is_refused_with_the_reason() {
+        let e = parse(r#"{"swagger": "2.0", "paths": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("3.0 and 3.1"), "{e}");
+        let e = parse("{ not: [valid").unwrap_err();
+        assert!(e.to_string().contains("neither JSON nor YAML"), "{e}");
+    }
+}
