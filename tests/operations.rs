@@ -556,3 +556,139 @@ async fn a_sighup_as_soon_as_the_port_answers_reloads_and_never_kills() {
         assert_eq!(resp.status, StatusCode::OK, "the gateway is still serving");
     }
 }
+
+/// The label names a PromQL expression groups or filters by (`by (a, b)`, `{a="x", b=~"y"}`).
+fn promql_labels(expr: &str) -> Vec<String> {
+    let mut labels = Vec::new();
+    for (open, close) in [("by (", ')'), ("{", '}')] {
+        let mut rest = expr;
+        while let Some(start) = rest.find(open) {
+            let inner = &rest[start + open.len()..];
+            let end = inner.find(close).expect("balanced PromQL");
+            for part in inner[..end].split(',') {
+                let name: String = part
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    labels.push(name);
+                }
+            }
+            rest = &inner[end..];
+        }
+    }
+    labels
+}
+
+/// The shipped Grafana dashboard queries only metrics and labels that `/metrics` exports once
+/// the gateway has served every kind of traffic the dashboard shows, and the shipped Prometheus
+/// configuration scrapes the admin listener's `/metrics` with the admin token.
+#[tokio::test]
+async fn the_grafana_dashboard_queries_what_the_gateway_exports() {
+    let redis = Redis::start();
+    let upstream = Upstream::start();
+    let admin_port = free_port();
+    let extra = format!(
+        "[store]\nredis_url = \"{}\"\n\n[[routes]]\nname = \"list\"\npath = \"/products\"\n\
+         methods = [\"GET\", \"HEAD\"]\ncache = {{ ttl = \"30s\" }}\n",
+        redis.url()
+    );
+    let gateway = Gateway::start(&ops_config(&upstream.url(), admin_port, &extra, "v1"));
+    let client = Client::new();
+    for path in [
+        "/products",
+        "/products",
+        "/products/1",
+        "/__headers",
+        "/health",
+        "/health",
+    ] {
+        client.get(&gateway.url(path)).await;
+    }
+    let created = client
+        .send(
+            Method::POST,
+            &gateway.url("/products"),
+            &[("content-type", "application/json")],
+            Bytes::from_static(br#"{"name":"Lamp","price":1,"stock":1}"#),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let reload = admin(admin_port, Method::POST, "/reload", Some(ADMIN_TOKEN)).await;
+    assert_eq!(reload.status, StatusCode::OK);
+    drop(upstream);
+    assert_eq!(
+        client.get(&gateway.url("/products/2")).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    let text = metrics_once(
+        admin_port,
+        r#"cachegate_upstream_errors_total{kind="ConnectRefused"}"#,
+        1.0,
+    )
+    .await;
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/grafana");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("cachegate-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap();
+            let metrics: Vec<&str> = expr
+                .match_indices("cachegate_")
+                .map(|(at, _)| {
+                    let rest = &expr[at..];
+                    let end = rest
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(rest.len());
+                    &rest[..end]
+                })
+                .collect();
+            assert!(!metrics.is_empty(), "{expr} queries no cachegate metric");
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    metrics.iter().any(|m| {
+                        l.strip_prefix(m)
+                            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                    })
+                })
+                .collect();
+            for metric in &metrics {
+                assert!(
+                    lines.iter().any(|l| l.starts_with(metric)),
+                    "{metric} (queried by {:?}) is not in /metrics:\n{text}",
+                    panel["title"]
+                );
+            }
+            // `instance` and `job` are Prometheus's own target labels.
+            for label in promql_labels(expr) {
+                if ["instance", "job", "le"].contains(&label.as_str()) {
+                    continue;
+                }
+                assert!(
+                    lines.iter().any(|l| l.contains(&format!("{label}=\""))),
+                    "label {label} (in {expr}) is on none of {metrics:?} in /metrics"
+                );
+            }
+            queried += 1;
+        }
+    }
+    assert!(queried >= 20, "the dashboard has {queried} queries");
+
+    let scrape = std::fs::read_to_string(root.join("prometheus.yml")).unwrap();
+    let scrape = &yaml_rust2::YamlLoader::load_from_str(&scrape).unwrap()[0];
+    let job = &scrape["scrape_configs"][0];
+    assert_eq!(job["metrics_path"].as_str(), Some("/metrics"));
+    assert_eq!(job["authorization"]["type"].as_str(), Some("Bearer"));
+    assert!(job["static_configs"][0]["targets"][0].as_str().is_some());
+}
