@@ -27,4 +27,5 @@ pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod trace;
 pub mod upstream;

@@ -58,6 +58,29 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// The admin listener (health, readiness). Absent: no admin listener.
     pub admin: Option<AdminConfig>,
+    /// Tracing: span export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Trace export (W3C trace context is always propagated; see [`crate::trace`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint receiving one span per request, e.g. `http://127.0.0.1:4318` (the
+    /// `/v1/traces` path is added when the URL has none). Unset: no export. Read at start.
+    pub otlp_endpoint: Option<Spanned<EnvString>>,
+    /// The `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "cachegate".to_owned(),
+        }
+    }
 }
 
 /// A separate listener for operators.
@@ -391,6 +414,19 @@ fn validate(config: &Config) -> Vec<SpanError> {
         if let Some(tls) = &listener.tls {
             check_pem(&tls.cert_file, PemKind::Certificates, &mut errors);
             check_pem(&tls.key_file, PemKind::PrivateKey, &mut errors);
+        }
+    }
+
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+        let url = endpoint.get_ref().as_str();
+        let valid = url.parse::<http::Uri>().is_ok_and(|uri| {
+            matches!(uri.scheme_str(), Some("http") | Some("https")) && uri.authority().is_some()
+        });
+        if !valid {
+            errors.push(SpanError::new(
+                endpoint.span(),
+                format!("otlp_endpoint {url:?} is not an http:// or https:// URL, like \"http://127.0.0.1:4318\""),
+            ));
         }
     }
 

@@ -161,7 +161,8 @@ pub async fn explain(
         peer: SocketAddr::new(question.client_ip, 0),
         tls: head.uri.scheme_str() == Some("https"),
     };
-    let mut ctx = RequestCtx::new(snapshot.clone(), "explain".to_owned(), connection);
+    let trace = crate::trace::TraceContext::from_headers(&head.headers);
+    let mut ctx = RequestCtx::new(snapshot.clone(), "explain".to_owned(), connection, trace);
     let mut report = Explanation {
         method: head.method.to_string(),
         target: question.url,

@@ -103,12 +103,20 @@ pub struct RequestCtx {
     pub started: Instant,
     /// How long the origin took to send its response header.
     pub upstream_elapsed: Option<std::time::Duration>,
+    /// The request's trace (continued from the client's `traceparent`, or new).
+    pub trace: crate::trace::TraceContext,
 }
 
 impl RequestCtx {
     /// A request's context before any step ran.
-    pub fn new(snapshot: Arc<Snapshot>, request_id: String, connection: Connection) -> RequestCtx {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        request_id: String,
+        connection: Connection,
+        trace: crate::trace::TraceContext,
+    ) -> RequestCtx {
         RequestCtx {
+            trace,
             snapshot,
             request_id,
             route: None,
@@ -241,6 +249,7 @@ impl Gateway {
             self.snapshot.load_full(),
             request_id_from(head.headers.get(REQUEST_ID)),
             connection,
+            crate::trace::TraceContext::from_headers(&head.headers),
         );
         let mut error = None;
         let response = match self.admit(&mut head, &mut ctx).await {
@@ -560,6 +569,7 @@ impl Gateway {
                 upgrade,
             },
         );
+        ctx.trace.propagate(request.headers_mut());
         caching::on_upstream_request(ctx, request.headers_mut());
         let progress = if body.is_end_stream() {
             None

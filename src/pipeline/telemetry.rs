@@ -40,9 +40,26 @@ pub fn finish(mut f: Finish) {
         None => "-",
     };
 
+    if crate::trace::exporting() {
+        let end = std::time::SystemTime::now();
+        crate::trace::export(crate::trace::SpanRecord {
+            trace: ctx.trace,
+            name: format!("{} {route}", f.method),
+            start: end.checked_sub(duration).unwrap_or(end),
+            end,
+            method: f.method.to_string(),
+            path: f.uri.path().to_owned(),
+            route: route.to_owned(),
+            status: f.status,
+            cache: ctx.cache.label(),
+            request_id: ctx.request_id.clone(),
+        });
+    }
+
     tracing::info!(
         target: "access",
         request_id = %ctx.request_id,
+        trace_id = %ctx.trace.trace_id(),
         client_ip = %ctx.client_ip,
         method = %f.method,
         path = %f.uri.path(),

@@ -104,6 +104,11 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         let _guard = control.enter();
         auth.start_background_tasks();
     }
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+        // Exports run beside the store's work, never on a request thread.
+        let _guard = control.enter();
+        crate::trace::start_exporter(endpoint.get_ref().as_str(), &config.telemetry.service_name)?;
+    }
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let purger = {
