@@ -36,6 +36,8 @@ enum Command {
     Explain(ExplainArgs),
     /// Write a starter configuration from the API's OpenAPI 3 document (JSON or YAML).
     Init(InitArgs),
+    /// Print the configuration's JSON Schema (for editors: `#:schema ./cachegate.schema.json`).
+    Schema,
 }
 
 #[derive(Args, Debug)]
@@ -127,6 +129,10 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => token(args),
         Some(Command::Explain(args)) => explain(args),
         Some(Command::Init(args)) => init(args),
+        Some(Command::Schema) => {
+            print!("{}", cachegate::config::json_schema());
+            ExitCode::SUCCESS
+        }
         None => match cli.run {
             Some(args) => run(&args),
             None => {

@@ -10,7 +10,7 @@ use toml::Spanned;
 use super::{Dur, EnvString};
 
 /// How tokens are verified, for every route that asks for authentication.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// `realm` of the `WWW-Authenticate` challenge.
@@ -28,6 +28,7 @@ pub struct AuthConfig {
     pub leeway: Dur,
     /// Claims that must be present with exactly these values, e.g. `{ tenant = "acme" }`.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub required_claims: BTreeMap<String, toml::Value>,
     /// Also read the token from this cookie when there is no `Authorization: Bearer` header.
     pub cookie: Option<String>,
@@ -35,6 +36,7 @@ pub struct AuthConfig {
     #[serde(default = "default_token_cache_size")]
     pub token_cache_size: u64,
     /// Where keys come from. Each provider pins the algorithms its keys may verify.
+    #[schemars(with = "Vec<ProviderConfig>")]
     pub providers: Spanned<Vec<ProviderConfig>>,
 }
 
@@ -50,20 +52,25 @@ fn default_token_cache_size() -> u64 {
 
 /// One source of verification keys: exactly one of `secret`, `public_key_file`, `jwks_url` and
 /// `oidc_issuer`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     /// Name for logs. Default: the kind of provider and its position.
     pub name: Option<String>,
     /// Algorithms this provider's keys may verify, e.g. `["HS256"]`, `["RS256", "ES256"]`.
+    #[schemars(with = "Vec<String>")]
     pub algorithms: Spanned<Vec<Spanned<String>>>,
     /// HMAC secret (HS256/384/512); use `${ENV}` to keep it out of the file.
+    #[schemars(with = "Option<EnvString>")]
     pub secret: Option<Spanned<EnvString>>,
     /// PEM public key: RSA (RS*/PS*), EC P-256/P-384 (ES256/ES384) or Ed25519 (EdDSA).
+    #[schemars(with = "Option<EnvString>")]
     pub public_key_file: Option<Spanned<EnvString>>,
     /// JWKS document URL (RFC 7517), `https://` or `http://`.
+    #[schemars(with = "Option<EnvString>")]
     pub jwks_url: Option<Spanned<EnvString>>,
     /// OpenID issuer whose `/.well-known/openid-configuration` names the JWKS URL.
+    #[schemars(with = "Option<EnvString>")]
     pub oidc_issuer: Option<Spanned<EnvString>>,
     /// Only tokens whose header `kid` equals this use this provider's static key.
     pub kid: Option<String>,
@@ -74,6 +81,7 @@ pub struct ProviderConfig {
     #[serde(default = "default_min_refresh")]
     pub min_refresh_interval: Dur,
     /// PEM CA certificates trusted for an `https://` JWKS instead of the system roots.
+    #[schemars(with = "Option<EnvString>")]
     pub tls_ca_file: Option<Spanned<EnvString>>,
 }
 
@@ -85,7 +93,7 @@ fn default_min_refresh() -> Dur {
 }
 
 /// A value written either alone or as a list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
@@ -101,7 +109,7 @@ impl<T> OneOrMany<T> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// No token needed; none is checked.
@@ -113,7 +121,7 @@ pub enum AuthMode {
 }
 
 /// A route's `auth`: `"required"`, or a table with the mode and more.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthPolicyConfig {
     pub mode: AuthMode,
@@ -164,5 +172,21 @@ impl<'de> Deserialize<'de> for AuthPolicyConfigOrMode {
             }
         }
         deserializer.deserialize_any(PolicyVisitor)
+    }
+}
+
+impl schemars::JsonSchema for AuthPolicyConfigOrMode {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AuthPolicy".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let table = generator.subschema_for::<AuthPolicyConfig>();
+        schemars::json_schema!({
+            "description": "\"required\", \"optional\", \"none\", or a table like { mode = \"required\", scopes = [...] }",
+            "anyOf": [
+                {"type": "string", "enum": ["none", "optional", "required"]},
+                table
+            ]
+        })
     }
 }

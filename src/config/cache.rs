@@ -6,7 +6,7 @@ use toml::Spanned;
 use super::{ByteSize, Dur};
 
 /// The in-process cache tier.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Bytes of responses (headers and bodies) kept in memory; admission and eviction are
@@ -19,6 +19,7 @@ pub struct CacheConfig {
     /// The response field addressed to this gateway alone (RFC 9213 targeted cache control):
     /// when an origin sends it, it replaces `CDN-Cache-Control`, which in turn replaces
     /// `Cache-Control` and `Expires`. On routes with a cache rule neither reaches clients.
+    #[schemars(with = "String")]
     pub cache_control_field: Spanned<String>,
 }
 
@@ -33,7 +34,7 @@ impl Default for CacheConfig {
 }
 
 /// What of the query string separates entries.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum QueryConfig {
     /// `"all"` (in the order sent), `"sorted"` or `"none"`.
@@ -43,7 +44,7 @@ pub enum QueryConfig {
 }
 
 /// Who an entry may be served to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CacheScope {
     /// Everyone.
@@ -54,7 +55,7 @@ pub enum CacheScope {
 }
 
 /// A route's `cache` rule. Only GET and HEAD are served from cache; HEAD from a stored GET.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CachePolicyConfig {
     /// Freshness when the origin gives none. Unset: store only what the origin marks fresh.
@@ -77,6 +78,7 @@ pub struct CachePolicyConfig {
     pub vary: Vec<String>,
     /// `"all"` (default: every parameter, in the order sent), `"sorted"`, `"none"`, or a list of
     /// parameter names.
+    #[schemars(with = "Option<QueryConfig>")]
     pub query: Option<Spanned<QueryConfig>>,
     #[serde(default)]
     pub scope: CacheScope,
@@ -99,6 +101,7 @@ pub struct CachePolicyConfig {
     /// Tags of every entry the rule stores (`{name}` is the route's path parameter), which a
     /// write's `purge` rule or the admin API can invalidate together.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub tags: Vec<Spanned<String>>,
     /// Store responses with `Set-Cookie`, without the cookie. Without it they are not stored.
     #[serde(default)]

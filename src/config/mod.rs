@@ -26,16 +26,28 @@ pub use purge::{PurgeConfig, PurgeConfigOrPaths};
 pub use ratelimit::{KeyConfig, LimitConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig};
 pub use values::{ByteSize, Dur, EnvString};
 
+/// The JSON Schema of the configuration file (`cachegate schema`), generated from the types the
+/// loader deserializes, so the two cannot disagree on a key. Editors using taplo validate and
+/// complete the file from it (`#:schema ./cachegate.schema.json` on its first line).
+pub fn json_schema() -> String {
+    let mut schema = schemars::schema_for!(Config);
+    schema.insert("title".to_owned(), "cachegate configuration".into());
+    let mut text = serde_json::to_string_pretty(&schema).expect("a schema serializes");
+    text.push('\n');
+    text
+}
+
 /// The largest `max_request_header_bytes` accepted: hyper's read buffer is sized just above it.
 pub const MAX_HEADER_LIMIT: u64 = 1_048_575;
 
 /// The whole configuration file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     /// Where clients connect. At least one.
+    #[schemars(with = "Vec<ListenerConfig>")]
     pub listeners: Spanned<Vec<ListenerConfig>>,
     pub upstream: UpstreamConfig,
     #[serde(default)]
@@ -49,6 +61,7 @@ pub struct Config {
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
     /// Token verification for routes whose `auth` asks for it.
+    #[schemars(with = "Option<AuthConfig>")]
     pub auth: Option<Spanned<AuthConfig>>,
     /// The in-process cache tier.
     #[serde(default)]
@@ -64,11 +77,12 @@ pub struct Config {
 }
 
 /// Trace export (W3C trace context is always propagated; see [`crate::trace`]).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// OTLP/HTTP endpoint receiving one span per request, e.g. `http://127.0.0.1:4318` (the
     /// `/v1/traces` path is added when the URL has none). Unset: no export. Read at start.
+    #[schemars(with = "Option<EnvString>")]
     pub otlp_endpoint: Option<Spanned<EnvString>>,
     /// The `service.name` of the exported spans.
     pub service_name: String,
@@ -84,24 +98,27 @@ impl Default for TelemetryConfig {
 }
 
 /// A separate listener for operators.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `ip:port`; keep it on loopback or a private network.
+    #[schemars(with = "EnvString")]
     pub address: Spanned<EnvString>,
     /// Bearer token for `/metrics` and for anything that changes state (`POST /reload`).
     /// Without it, state-changing endpoints are refused. `/healthz` and `/readyz` stay open.
     pub token: Option<EnvString>,
     /// Also accept `PURGE <url>` on the main listeners, authorised by this token as a bearer
     /// token. Off by default; needs `token`.
+    #[schemars(with = "Option<bool>")]
     pub purge_method: Option<Spanned<bool>>,
 }
 
 /// Process-level settings for the server.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Worker threads serving requests. Default: the number of CPUs.
+    #[schemars(with = "Option<usize>")]
     pub threads: Option<Spanned<usize>>,
     /// On SIGTERM, how long in-flight requests may keep running after listeners close.
     pub grace_period: Dur,
@@ -111,6 +128,7 @@ pub struct ServerConfig {
     pub log_format: Option<LogFormat>,
     /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` headers name the real client. From
     /// anyone else those headers are ignored when deciding the client IP.
+    #[schemars(with = "Vec<String>")]
     pub trusted_proxies: Vec<Spanned<String>>,
     /// Paths differing only in letter case are one resource to the origin (`/Kit/RL` is
     /// `/kit/rl`); the origin then receives them in lower case.
@@ -144,28 +162,31 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// `ip:port` to listen on, for example `"127.0.0.1:8080"` or `"[::]:443"`.
+    #[schemars(with = "EnvString")]
     pub address: Spanned<EnvString>,
     /// Terminate TLS on this listener.
     pub tls: Option<TlsListenerConfig>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsListenerConfig {
     /// PEM certificate chain, leaf first.
+    #[schemars(with = "EnvString")]
     pub cert_file: Spanned<EnvString>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[schemars(with = "EnvString")]
     pub key_file: Spanned<EnvString>,
     /// Offer HTTP/2 by ALPN (HTTP/1.1 is always offered).
     #[serde(default = "default_true")]
@@ -177,10 +198,11 @@ pub(crate) fn default_true() -> bool {
 }
 
 /// The one upstream group requests are proxied to.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Origin URLs, `http://host:port` or `https://host:port`, used in round robin.
+    #[schemars(with = "Vec<EnvString>")]
     pub addresses: Spanned<Vec<Spanned<EnvString>>>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
@@ -194,6 +216,7 @@ pub struct UpstreamConfig {
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
     /// PEM file of CA certificates trusted for `https://` upstreams instead of the system roots.
+    #[schemars(with = "Option<EnvString>")]
     pub tls_ca_file: Option<Spanned<EnvString>>,
 }
 
@@ -208,10 +231,11 @@ fn default_idle_timeout() -> Dur {
 }
 
 /// Request size limits, enforced before anything reaches the upstream.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Request line plus headers; larger requests get `431`.
+    #[schemars(with = "ByteSize")]
     pub max_request_header_bytes: Spanned<ByteSize>,
     /// Request body; larger bodies get `413`.
     pub max_request_body_bytes: ByteSize,
@@ -226,14 +250,17 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    #[schemars(with = "Option<EnvString>")]
     pub redis_url: Option<Spanned<EnvString>>,
     /// Seed nodes of a Redis Cluster, instead of `redis_url`.
+    #[schemars(with = "Option<Vec<EnvString>>")]
     pub redis_cluster: Option<Spanned<Vec<EnvString>>>,
     /// PEM CA certificates trusted for `rediss://` instead of the system roots.
+    #[schemars(with = "Option<EnvString>")]
     pub tls_ca_file: Option<Spanned<EnvString>>,
     /// Longest a request waits for the store; past it the store counts as failed for that request.
     #[serde(default = "default_store_timeout")]
@@ -257,16 +284,20 @@ fn default_circuit_open() -> Dur {
 }
 
 /// Per-request policy sections. Later versions fill these; today each is rejected when present.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// `"required"`, `"optional"`, `"none"` (the default), or a table with scopes and claims to forward.
+    #[schemars(with = "Option<AuthPolicyConfigOrMode>")]
     pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
     /// Limits every request of the route must fit in.
+    #[schemars(with = "Option<RateLimitPolicyConfig>")]
     pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
     /// Serve GET/HEAD from cache under this rule.
+    #[schemars(with = "Option<CachePolicyConfig>")]
     pub cache: Option<Spanned<CachePolicyConfig>>,
     /// What a successful write invalidates.
+    #[schemars(with = "Option<PurgeConfigOrPaths>")]
     pub purge: Option<Spanned<PurgeConfigOrPaths>>,
     /// `"pass"` (the default): requests no route matches are proxied under this policy.
     /// `"deny"`: they are refused with `404` (`405` when the path has routes for other methods).
@@ -275,7 +306,7 @@ pub struct PolicyConfig {
 }
 
 /// What happens to a request no route matches (`[defaults] unmatched`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Unmatched {
     /// It is proxied under the `[defaults]` policy.
@@ -286,7 +317,7 @@ pub enum Unmatched {
 }
 
 /// Whether `/a/` and `/a` are one resource to the origin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TrailingSlash {
     /// One resource (Express, Starlette, Rails and most frameworks): `/a/` is routed, keyed and
@@ -298,7 +329,7 @@ pub enum TrailingSlash {
 }
 
 /// What the gateway does with `;` path parameters (`/a;jsessionid=1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PathParameters {
     /// `400`: origins disagree on what they mean.
@@ -309,7 +340,7 @@ pub enum PathParameters {
 }
 
 /// What the gateway does with an encoded slash (`%2F`) or a backslash in a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EncodedSlash {
     /// `400`: some origins decode it into a separator.
@@ -319,22 +350,28 @@ pub enum EncodedSlash {
     Keep,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Name used in logs and metrics. Default: the path template.
     pub name: Option<String>,
     /// Path template: `/products`, `/products/{id}`, `/files/{*rest}`.
+    #[schemars(with = "String")]
     pub path: Spanned<String>,
     /// Methods this route applies to, upper case. Default: all methods.
+    #[schemars(with = "Option<Vec<String>>")]
     pub methods: Option<Vec<Spanned<String>>>,
     /// Replaces `defaults.auth` for this route.
+    #[schemars(with = "Option<AuthPolicyConfigOrMode>")]
     pub auth: Option<Spanned<AuthPolicyConfigOrMode>>,
     /// Replaces `defaults.rate_limit` for this route.
+    #[schemars(with = "Option<RateLimitPolicyConfig>")]
     pub rate_limit: Option<Spanned<RateLimitPolicyConfig>>,
     /// Replaces `defaults.cache` for this route.
+    #[schemars(with = "Option<CachePolicyConfig>")]
     pub cache: Option<Spanned<CachePolicyConfig>>,
     /// Replaces `defaults.purge` for this route.
+    #[schemars(with = "Option<PurgeConfigOrPaths>")]
     pub purge: Option<Spanned<PurgeConfigOrPaths>>,
 }
 

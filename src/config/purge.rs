@@ -9,14 +9,16 @@ use toml::Spanned;
 /// A route's `purge` table. A write (any method but GET, HEAD, OPTIONS and TRACE) answered with
 /// one of `statuses` purges the request's own path, these paths and tags, and the `Location` /
 /// `Content-Location` targets on the same host.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeConfig {
     /// Path templates; `{name}` is the write route's path parameter of that name.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub paths: Vec<Spanned<String>>,
     /// Tag templates, like a cache rule's `tags`.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub tags: Vec<Spanned<String>>,
     /// Statuses that trigger the purge. Default: every 2xx and 3xx.
     pub statuses: Option<Vec<u16>>,
@@ -53,5 +55,21 @@ impl<'de> Deserialize<'de> for PurgeConfigOrPaths {
             }
         }
         deserializer.deserialize_any(PurgeVisitor)
+    }
+}
+
+impl schemars::JsonSchema for PurgeConfigOrPaths {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Purge".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let table = generator.subschema_for::<PurgeConfig>();
+        schemars::json_schema!({
+            "description": "A list of paths like [\"/products\", \"/products/{id}\"], or a table like { paths = [...], tags = [...] }",
+            "anyOf": [
+                {"type": "array", "items": {"type": "string"}},
+                table
+            ]
+        })
     }
 }

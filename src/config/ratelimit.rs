@@ -4,7 +4,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// Settings shared by every rate-limit policy.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
     /// Prefix of every rate-limit key in the store.
@@ -14,9 +14,11 @@ pub struct RateLimitConfig {
     pub instances: u32,
     /// Failed authentication attempts allowed per client IP, e.g. `"10/minute"`; past it the
     /// gateway answers `429` without checking tokens. Unset: no such limit.
+    #[schemars(with = "Option<String>")]
     pub auth_failures: Option<Spanned<String>>,
     /// IPv6 clients are counted by this prefix of their address (one /64 is typically one
     /// subscriber, who can pick any address in it). 1 to 128; IPv4 clients by their address.
+    #[schemars(with = "u8")]
     pub ipv6_prefix: Spanned<u8>,
 }
 
@@ -32,7 +34,7 @@ impl Default for RateLimitConfig {
 }
 
 /// What to do when the store cannot answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
     /// Limit in process, with each limit divided by `[rate_limit] instances`.
@@ -45,7 +47,7 @@ pub enum OnStoreError {
 }
 
 /// A route's `rate_limit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitPolicyConfig {
     /// Every limit must admit a request; a request is counted against all of them.
@@ -54,22 +56,24 @@ pub struct RateLimitPolicyConfig {
     pub on_store_error: OnStoreError,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
     /// Name in the `RateLimit` headers. Default: derived from the key and rate.
     pub name: Option<String>,
     /// `"100/minute"`, `"10/second"`, `"1000/hour"`, `"5/day"`, or `"N/<duration>"` like `"50/10s"`.
+    #[schemars(with = "String")]
     pub rate: Spanned<String>,
     /// Requests that may arrive at once. Default: the rate's count.
     pub burst: Option<u32>,
     /// What to count by: `"ip"`, `"user"` (JWT subject, else IP), `"header:<name>"`, `"route"`,
     /// or a list of these combined, e.g. `["route", "user"]`. Default: `"ip"`.
     #[serde(default)]
+    #[schemars(with = "Option<KeyConfig>")]
     pub key: Option<Spanned<KeyConfig>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum KeyConfig {
     One(String),

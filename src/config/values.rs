@@ -211,6 +211,48 @@ pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
     Ok((count, period))
 }
 
+// The configuration's JSON Schema (`cachegate schema`) for the values parsed from strings.
+
+impl schemars::JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A number and a unit, like \"500ms\", \"60s\", \"5m\" or \"1h 30m\"",
+            "pattern": "^\\s*\\d+\\s*[a-zA-Zµ]+(\\s*\\d+\\s*[a-zA-Zµ]+)*\\s*$"
+        })
+    }
+}
+
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Bytes: a whole number, or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB), like \"64KiB\"",
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": "^\\s*\\d+\\s*(B|KB|KiB|MB|MiB|GB|GiB)?\\s*$"}
+            ]
+        })
+    }
+}
+
+impl schemars::JsonSchema for EnvString {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "EnvString".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "Text in which ${NAME} is the environment variable NAME and ${NAME:-fallback} falls back when it is unset or empty"
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
