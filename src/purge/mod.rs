@@ -406,6 +406,18 @@ impl PurgeReport {
     }
 }
 
+/// How many of this instance's purges [`Purger::recent`] keeps (for the status page).
+const RECENT_PURGES: usize = 20;
+
+/// One purge this instance made.
+#[derive(Debug, Clone)]
+pub struct RecentPurge {
+    pub at: std::time::SystemTime,
+    /// Its purge keys (`path:/products/7`, `tag:products`, `prefix:/`).
+    pub keys: Vec<String>,
+    pub report: PurgeReport,
+}
+
 /// Acknowledgements of this instance's purges, by sequence number.
 #[derive(Default)]
 struct Acks {
@@ -423,6 +435,8 @@ pub struct Purger {
     acks: Mutex<Acks>,
     /// A local sequence, used without a shared store.
     local_seq: AtomicU64,
+    /// The last purges made here, for the status page.
+    recent: Mutex<std::collections::VecDeque<RecentPurge>>,
 }
 
 impl std::fmt::Debug for Purger {
@@ -444,6 +458,7 @@ impl Purger {
             acks: Mutex::default(),
             local_seq: AtomicU64::new(0),
             shared,
+            recent: Mutex::default(),
         });
         if let Some(events) = purger.shared.as_ref().and_then(|s| s.purge_events()) {
             tokio::spawn(listen(Arc::downgrade(&purger), events));
@@ -502,7 +517,20 @@ impl Purger {
     /// and waits (bounded) until all have applied them. Without Redis, or when it fails, the
     /// purge is local and replayed through Redis later.
     pub async fn purge(&self, keys: Vec<String>) -> PurgeReport {
-        self.spread(keys, false).await
+        let at = std::time::SystemTime::now();
+        let report = self.spread(keys.clone(), false).await;
+        let mut recent = self.recent.lock().expect("recent purges poisoned");
+        if recent.len() == RECENT_PURGES {
+            recent.pop_front();
+        }
+        recent.push_back(RecentPurge { at, keys, report });
+        report
+    }
+
+    /// The last purges this instance made (writes and operators'), oldest first.
+    pub fn recent(&self) -> Vec<RecentPurge> {
+        let recent = self.recent.lock().expect("recent purges poisoned");
+        recent.iter().cloned().collect()
     }
 
     /// [`Purger::purge`]; a `replay` that fails again is not counted again.

@@ -1,6 +1,9 @@
 //! The admin listener: a separate address (loopback by default) for operators and
 //! orchestrators, never for clients.
 //!
+//! - `GET /`: the status page ([`status`]): live requests/s, hit ratio, per-route counts, tiers,
+//!   recent purges and a purge form. The page itself is open; the data it polls
+//!   (`GET /status.json`) needs the admin token when one is configured, like `/metrics`.
 //! - `GET /healthz`: the process is alive. Always open.
 //! - `GET /readyz`: `200` when every configured dependency is usable (configuration loaded, an
 //!   upstream origin accepting connections, Redis reachable, JWKS loaded), else `503` with a JSON
@@ -16,8 +19,10 @@
 //!   many instances acknowledged it, and how many in-process entries this instance dropped.
 //!   Always needs the admin token.
 
+mod status;
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -47,6 +52,7 @@ pub struct Admin {
     purger: Arc<Purger>,
     reloader: Arc<Reloader>,
     token: Option<String>,
+    started: Instant,
 }
 
 impl Admin {
@@ -65,6 +71,7 @@ impl Admin {
             purger,
             reloader,
             token: token.filter(|t| !t.is_empty()),
+            started: Instant::now(),
         }
     }
 
@@ -328,6 +335,31 @@ impl Admin {
                     StatusCode::SERVICE_UNAVAILABLE
                 };
                 json_response(status, json!({"ready": ready, "checks": detail}))
+            }
+            ("GET", "/") => {
+                let mut page = response(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    status::page(self.token.is_some()),
+                );
+                // Nothing but itself: no external script, style, font or frame can load.
+                page.headers_mut().insert(
+                    http::header::CONTENT_SECURITY_POLICY,
+                    http::HeaderValue::from_static(
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                         connect-src 'self'; img-src data:; frame-ancestors 'none'",
+                    ),
+                );
+                page
+            }
+            ("GET", "/status.json") => {
+                if self.token.is_some() && !self.authorized(&head.headers) {
+                    return unauthorized("/status.json needs the admin token as a bearer token");
+                }
+                json_response(
+                    StatusCode::OK,
+                    status::snapshot(&self.cache, self.store.as_ref(), &self.purger, self.started),
+                )
             }
             ("GET", "/cache/stats") => self.cache_stats().await,
             ("GET", "/metrics") => {
