@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cachegate_bin, config_for, get, x_cache, Client, Gateway, Redis, Upstream};
+use common::{
+    cachegate_bin, config_for, get, mint_token, x_cache, Client, Gateway, Redis, Upstream,
+};
 use hyper::{Method, StatusCode};
 use serde_json::Value;
 
@@ -32,16 +34,6 @@ fn write_config(dir: &tempfile::TempDir, toml: &str) -> std::path::PathBuf {
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, toml).unwrap();
     path
-}
-
-fn mint(config: &Path, scope: &str) -> String {
-    let out = Command::new(cachegate_bin())
-        .args(["token", "--scope", scope, "--sub", "ada", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 const ROUTES: &str = r#"
@@ -138,7 +130,10 @@ async fn a_read_is_counted_and_stored_under_the_keys_explain_names() {
 async fn a_write_names_its_token_and_purges_what_the_gateway_purges() {
     let upstream = Upstream::start();
     let gateway = Gateway::start(&config_for(&[&upstream.url()], ROUTES));
-    let token = mint(&gateway.config, "products:write");
+    let token = mint_token(
+        &gateway.config,
+        &["--scope", "products:write", "--sub", "ada"],
+    );
     let bearer = format!("Authorization: Bearer {token}");
 
     let report = explain(

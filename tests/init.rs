@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use bytes::Bytes;
-use common::{cachegate_bin, free_port, x_cache, Client, Gateway, Upstream};
+use common::{cachegate_bin, free_port, mint_token, x_cache, Client, Gateway, Upstream};
 use hyper::{Method, StatusCode};
 
 fn init(args: &[&str]) -> std::process::Output {
@@ -104,17 +104,10 @@ async fn the_config_generated_from_the_apis_openapi_runs_end_to_end() {
         .await;
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     let mint = |scope: &str| {
-        let out = Command::new(cachegate_bin())
-            .args(["token", "--scope", scope, "--config"])
-            .arg(&gateway.config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        format!("Bearer {}", String::from_utf8(out.stdout).unwrap().trim())
+        format!(
+            "Bearer {}",
+            mint_token(&gateway.config, &["--scope", scope])
+        )
     };
     let reader = mint("products:read");
     let wrong_scope = client

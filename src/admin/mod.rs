@@ -196,6 +196,24 @@ impl Admin {
         json_response(StatusCode::OK, report.answer(target.describe(), removed))
     }
 
+    /// Reading operational data: open without a token, else only with it.
+    fn refuse_read(&self, headers: &http::HeaderMap, what: &str) -> Option<Response<Vec<u8>>> {
+        (self.token.is_some() && !self.authorized(headers))
+            .then(|| unauthorized(&format!("{what} needs the admin token as a bearer token")))
+    }
+
+    /// Changing state: never without a configured token, and only with it.
+    fn refuse_change(&self, headers: &http::HeaderMap, what: &str) -> Option<Response<Vec<u8>>> {
+        if self.token.is_none() {
+            return Some(json_response(
+                StatusCode::FORBIDDEN,
+                json!({"error": "state-changing admin endpoints are off: set [admin] token to enable them"}),
+            ));
+        }
+        (!self.authorized(headers))
+            .then(|| unauthorized(&format!("{what} needs the admin token as a bearer token")))
+    }
+
     fn authorized(&self, headers: &http::HeaderMap) -> bool {
         self.token
             .as_deref()
@@ -353,8 +371,8 @@ impl Admin {
                 page
             }
             ("GET", "/status.json") => {
-                if self.token.is_some() && !self.authorized(&head.headers) {
-                    return unauthorized("/status.json needs the admin token as a bearer token");
+                if let Some(refusal) = self.refuse_read(&head.headers, "/status.json") {
+                    return refusal;
                 }
                 json_response(
                     StatusCode::OK,
@@ -363,8 +381,8 @@ impl Admin {
             }
             ("GET", "/cache/stats") => self.cache_stats().await,
             ("GET", "/metrics") => {
-                if self.token.is_some() && !self.authorized(&head.headers) {
-                    return unauthorized("/metrics needs the admin token as a bearer token");
+                if let Some(refusal) = self.refuse_read(&head.headers, "/metrics") {
+                    return refusal;
                 }
                 let (entries, bytes) = self.cache.memory_stats();
                 metrics().cache_memory_entries.set(entries as i64);
@@ -376,26 +394,14 @@ impl Admin {
                 )
             }
             ("POST", "/purge") => {
-                if self.token.is_none() {
-                    return json_response(
-                        StatusCode::FORBIDDEN,
-                        json!({"error": "state-changing admin endpoints are off: set [admin] token to enable them"}),
-                    );
-                }
-                if !self.authorized(&head.headers) {
-                    return unauthorized("POST /purge needs the admin token as a bearer token");
+                if let Some(refusal) = self.refuse_change(&head.headers, "POST /purge") {
+                    return refusal;
                 }
                 self.purge(body).await
             }
             ("POST", "/reload") => {
-                if self.token.is_none() {
-                    return json_response(
-                        StatusCode::FORBIDDEN,
-                        json!({"error": "state-changing admin endpoints are off: set [admin] token to enable them"}),
-                    );
-                }
-                if !self.authorized(&head.headers) {
-                    return unauthorized("POST /reload needs the admin token as a bearer token");
+                if let Some(refusal) = self.refuse_change(&head.headers, "POST /reload") {
+                    return refusal;
                 }
                 let reloader = self.reloader.clone();
                 match tokio::task::spawn_blocking(move || reloader.reload()).await {

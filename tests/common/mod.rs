@@ -25,6 +25,26 @@ pub fn cachegate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cachegate"))
 }
 
+/// A token from `cachegate token --config CONFIG` with `args` (`--scope`, `--sub`, ...).
+pub fn mint_token(config: &Path, args: &[&str]) -> String {
+    let out = Command::new(cachegate_bin())
+        .arg("token")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("running cachegate token");
+    assert!(
+        out.status.success(),
+        "cachegate token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("a token is text")
+        .trim()
+        .to_owned()
+}
+
 /// `upstream-example` is built by `cargo test --workspace` (its own tests need it) into the same
 /// directory as `cachegate`.
 pub fn upstream_bin() -> PathBuf {
