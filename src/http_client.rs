@@ -1,5 +1,6 @@
 //! The HTTP(S) client cachegate uses outside the proxy path (hyper-util + rustls): JWKS and
-//! OpenID discovery fetches, and the cache's background refreshes of stale entries.
+//! OpenID discovery fetches, the OTLP span exporter and `cachegate init --openapi URL`. The
+//! proxy path has its own pool (`upstream::pool`) and takes only the TLS settings from here.
 
 use std::sync::Arc;
 

@@ -214,3 +214,35 @@ async fn an_unreachable_collector_never_slows_or_fails_requests() {
         assert_eq!(resp.status, hyper::StatusCode::OK);
     }
 }
+
+/// A stale-while-revalidate refresh runs after its client has been answered; the origin still
+/// sees it as part of the request that triggered it: that trace, the gateway's span as parent.
+#[tokio::test]
+async fn a_background_refresh_carries_the_triggering_requests_trace() {
+    let upstream = Upstream::start();
+    let gateway = Gateway::start(&config_for(
+        &[&upstream.url()],
+        "[[routes]]\npath = \"/__headers\"\ncache = { ttl = \"1s\", stale_while_revalidate = \"30s\" }\n",
+    ));
+    let first = common::get(&gateway, "/__headers", &[]).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let stale = common::get(&gateway, "/__headers", &[("traceparent", PARENT)]).await;
+    assert_eq!(stale.header("x-cache"), Some("STALE"));
+    let refreshed = common::eventually_value(Duration::from_secs(5), || async {
+        let resp = common::get(&gateway, "/__headers", &[]).await;
+        (resp.header("x-cache") == Some("HIT") && resp.body != first.body).then(|| resp.json())
+    })
+    .await
+    .expect("the background refresh stored a new response");
+    let seen = refreshed["headers"]["traceparent"][0].as_str().unwrap();
+    assert!(
+        seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "the triggering request's trace: {seen}"
+    );
+    assert!(
+        !seen.contains("00f067aa0ba902b7"),
+        "the gateway's span, not the client's: {seen}"
+    );
+}

@@ -1,7 +1,8 @@
 //! stale-while-revalidate's background refresh: one request to the origin, made outside the
-//! client's exchange with the gateway's own HTTP client, that revalidates (`304`) or replaces the
+//! client's exchange through the same upstream pool, that revalidates (`304`) or replaces the
 //! stale entry. It carries the headers the proxied request would have carried (forwarding
-//! headers, forwarded claims), with the stale entry's validators.
+//! headers, forwarded claims, the triggering request's trace context), with the stale entry's
+//! validators.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -67,6 +68,8 @@ impl Refresh {
                 upgrade: false,
             },
         );
+        // The origin sees the refresh as part of the request that triggered it.
+        ctx.trace.propagate(&mut upstream_headers);
         super::forwarding::add_validators(&stale, &mut upstream_headers);
         Refresh {
             cache,
