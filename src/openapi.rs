@@ -7,7 +7,8 @@
 //! requirement's scopes, and their cached reads are kept per user. Integer path parameters
 //! become `{name:int}`, so `/products/07` and `/products/7` are one route, one entry, one
 //! purge target. Anything the gateway cannot check itself (API keys, HTTP basic) is left to the
-//! origin — and such reads are not cached, since the gateway cannot tell the callers apart.
+//! origin — and such reads are not cached, since the gateway cannot tell the callers apart;
+//! that includes an API key offered as an alternative to a token or to no credentials at all.
 //!
 //! The output is a commented TOML file meant to be read and adjusted; `cachegate check`
 //! accepts it as written.
@@ -301,9 +302,17 @@ fn access_of(security: Option<&Value>, schemes: &serde_json::Map<String, Value>)
                 .unwrap_or_default(),
         )
     });
+    // A scheme the gateway cannot check (API key, basic, an undeclared name) in any alternative
+    // means some callers are told apart only by the origin: unless the gateway itself demands a
+    // token of everyone, one such caller's answer must not be cached for another.
+    let names_other = requirements
+        .iter()
+        .filter_map(Value::as_object)
+        .any(|o| o.keys().any(|name| !is_token(name)));
     match (token, optional) {
-        (Some(_), true) => Access::OptionalToken,
         (Some(scopes), false) => Access::Token(scopes),
+        _ if names_other => Access::OriginChecked,
+        (Some(_), true) => Access::OptionalToken,
         (None, true) => Access::Public,
         (None, false) => Access::OriginChecked,
     }
@@ -478,6 +487,18 @@ paths:
         assert_eq!(access(r#"[{"bearer": []}]"#), Access::Token(vec![]));
         assert_eq!(access(r#"[{"bearer": []}, {}]"#), Access::OptionalToken);
         assert_eq!(access(r#"[{"key": []}]"#), Access::OriginChecked);
+        // An optional API key: keyed callers and anonymous ones would share cached answers.
+        assert_eq!(access(r#"[{"key": []}, {}]"#), Access::OriginChecked);
+        assert_eq!(
+            access(r#"[{"bearer": []}, {"key": []}, {}]"#),
+            Access::OriginChecked
+        );
+        assert_eq!(access(r#"[{"undeclared": []}, {}]"#), Access::OriginChecked);
+        // The gateway demands a token of everyone: answers are per user whatever else is sent.
+        assert_eq!(
+            access(r#"[{"oauth": ["a:read"]}, {"key": []}]"#),
+            Access::Token(vec!["a:read".into()])
+        );
         assert_eq!(access_of(None, &schemes), Access::Public);
     }
 

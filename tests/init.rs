@@ -164,6 +164,10 @@ paths:
     get:
       security: [{key: []}]
       responses: {"200": {description: ok}}
+  /catalog:
+    get:
+      security: [{key: []}, {}]
+      responses: {"200": {description: ok}}
   /health:
     get: {security: [], responses: {"200": {description: ok}}}
 "#,
@@ -196,6 +200,15 @@ paths:
             "{expected:?} missing from:\n{text}"
         );
     }
+    // An optional API key: a keyed caller's answer must not reach an anonymous one.
+    let catalog = text
+        .split("\n\n")
+        .find(|block| block.contains("path = \"/catalog\""))
+        .unwrap_or_else(|| panic!("no /catalog route in:\n{text}"));
+    assert!(
+        catalog.contains("Not cached") && !catalog.contains("cache = {"),
+        "{catalog}"
+    );
 
     let bad = dir.path().join("swagger.json");
     std::fs::write(&bad, r#"{"swagger": "2.0", "paths": {}}"#).unwrap();
