@@ -6,7 +6,8 @@
 //! requirement (OAuth2, OpenID Connect, HTTP bearer) get `auth = "required"` with the first
 //! requirement's scopes, and their cached reads are kept per user. Integer path parameters
 //! become `{name:int}`, so `/products/07` and `/products/7` are one route, one entry, one
-//! purge target. Anything the gateway cannot check itself (API keys, HTTP basic) is left to the
+//! purge target. Paths are the document's paths under the first server URL's base path, as
+//! clients request them (`/v2/orders` for `/orders` under `https://host/v2`). Anything the gateway cannot check itself (API keys, HTTP basic) is left to the
 //! origin — and such reads are not cached, since the gateway cannot tell the callers apart;
 //! that includes an API key offered as an alternative to a token or to no credentials at all.
 //!
@@ -89,16 +90,20 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
         .unwrap_or_default();
     let global_security = document.get("security");
     let paths = document["paths"].as_object().cloned().unwrap_or_default();
+    // The document's paths are relative to its server URL: `/orders` under `https://host/v2` is
+    // requested as `/v2/orders`, and that is the path the gateway routes on.
+    let base = base_path(document);
     let templates: BTreeSet<String> = paths
         .iter()
-        .map(|(path, item)| gateway_template(document, path, item))
+        .map(|(path, item)| format!("{base}{}", gateway_template(document, path, item)))
         .collect();
 
     let mut routes = String::new();
     let mut names = BTreeSet::new();
     let mut uses_tokens = false;
     for (path, item) in &paths {
-        let template = gateway_template(document, path, item);
+        let relative = gateway_template(document, path, item);
+        let template = format!("{base}{relative}");
         let mut reads: Vec<(&str, Access)> = Vec::new();
         let mut writes: BTreeMap<Access, Vec<&str>> = BTreeMap::new();
         for method in ["get", "head", "post", "put", "patch", "delete"] {
@@ -113,9 +118,9 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
                 _ => writes.entry(access).or_default().push(method),
             }
         }
-        let base = route_name(&template);
+        let name_stem = route_name(&relative);
         if let Some((_, access)) = reads.iter().max_by_key(|(_, a)| a.clone()) {
-            let name = unique(&mut names, format!("{base}-read"));
+            let name = unique(&mut names, format!("{name_stem}-read"));
             let _ = writeln!(routes, "[[routes]]\nname = {}", quote(&name));
             let _ = writeln!(routes, "path = {}", quote(&template));
             let _ = writeln!(routes, "methods = [\"GET\", \"HEAD\"]");
@@ -152,7 +157,7 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
             } else {
                 methods.join("-")
             };
-            let name = unique(&mut names, format!("{base}-{suffix}"));
+            let name = unique(&mut names, format!("{name_stem}-{suffix}"));
             let methods: Vec<String> = methods
                 .iter()
                 .map(|m| quote(&m.to_ascii_uppercase()))
@@ -417,16 +422,52 @@ fn unique(names: &mut BTreeSet<String>, name: String) -> String {
     candidate
 }
 
+/// The document's server URLs, in order, with `{variables}` at their defaults.
+fn server_urls(document: &Value) -> Vec<String> {
+    let Some(servers) = document.get("servers").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    servers
+        .iter()
+        .filter_map(|server| {
+            let mut url = server.get("url")?.as_str()?.to_owned();
+            if let Some(variables) = server.get("variables").and_then(Value::as_object) {
+                for (name, variable) in variables {
+                    if let Some(default) = variable.get("default").and_then(Value::as_str) {
+                        url = url.replace(&format!("{{{name}}}"), default);
+                    }
+                }
+            }
+            Some(url)
+        })
+        .collect()
+}
+
 /// The first server URL that names a host (relative ones name the document's own host).
 fn server_url(document: &Value) -> Option<String> {
-    document
-        .get("servers")?
-        .as_array()?
+    server_urls(document)
         .iter()
-        .filter_map(|s| s.get("url")?.as_str())
         .filter_map(|url| url.parse::<http::Uri>().ok())
         // The gateway forwards the request's own path: the origin is scheme and authority.
         .find_map(|uri| Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?)))
+}
+
+/// The path the first server URL puts before every path of the document (`/v2` for
+/// `https://host/v2/` or `/v2`), without a trailing slash; empty when there is none.
+fn base_path(document: &Value) -> String {
+    let Some(url) = server_urls(document).into_iter().next() else {
+        return String::new();
+    };
+    let path = match url.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme().is_some() => uri.path().to_owned(),
+        _ => url.split(['?', '#']).next().unwrap_or_default().to_owned(),
+    };
+    let path = path.trim_end_matches('/');
+    if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        String::new()
+    }
 }
 
 /// A TOML string literal.
@@ -500,6 +541,48 @@ paths:
             Access::Token(vec!["a:read".into()])
         );
         assert_eq!(access_of(None, &schemes), Access::Public);
+    }
+
+    #[test]
+    fn paths_are_prefixed_with_the_servers_base_path() {
+        let base = |servers: &str| {
+            base_path(&serde_json::from_str(&format!(r#"{{"servers": {servers}}}"#)).unwrap())
+        };
+        assert_eq!(base(r#"[{"url": "https://api.example.com/v2/"}]"#), "/v2");
+        assert_eq!(base(r#"[{"url": "/api/v1"}]"#), "/api/v1");
+        assert_eq!(base(r#"[{"url": "http://127.0.0.1:3000"}]"#), "");
+        assert_eq!(base(r#"[{"url": "/"}]"#), "");
+        assert_eq!(base("[]"), "");
+        assert_eq!(
+            base(
+                r#"[{"url": "https://{host}/{base}", "variables":
+                    {"host": {"default": "api.example.com"}, "base": {"default": "shop"}}}]"#
+            ),
+            "/shop"
+        );
+        let doc = parse(
+            r#"
+openapi: 3.0.3
+info: {title: Orders, version: "2"}
+servers: [{url: "https://localhost:8443/v2"}]
+paths:
+  /orders: {get: {}}
+  /orders/{id}: {get: {}, delete: {}}
+"#,
+        )
+        .unwrap();
+        let text = starter_config(&doc, None, "test");
+        for expected in [
+            "addresses = [\"https://localhost:8443\"]",
+            "path = \"/v2/orders/{id}\"",
+            "purge = { paths = [\"/v2/orders\"] }",
+            "name = \"orders-id-read\"",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from:\n{text}"
+            );
+        }
     }
 
     #[test]

@@ -184,13 +184,13 @@ paths:
     std::fs::write(&config, &text).unwrap();
     check(&config);
     for expected in [
-        // The server's scheme and authority; the base path stays in requests.
+        // The server's scheme and authority; its base path is part of every request's path.
         "addresses = [\"https://localhost:8443\"]",
         // Global bearer security: reads cached per user, writes require a token.
-        "path = \"/orders/{orderId}\"",
+        "path = \"/v2/orders/{orderId}\"",
         "cache = { ttl = \"10s\", scope = \"user\" }",
         "auth = \"required\"",
-        "purge = { paths = [\"/orders\"] }",
+        "purge = { paths = [\"/v2/orders\"] }",
         // An API key the gateway cannot check: passed through, never cached.
         "Not cached: the origin checks credentials",
         "Not cached: a health or status answer must be live.",
@@ -203,7 +203,7 @@ paths:
     // An optional API key: a keyed caller's answer must not reach an anonymous one.
     let catalog = text
         .split("\n\n")
-        .find(|block| block.contains("path = \"/catalog\""))
+        .find(|block| block.contains("path = \"/v2/catalog\""))
         .unwrap_or_else(|| panic!("no /catalog route in:\n{text}"));
     assert!(
         catalog.contains("Not cached") && !catalog.contains("cache = {"),
