@@ -312,6 +312,15 @@ fn explain(args: ExplainArgs) -> ExitCode {
             }
         }
     }
+    // A bare path is asked as a client of the first listener would ask it: with that `Host`.
+    let has_host = headers.iter().any(|(name, _)| name == http::header::HOST);
+    if args.url.starts_with('/') && !has_host {
+        if let Some(listener) = loaded.config.listeners.get_ref().first() {
+            if let Ok(host) = http::HeaderValue::from_str(listener.address.get_ref().as_str()) {
+                headers.push((http::header::HOST, host));
+            }
+        }
+    }
     // Rate-limit keys are computed, never counted: no store connection is needed.
     let store: std::sync::Arc<dyn cachegate::store::Store> =
         std::sync::Arc::new(cachegate::store::MemoryStore::new());

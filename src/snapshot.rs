@@ -21,6 +21,8 @@ use http::HeaderName;
 pub struct Limits {
     pub max_request_header_bytes: u64,
     pub max_request_body_bytes: u64,
+    /// The slowest a request body may arrive; `None` for no minimum.
+    pub min_request_body_rate: Option<crate::upstream::body::MinRate>,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,12 @@ impl Snapshot {
                 limits: Limits {
                     max_request_header_bytes: config.limits.max_request_header_bytes.get_ref().0,
                     max_request_body_bytes: config.limits.max_request_body_bytes.0,
+                    min_request_body_rate: (config.limits.min_request_body_rate.0 > 0).then_some(
+                        crate::upstream::body::MinRate {
+                            bytes_per_second: config.limits.min_request_body_rate.0,
+                            grace: config.limits.request_head_timeout.0,
+                        },
+                    ),
                 },
                 trusted_proxies: TrustedProxies::compile(&config.server.trusted_proxies),
                 purge_method_token: config

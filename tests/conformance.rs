@@ -147,17 +147,21 @@ async fn a_hit_keeps_the_stored_date_and_a_304_updates_it() {
 /// RFC 9111 §5.1: of `Age: 1, 2` the first member counts; an invalid `Age` makes the response
 /// stale (cachegate's choice, see `age_field`), so it is not served from cache as fresh.
 #[tokio::test]
-async fn an_invalid_age_is_stale_and_a_list_counts_its_first_member() {
+async fn an_invalid_age_is_ignored_and_a_list_counts_its_first_member() {
     let upstream = Upstream::start();
     let gw = gateway(&upstream, "");
-    assert!(
-        !stored(
-            &gw,
-            &respond(&[("cache-control", "max-age=60"), ("age", "3a")]),
-            &[]
-        )
-        .await
-    );
+    // §5.1: a cache SHOULD ignore an `Age` that is not a non-negative integer.
+    for age in ["3a", "-1", "1.5"] {
+        let path = respond(&[("cache-control", "max-age=60"), ("age", age)]);
+        assert!(stored(&gw, &path, &[]).await, "Age: {age} is ignored");
+        let age: u64 = get(&gw, &path, &[])
+            .await
+            .header("age")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(age < 5, "counted from zero, not the invalid value: {age}");
+    }
     let listed = respond(&[("cache-control", "max-age=60"), ("age", "5, 100")]);
     assert!(stored(&gw, &listed, &[]).await, "Age 5 of 60 s: fresh");
     let age: u64 = get(&gw, &listed, &[])
@@ -210,6 +214,42 @@ async fn targeted_cache_control_takes_precedence_and_stays_with_the_gateway() {
             &[]
         )
         .await
+    );
+    // RFC 9213 §2.1: a targeted field that is not a valid Structured Field dictionary, or gives
+    // a directive a value of the wrong type, is ignored as a whole (`Cache-Control` decides).
+    for invalid in [
+        "max-age=60, &&&&&",
+        "max-age=\"60\"",
+        "Max-Age=60",
+        "max-age=60,",
+    ] {
+        assert!(
+            !stored(
+                &gw,
+                &respond(&[
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", invalid)
+                ]),
+                &[]
+            )
+            .await,
+            "{invalid:?} is ignored"
+        );
+    }
+    assert!(
+        stored(
+            &gw,
+            &respond(&[
+                ("cache-control", "no-store"),
+                (
+                    "cdn-cache-control",
+                    "max-age=60;x=?1, public, no-cache=\"set-cookie\""
+                ),
+            ]),
+            &[]
+        )
+        .await,
+        "a valid dictionary with parameters and strings is used"
     );
     let own = respond(&[
         ("cdn-cache-control", "max-age=60"),

@@ -89,7 +89,12 @@ impl CacheControl {
             let present = values
                 .iter()
                 .any(|v| v.to_str().is_ok_and(|v| !v.trim().is_empty()));
-            if present {
+            // RFC 9213 §2.1: a targeted field is a Structured Field dictionary; one that fails
+            // to parse (or gives a directive a value of the wrong type) is ignored as a whole.
+            let valid = values
+                .iter()
+                .all(|v| v.to_str().is_ok_and(targeted_field_is_valid));
+            if present && valid {
                 let (cc, _) = CacheControl::parse_fields(values);
                 return CacheControl {
                     targeted: true,
@@ -108,6 +113,7 @@ impl CacheControl {
             let Ok(value) = value.to_str() else { continue };
             any = true;
             for directive in split_directives(value) {
+                let directive = without_parameters(directive);
                 let (name, argument) = match directive.split_once('=') {
                     Some((n, a)) => (n.trim(), Some(a.trim())),
                     None => (directive.trim(), None),
@@ -143,6 +149,161 @@ impl CacheControl {
             }
         }
         (cc, any)
+    }
+}
+
+/// A directive without its Structured Field parameters (`max-age=60;x=1` → `max-age=60`);
+/// a `;` inside a quoted string stays.
+fn without_parameters(directive: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in directive.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ';' if !quoted => return directive[..i].trim_end(),
+            _ => {}
+        }
+    }
+    directive
+}
+
+/// Whether a targeted field's value is a valid Structured Field dictionary (RFC 9651 §3.2) whose
+/// delta-seconds directives carry integers.
+fn targeted_field_is_valid(value: &str) -> bool {
+    let mut rest = value.trim_matches([' ', '\t']).as_bytes();
+    if rest.is_empty() {
+        return true;
+    }
+    loop {
+        let Some((key, after)) = sf_key(rest) else {
+            return false;
+        };
+        rest = after;
+        if let Some(after) = rest.strip_prefix(b"=") {
+            let integer_expected = matches!(
+                key,
+                b"max-age" | b"s-maxage" | b"stale-while-revalidate" | b"stale-if-error"
+            );
+            match sf_item(after) {
+                Some((is_integer, after)) if is_integer || !integer_expected => rest = after,
+                _ => return false,
+            }
+        } else {
+            // A bare key is `true`; its parameters follow.
+            match sf_parameters(rest) {
+                Some(after) => rest = after,
+                None => return false,
+            }
+        }
+        rest = rest.trim_ascii_start();
+        match rest.split_first() {
+            None => return true,
+            Some((b',', after)) => {
+                rest = after.trim_ascii_start();
+                if rest.is_empty() {
+                    return false;
+                }
+            }
+            Some(_) => return false,
+        }
+    }
+}
+
+/// A dictionary key (RFC 9651 §3.1.2): lower-case letter or `*`, then `a-z0-9_-.*`.
+fn sf_key(input: &[u8]) -> Option<(&[u8], &[u8])> {
+    let first = *input.first()?;
+    if !(first.is_ascii_lowercase() || first == b'*') {
+        return None;
+    }
+    let end = input
+        .iter()
+        .position(|&b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b)))
+        .unwrap_or(input.len());
+    Some(input.split_at(end))
+}
+
+/// A member value: an item with parameters or an inner list. Also whether it is an integer.
+fn sf_item(input: &[u8]) -> Option<(bool, &[u8])> {
+    if let Some(mut rest) = input.strip_prefix(b"(") {
+        loop {
+            rest = rest.trim_ascii_start();
+            if let Some(after) = rest.strip_prefix(b")") {
+                return Some((false, sf_parameters(after)?));
+            }
+            let (_, after) = sf_bare_item(rest)?;
+            rest = sf_parameters(after)?;
+            if !rest.starts_with(b" ") && !rest.starts_with(b")") {
+                return None;
+            }
+        }
+    }
+    let (is_integer, after) = sf_bare_item(input)?;
+    Some((is_integer, sf_parameters(after)?))
+}
+
+/// `;key[=bare-item]` parameters.
+fn sf_parameters(mut input: &[u8]) -> Option<&[u8]> {
+    while let Some(after) = input.strip_prefix(b";") {
+        let (_, after) = sf_key(after.trim_ascii_start())?;
+        input = match after.strip_prefix(b"=") {
+            Some(value) => sf_bare_item(value)?.1,
+            None => after,
+        };
+    }
+    Some(input)
+}
+
+/// A bare item: integer, decimal, string, token, byte sequence or boolean. Also whether it is an
+/// integer.
+fn sf_bare_item(input: &[u8]) -> Option<(bool, &[u8])> {
+    let first = *input.first()?;
+    match first {
+        b'-' | b'0'..=b'9' => {
+            let digits = usize::from(first == b'-');
+            let end = input[digits..]
+                .iter()
+                .position(|b| !b.is_ascii_digit() && *b != b'.')
+                .map_or(input.len(), |p| p + digits);
+            let number = &input[digits..end];
+            let dots = number.iter().filter(|b| **b == b'.').count();
+            let integer_digits = number.iter().take_while(|b| b.is_ascii_digit()).count();
+            let valid = match dots {
+                0 => (1..=15).contains(&number.len()),
+                1 => {
+                    (1..=12).contains(&integer_digits)
+                        && (2..=4).contains(&(number.len() - integer_digits))
+                }
+                _ => false,
+            };
+            valid.then_some((dots == 0, &input[end..]))
+        }
+        b'"' => {
+            let mut i = 1;
+            while i < input.len() {
+                match input[i] {
+                    b'\\' if matches!(input.get(i + 1), Some(b'"' | b'\\')) => i += 2,
+                    b'"' => return Some((false, &input[i + 1..])),
+                    0x20..=0x7e if input[i] != b'\\' => i += 1,
+                    _ => return None,
+                }
+            }
+            None
+        }
+        b':' => {
+            let end = input[1..].iter().position(|b| *b == b':')? + 1;
+            input[1..end]
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(b))
+                .then_some((false, &input[end + 1..]))
+        }
+        b'?' => matches!(input.get(1), Some(b'0' | b'1')).then_some((false, &input[2..])),
+        b if b.is_ascii_alphabetic() || b == b'*' => {
+            let end = input
+                .iter()
+                .position(|b| !(b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(b)))
+                .unwrap_or(input.len());
+            Some((false, &input[end..]))
+        }
+        _ => None,
     }
 }
 

@@ -43,6 +43,62 @@ pub struct Entry {
     pub vary: Vec<HeaderName>,
 }
 
+/// `headers` with every value in one allocation of its own. Values parsed by hyper are slices of
+/// its connection's read buffer: kept as they are, each stored entry would hold a whole buffer
+/// (kilobytes) alive for a few hundred bytes of headers.
+pub fn owned_headers(headers: HeaderMap) -> HeaderMap {
+    let total: usize = headers.values().map(HeaderValue::len).sum();
+    let mut values = BytesMut::with_capacity(total);
+    for value in headers.values() {
+        values.put_slice(value.as_bytes());
+    }
+    let values = values.freeze();
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    let mut at = 0;
+    for (name, value) in headers.iter() {
+        let end = at + value.len();
+        // The bytes were a valid value a moment ago; a slice of them is one too.
+        let copy =
+            HeaderValue::from_maybe_shared(values.slice(at..end)).unwrap_or_else(|_| value.clone());
+        owned.append(name.clone(), copy);
+        at = end;
+    }
+    owned
+}
+
+/// A captured body as stored: without the spare capacity its buffer grew while capturing.
+pub fn owned_body(body: BytesMut) -> Bytes {
+    if body.capacity() - body.len() > 64 + body.len() / 8 {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body.freeze()
+    }
+}
+
+/// Bytes an entry takes in process beyond its key, headers and body: the entry, its header
+/// table's slots and the tier's slot and index. Counted, so the tier's bound is a memory bound.
+pub const OVERHEAD_BYTES: usize = 512;
+/// Bytes a header field's slot in a `HeaderMap` takes beyond its name and value.
+pub const HEADER_OVERHEAD_BYTES: usize = 80;
+
+impl Entry {
+    /// What the entry holds in memory, as the in-process tier counts it.
+    pub fn memory_bytes(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD_BYTES)
+            .sum();
+        let dependencies: usize = self.depends_on.iter().map(|d| d.len() + 24).sum();
+        OVERHEAD_BYTES
+            + headers
+            + self.body.len()
+            + self.path.len()
+            + dependencies
+            + self.vary.len() * 32
+    }
+}
+
 fn put_short(out: &mut BytesMut, bytes: &[u8]) {
     let len = bytes.len().min(u16::MAX as usize);
     out.put_u16(len as u16);

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, AGE, SET_COOKIE, VARY};
 
 use super::directives::{self, CacheControl};
-use super::entry::Entry;
+use super::entry::{self, Entry};
 use super::freshness::{initial_age, storable, Exchange};
 use super::key::CacheKey;
 use super::policy::CachePolicy;
@@ -40,6 +40,8 @@ pub struct Fill {
     variant: CacheKey,
     primary: CacheKey,
     vary: Vec<HeaderName>,
+    /// How many of `vary`'s names are the rule's own (the rest the origin's `Vary` added).
+    rule_vary: usize,
     status: u16,
     headers: HeaderMap,
     stored_at_ms: u64,
@@ -206,6 +208,7 @@ impl Cache {
         Some(Fill {
             variant: primary.variant(&vary, request.headers),
             primary: primary.clone(),
+            rule_vary: policy.vary.len(),
             vary,
             status,
             headers,
@@ -233,8 +236,8 @@ impl Cache {
         }
         let entry = Entry {
             status: fill.status,
-            headers: fill.headers,
-            body: fill.body.freeze(),
+            headers: entry::owned_headers(fill.headers),
+            body: entry::owned_body(fill.body),
             stored_at_ms: fill.stored_at_ms,
             fresh_for_ms: fill.fresh_for_ms,
             stale_while_revalidate_ms: fill.stale_while_revalidate_ms,
@@ -255,8 +258,11 @@ impl Cache {
             )
         });
         let entry = Arc::new(entry);
-        self.memory
-            .set_vary(fill.primary.local().to_owned(), fill.vary);
+        let origin_varies = fill.vary.len() > fill.rule_vary;
+        self.memory.set_vary(
+            fill.primary.local().to_owned(),
+            origin_varies.then_some(fill.vary),
+        );
         self.memory
             .insert(fill.variant.local().to_owned(), entry.clone());
         Some((entry, shared))

@@ -276,9 +276,7 @@ pub fn initial_age(
 }
 
 /// An `Age` value (§5.1): of a list (`Age: 1, 2`) the first member counts. A value that is not
-/// a non-negative integer (`Age: 3a`) says the response went through something that mangled it;
-/// its age is unknown, so it is taken as too old to be fresh (the RFC allows ignoring the field
-/// instead; serving it fresh for a full lifetime is the riskier choice).
+/// a non-negative integer (`3a`, `-1`, `1.5`) is ignored, as §5.1 says a cache should.
 fn age_field(value: &http::HeaderValue) -> Duration {
     value
         .to_str()
@@ -290,7 +288,7 @@ fn age_field(value: &http::HeaderValue) -> Duration {
                 .then(|| delta_seconds(first))
                 .flatten()
         })
-        .unwrap_or(MAX_DELTA)
+        .unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]

@@ -1,13 +1,17 @@
 //! Cache keys: what makes two requests "the same" for the cache. GET and HEAD share entries
 //! (HEAD is answered from a stored GET); the scheme, the host, the canonical path, the query
-//! (decoded, in order or sorted, or dropped, or reduced to named parameters), the values of the varying request headers and, for
+//! (normalized, in order or sorted, or dropped, or reduced to named parameters), the values of the varying request headers and, for
 //! per-user rules, the user all take part.
 
 use http::header::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
-/// What of the query string takes part in the key. Parameters are compared decoded
-/// (`?pag%65=2`, `?page=2` and, for values, `+` and `%20` alike), as the origin reads them.
+/// What of the query string takes part in the key. Parameters are compared in their
+/// normalized spelling (RFC 3986 §6.2.2: escapes of unreserved characters decoded, other escapes
+/// in upper case, so `?pag%65=2` is `?page=2`), never decoded further: `+`, `%20` and `%2B` are
+/// three keys, since origins read them differently (a space to form decoders, a plus to others).
+/// The origin receives the query as the client sent it, which reads the same as the key's
+/// spelling to every origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryRule {
     /// Every parameter, in the order sent: the origin may answer `?a=1&b=2` and `?b=2&a=1`
@@ -17,12 +21,12 @@ pub enum QueryRule {
     Sorted,
     /// None: the query never splits entries.
     Ignore,
-    /// Only these parameters (decoded names), in the order sent.
+    /// Only these parameters (normalized names), in the order sent.
     Only(Vec<String>),
 }
 
-/// The query string as it counts for the key: each name and value decoded and written again in
-/// one encoding, so spellings the origin reads alike share an entry and no others do.
+/// The query string as it counts for the key: each parameter in its normalized spelling (see
+/// [`QueryRule`]), so spellings every origin reads alike share an entry and no others do.
 pub fn normalized_query(query: Option<&str>, rule: &QueryRule) -> String {
     let Some(query) = query else {
         return String::new();
@@ -34,8 +38,8 @@ pub fn normalized_query(query: Option<&str>, rule: &QueryRule) -> String {
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((name, value)) => (decode_component(name), Some(decode_component(value))),
-            None => (decode_component(p), None),
+            Some((name, value)) => (normalize_component(name), Some(normalize_component(value))),
+            None => (normalize_component(p), None),
         })
         .collect();
     match rule {
@@ -48,59 +52,60 @@ pub fn normalized_query(query: Option<&str>, rule: &QueryRule) -> String {
         if i > 0 {
             out.push('&');
         }
-        encode_component(name, &mut out);
+        out.push_str(name);
         if let Some(value) = value {
             out.push('=');
-            encode_component(value, &mut out);
+            out.push_str(value);
         }
     }
     out
 }
 
-/// Decodes `%XX` and `+` (a space in form encoding) into bytes; a malformed escape stays as
-/// written. Invalid UTF-8 is kept byte for byte (as Latin-1 chars, so it round-trips).
-fn decode_component(text: &str) -> String {
+/// RFC 3986 §6.2.2 syntax-based normalization of one query component: `%XX` of an unreserved
+/// character becomes the character, other escapes get upper-case hex digits; everything else
+/// (`+` included) stays as written. A malformed escape stays as written.
+fn normalize_component(text: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = String::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let value = bytes
-                    .get(i + 1..i + 3)
-                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                if let Some(value) = value {
-                    out.push(value);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'%');
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match escaped {
+            Some(b) if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
+                out.push(b as char);
+                i += 3;
             }
-            b => out.push(b),
+            Some(b) => {
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 0xf)] as char);
+                i += 3;
+            }
+            None if bytes[i] == b'%' => {
+                out.push('%');
+                i += 1;
+            }
+            // Never in a request target (URIs are ASCII); written as its escape, which every
+            // decoder reads the same, so the key stays ASCII.
+            None if !bytes[i].is_ascii() => {
+                out.push('%');
+                out.push(HEX[usize::from(bytes[i] >> 4)] as char);
+                out.push(HEX[usize::from(bytes[i] & 0xf)] as char);
+                i += 1;
+            }
+            None => {
+                out.push(bytes[i] as char);
+                i += 1;
+            }
         }
-        i += 1;
     }
-    match String::from_utf8(out) {
-        Ok(text) => text,
-        Err(e) => e.into_bytes().iter().map(|&b| b as char).collect(),
-    }
-}
-
-/// Percent-encodes everything but unreserved characters.
-fn encode_component(text: &str, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 0xf)] as char);
-        }
-    }
+    out
 }
 
 /// The parts of a request that identify a cache entry.
@@ -259,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn queries_keep_their_order_unless_sorted_and_compare_decoded() {
+    fn queries_keep_their_order_unless_sorted_and_compare_normalized() {
         assert_eq!(
             normalized_query(Some("b=2&a=1&&a=0"), &QueryRule::All),
             "b=2&a=1&a=0"
@@ -276,9 +281,22 @@ mod tests {
             "names are compared decoded"
         );
         assert_eq!(
-            normalized_query(Some("q=a+b&r=%7e"), &QueryRule::All),
-            normalized_query(Some("q=a%20b&r=~"), &QueryRule::All)
+            normalized_query(Some("q=a%2b&r=%7e&%41"), &QueryRule::All),
+            "q=a%2B&r=~&A",
+            "unreserved escapes decoded, others in upper case"
         );
+        let all = |q| normalized_query(Some(q), &QueryRule::All);
+        // Origins read these differently (a space to form decoders, a plus to others): three
+        // entries, each filled by the spelling the origin received.
+        assert_ne!(all("q=a+b"), all("q=a%20b"));
+        assert_ne!(all("q=a+b"), all("q=a%2Bb"));
+        assert_ne!(all("q=a%20b"), all("q=a%2Bb"));
+        assert_eq!(
+            all("q=%C3%A9&x=%zz"),
+            "q=%C3%A9&x=%zz",
+            "UTF-8 and bad escapes kept"
+        );
+        assert_eq!(all("q=é"), "q=%C3%A9", "raw non-ASCII is its escape");
         assert_ne!(
             normalized_query(Some("q=a%26b"), &QueryRule::All),
             normalized_query(Some("q=a&b"), &QueryRule::All),

@@ -122,14 +122,10 @@ impl<T: Clone + Send + Sync + 'static> Tier<T> {
 /// Bytes per unit of weight.
 const KIB: u64 = 1024;
 
-/// An entry's weight: its key, headers and body, in KiB rounded up (at most TinyUFO's 64 MiB).
+/// An entry's weight: what it holds in memory with its key ([`Entry::memory_bytes`]), in KiB
+/// rounded up (at most TinyUFO's 64 MiB).
 fn weight_of(key: &str, entry: &Entry) -> u16 {
-    let headers: usize = entry
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len())
-        .sum();
-    let bytes = (key.len() + headers + entry.body.len() + 64) as u64;
+    let bytes = (key.len() + entry.memory_bytes()) as u64;
     u16::try_from(bytes.div_ceil(KIB)).unwrap_or(u16::MAX)
 }
 
@@ -179,8 +175,16 @@ impl MemoryTier {
         self.variants.get(primary)
     }
 
-    pub fn set_vary(&self, primary: String, names: Vec<HeaderName>) {
-        self.variants.insert(primary, Arc::new(names), 1);
+    /// Records the request headers a resource's responses vary on, when the origin's `Vary`
+    /// adds to the rule's (`None`: the rule's alone, and the record goes). Lookups without a
+    /// record use the rule's, so most resources need none.
+    pub fn set_vary(&self, primary: String, names: Option<Vec<HeaderName>>) {
+        match names {
+            Some(names) => {
+                self.variants.insert(primary, Arc::new(names), 1);
+            }
+            None => self.variants.remove(&primary),
+        }
     }
 
     /// Removes every entry `matches` selects; returns how many.

@@ -91,7 +91,8 @@ impl Cache {
                     .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                     .collect();
                 variant = primary.variant(&names, request.headers);
-                self.memory.set_vary(primary.local().to_owned(), names);
+                self.memory
+                    .set_vary(primary.local().to_owned(), Some(names));
             }
         }
         let raw = store.get(&entry_key(&variant)).await.ok()??;

@@ -218,6 +218,16 @@ pub struct UpstreamConfig {
     /// PEM file of CA certificates trusted for `https://` upstreams instead of the system roots.
     #[schemars(with = "Option<EnvString>")]
     pub tls_ca_file: Option<Spanned<EnvString>>,
+    /// Most requests in flight to one origin address (each on its own connection).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most requests waiting (up to `connect_timeout`) for one of those; past it: `503`.
+    #[serde(default = "default_max_connections")]
+    pub max_pending_requests: usize,
+}
+
+fn default_max_connections() -> usize {
+    1024
 }
 
 fn default_connect_timeout() -> Dur {
@@ -239,13 +249,35 @@ pub struct LimitsConfig {
     pub max_request_header_bytes: Spanned<ByteSize>,
     /// Request body; larger bodies get `413`.
     pub max_request_body_bytes: ByteSize,
+    /// A request body must arrive at least this fast (bytes per second, on average after its
+    /// first `request_head_timeout`); slower: `408`. `"0"`: no minimum.
+    pub min_request_body_rate: ByteSize,
+    /// From accept to the first request's complete head, and from a later head's first byte to
+    /// its end; past it the connection is closed.
+    pub request_head_timeout: Dur,
+    /// From accept to the end of the TLS handshake.
+    pub tls_handshake_timeout: Dur,
+    /// How long a client connection with nothing in flight stays open.
+    pub keepalive_timeout: Dur,
+    /// How long a client may read nothing of a response before its connection is closed.
+    pub send_timeout: Dur,
+    /// Connections each listener holds at most. Default: half the open-file limit (raised to its
+    /// hard limit at start) shared among the listeners.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
+        let secs = |s| Dur(std::time::Duration::from_secs(s));
         LimitsConfig {
             max_request_header_bytes: Spanned::new(0..0, ByteSize(64 * 1024)),
             max_request_body_bytes: ByteSize(100 * 1024 * 1024),
+            min_request_body_rate: ByteSize(500),
+            request_head_timeout: secs(10),
+            tls_handshake_timeout: secs(10),
+            keepalive_timeout: secs(75),
+            send_timeout: secs(30),
+            max_connections: None,
         }
     }
 }
@@ -299,6 +331,10 @@ pub struct PolicyConfig {
     /// What a successful write invalidates.
     #[schemars(with = "Option<PurgeConfigOrPaths>")]
     pub purge: Option<Spanned<PurgeConfigOrPaths>>,
+    /// Protocols a request may ask the origin to switch to (`Upgrade`), by name. Default:
+    /// `["websocket"]`; `[]` passes none. `h2c` is never passed on.
+    #[schemars(with = "Option<Vec<String>>")]
+    pub upgrades: Option<Spanned<Vec<String>>>,
     /// `"pass"` (the default): requests no route matches are proxied under this policy.
     /// `"deny"`: they are refused with `404` (`405` when the path has routes for other methods).
     #[serde(default)]
@@ -373,6 +409,9 @@ pub struct RouteConfig {
     /// Replaces `defaults.purge` for this route.
     #[schemars(with = "Option<PurgeConfigOrPaths>")]
     pub purge: Option<Spanned<PurgeConfigOrPaths>>,
+    /// Replaces `defaults.upgrades` for this route.
+    #[schemars(with = "Option<Vec<String>>")]
+    pub upgrades: Option<Spanned<Vec<String>>>,
 }
 
 impl RouteConfig {

@@ -15,6 +15,7 @@ use http::header::{
     IF_NONE_MATCH, LAST_MODIFIED, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::request::Parts;
+use http::Version;
 use std::net::IpAddr;
 
 use crate::cache::entry::Entry;
@@ -103,44 +104,109 @@ fn doomed(name: &HeaderName, rules: &Sanitize<'_>) -> bool {
     false
 }
 
-/// Checks a request's body framing (RFC 9112 §6): chunked named twice, `Content-Length` and
-/// `Transfer-Encoding` together, or `Content-Length` values that differ or are not numbers, are refused — an origin
-/// could frame the body differently from the gateway (request smuggling). Several equal values
-/// are one: `Ok(Some(value))` says to send that one alone.
-pub fn request_framing(
-    headers: &HeaderMap,
-) -> std::result::Result<Option<HeaderValue>, &'static str> {
-    let chunked = headers
+/// Why a request's framing or host is refused: the request is answered by the gateway and the
+/// connection closed, since where its body ends (or which host it is for) is what is in doubt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramingError {
+    /// A transfer coding other than `chunked` (RFC 9112 §6.1: a server answers `501`).
+    UnknownCoding,
+    /// `chunked` more than once.
+    ChunkedTwice,
+    /// `Content-Length` beside `Transfer-Encoding`.
+    LengthAndCoding,
+    /// A `Content-Length` that is not plain digits.
+    BadLength,
+    /// Several `Content-Length` values that differ.
+    DifferentLengths,
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    NoHost,
+    /// More than one `Host` field (RFC 9112 §3.2).
+    TwoHosts,
+}
+
+impl FramingError {
+    pub fn status(self) -> u16 {
+        match self {
+            FramingError::UnknownCoding => 501,
+            _ => 400,
+        }
+    }
+
+    pub fn detail(self) -> &'static str {
+        match self {
+            FramingError::UnknownCoding => {
+                "the request uses a transfer coding this gateway does not implement; send the body with Content-Length or Transfer-Encoding: chunked alone"
+            }
+            FramingError::ChunkedTwice => {
+                "Transfer-Encoding names chunked more than once; send it once"
+            }
+            FramingError::LengthAndCoding => {
+                "the request has both Content-Length and Transfer-Encoding; send one"
+            }
+            FramingError::BadLength => "Content-Length is not a number",
+            FramingError::DifferentLengths => {
+                "the request has several different Content-Length values"
+            }
+            FramingError::NoHost => "an HTTP/1.1 request needs a Host header; send one",
+            FramingError::TwoHosts => "the request has more than one Host header; send one",
+        }
+    }
+}
+
+/// Checks a request's host and body framing (RFC 9112 §3.2, §6): no `Host` on HTTP/1.1 or two of
+/// them, a transfer coding other than exactly `chunked`, `Content-Length` and `Transfer-Encoding`
+/// together, or `Content-Length` values that differ or are not numbers, are refused — an origin
+/// could read the message differently from the gateway (request smuggling). Several equal
+/// lengths are one: `Ok(Some(value))` says to send that one alone.
+pub fn request_framing(head: &Parts) -> Result<Option<HeaderValue>, FramingError> {
+    let headers = &head.headers;
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Err(FramingError::TwoHosts),
+        // HTTP/2's `:authority` and an absolute-form target name the host without the field.
+        (None, None) if head.version == Version::HTTP_11 && head.uri.authority().is_none() => {
+            return Err(FramingError::NoHost)
+        }
+        _ => {}
+    }
+    let mut chunked = 0;
+    for coding in headers
         .get_all(TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        .count();
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty())
+    {
+        if !coding.eq_ignore_ascii_case(b"chunked") {
+            // hyper refuses a coding after chunked; one before it (`x, chunked`, or in a field
+            // of its own) would reach the origin, which might decode it.
+            return Err(FramingError::UnknownCoding);
+        }
+        chunked += 1;
+    }
     if chunked > 1 {
         // RFC 9112 §6.1: chunked is applied once; a second one is read differently by different
         // parsers.
-        return Err("Transfer-Encoding names chunked more than once; send it once");
+        return Err(FramingError::ChunkedTwice);
     }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter().peekable();
     if lengths.peek().is_none() {
         return Ok(None);
     }
     if headers.contains_key(TRANSFER_ENCODING) {
-        return Err("the request has both Content-Length and Transfer-Encoding; send one");
+        return Err(FramingError::LengthAndCoding);
     }
     let mut value: Option<&str> = None;
     let mut count = 0;
     for field in lengths {
-        let text = field
-            .to_str()
-            .map_err(|_| "Content-Length is not a number")?;
+        let text = field.to_str().map_err(|_| FramingError::BadLength)?;
         for item in text.split(',') {
             let item = item.trim();
             if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err("Content-Length is not a number");
+                return Err(FramingError::BadLength);
             }
             if value.is_some_and(|v| v != item) {
-                return Err("the request has several different Content-Length values");
+                return Err(FramingError::DifferentLengths);
             }
             value = Some(item);
             count += 1;
@@ -150,6 +216,41 @@ pub fn request_framing(
         (1, _) | (_, None) => None,
         (_, Some(v)) => Some(HeaderValue::from_str(v).expect("digits are a header value")),
     })
+}
+
+/// `HTTP2-Settings` only means something beside `Upgrade: h2c`, which is never passed on.
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Keeps of a request's `Upgrade` only the protocols `allowed` names (lower-case names, such as
+/// `websocket`; a protocol's `/version` is kept with it), and removes `HTTP2-Settings`. Returns
+/// whether an upgrade is still asked for. `h2c` is never allowed: an origin that accepts it
+/// hands the client a raw HTTP/2 connection past every check of the gateway (h2c smuggling).
+pub fn filter_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> bool {
+    headers.remove(HTTP2_SETTINGS);
+    if !headers.contains_key(UPGRADE) {
+        return false;
+    }
+    let kept: Vec<String> = headers
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|protocol| {
+            let name = protocol.split('/').next().unwrap_or("").trim();
+            !name.eq_ignore_ascii_case("h2c")
+                && allowed.iter().any(|a| name.eq_ignore_ascii_case(a))
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(UPGRADE);
+    match HeaderValue::from_str(&kept.join(", ")) {
+        Ok(value) if !kept.is_empty() => {
+            headers.insert(UPGRADE, value);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// The options of a message's `Connection` header fields, lower case; empty without one (and

@@ -215,7 +215,8 @@ fn set_path(head: &mut Parts, path: &str) -> Result<(), Problem> {
 fn detail_for(error: &UpstreamError) -> String {
     match error.status() {
         504 => format!("the upstream did not answer in time ({})", error.label()),
-        413 => error.to_string(),
+        // These say nothing of the origin but its configured limit.
+        408 | 413 | 503 => error.to_string(),
         _ => format!(
             "the gateway could not get a valid response from the upstream: {}",
             error.label()
@@ -314,17 +315,19 @@ impl Gateway {
         sanitize(head, ctx, trusted_peer);
     }
 
-    /// Body framing (RFC 9112 §6): ambiguous framing is refused, and the connection closed, since
-    /// where this request's body ends is exactly what is in doubt.
+    /// Host and body framing (RFC 9112 §3.2, §6): a missing or doubled `Host` and ambiguous
+    /// framing are refused, and the connection closed, since where this request's body ends is
+    /// exactly what is in doubt.
     fn check_framing(head: &mut Parts, ctx: &RequestCtx) -> Step {
-        match forwarding::request_framing(&head.headers) {
+        match forwarding::request_framing(head) {
             Ok(None) => ControlFlow::Continue(()),
             Ok(Some(length)) => {
                 head.headers.insert(CONTENT_LENGTH, length);
                 ControlFlow::Continue(())
             }
-            Err(detail) => {
-                let mut response = respond::problem(ctx, Problem::new(400, detail));
+            Err(refused) => {
+                let problem = Problem::new(refused.status(), refused.detail());
+                let mut response = respond::problem(ctx, problem);
                 response
                     .headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -574,8 +577,12 @@ impl Gateway {
         let progress = if body.is_end_stream() {
             None
         } else {
-            let (streamed, progress) =
-                RequestBody::client(body, ctx.snapshot.limits.max_request_body_bytes);
+            let limits = &ctx.snapshot.limits;
+            let (streamed, progress) = RequestBody::client(
+                body,
+                limits.max_request_body_bytes,
+                limits.min_request_body_rate,
+            );
             *request.body_mut() = streamed;
             Some(progress)
         };
@@ -587,14 +594,21 @@ impl Gateway {
         let exchange = match exchange {
             Ok(exchange) => exchange,
             Err(e) => {
-                if !matches!(e, UpstreamError::BodyTooLarge(_)) {
+                if !matches!(
+                    e,
+                    UpstreamError::BodyTooLarge(_) | UpstreamError::BodyTooSlow
+                ) {
                     *error = Some(e.label());
                 }
                 let status = e.status();
                 if let Some(response) = caching::serve_stale_on_error(ctx, head, status) {
                     return response;
                 }
-                let mut response = respond::problem(ctx, Problem::new(status, detail_for(&e)));
+                let mut problem = Problem::new(status, detail_for(&e));
+                if matches!(e, UpstreamError::Saturated(_)) {
+                    problem = problem.with_header(RETRY_AFTER, "1");
+                }
+                let mut response = respond::problem(ctx, problem);
                 if progress.is_some() {
                     // The rest of the client's body is unread.
                     response
@@ -661,7 +675,10 @@ fn sanitize(head: &mut Parts, ctx: &RequestCtx, trusted_peer: bool) {
         snapshot.forward_override_headers.iter().any(|h| h == name)
             || vary.iter().any(|h| h == name)
     };
-    let upgrade = RequestCtx::is_upgrade(head);
+    // Only the protocols the route allows may be asked of the origin (never h2c).
+    let allowed = &snapshot.routes.policy(ctx.route).upgrades;
+    let upgrade =
+        forwarding::filter_upgrade(&mut head.headers, allowed) && RequestCtx::is_upgrade(head);
     forwarding::sanitize_request(
         &mut head.headers,
         &forwarding::Sanitize {

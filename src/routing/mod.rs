@@ -30,6 +30,8 @@ pub struct Policy {
     pub cache: Option<CachePolicy>,
     /// What a successful write on this route purges besides its own path.
     pub purge: PurgeRule,
+    /// Protocols (lower case) a request may ask the origin to upgrade to.
+    pub upgrades: Vec<String>,
 }
 
 impl Policy {
@@ -82,12 +84,33 @@ impl Policy {
                 })
             })
             .unwrap_or_default();
+        let upgrades = match route
+            .and_then(|r| r.upgrades.as_ref())
+            .or(defaults.upgrades.as_ref())
+        {
+            Some(list) => {
+                let names: Vec<String> = list
+                    .get_ref()
+                    .iter()
+                    .map(|n| n.to_ascii_lowercase())
+                    .collect();
+                if names.iter().any(|n| n == "h2c") {
+                    errors.push(SpanError::new(
+                        list.span(),
+                        "`h2c` cannot be allowed: an origin that accepts it would hand the client an HTTP/2 connection past every check of the gateway; clients reach HTTP/2 through the listener instead",
+                    ));
+                }
+                names
+            }
+            None => vec!["websocket".to_owned()],
+        };
         if errors.is_empty() {
             Ok(Policy {
                 auth,
                 rate_limit,
                 cache,
                 purge,
+                upgrades,
             })
         } else {
             Err(errors)
@@ -611,6 +634,7 @@ mod tests {
             rate_limit: None,
             cache: None,
             purge: None,
+            upgrades: None,
         }
     }
 

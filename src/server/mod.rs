@@ -10,7 +10,14 @@
 //! `SIGTERM` drains: the listeners close, open connections finish their in-flight requests
 //! (HTTP/1.1 connections close after their current response, HTTP/2 ones get `GOAWAY`) for up to
 //! `[server] grace_period`, then the process exits 0. `SIGINT` exits at once.
+//!
+//! At start the soft limit on open files is raised to the hard limit (and logged): each client
+//! and origin connection is one descriptor, and the usual soft limit of 1,024 would let a few
+//! hundred idle sockets lock every client out. Each listener then holds at most `[limits]
+//! max_connections` (by default half the limit, shared among the listeners); the admin listener
+//! has [`ADMIN_MAX_CONNECTIONS`] of its own, so it answers while the others are flooded.
 
+pub mod clock;
 pub mod listener;
 
 use std::sync::Arc;
@@ -28,6 +35,43 @@ use crate::ratelimit::Limiter;
 use crate::reload::{reload_on_sighup, Reloader};
 use crate::snapshot::Snapshot;
 use crate::store;
+
+/// Connections the admin listener holds at most.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Descriptors kept aside from the listeners' default share (store, JWKS, files, the admin
+/// listener).
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// Raises the soft open-file limit to the hard limit; returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur
+    }
+}
+
+/// Each listener's default `max_connections`: half of the descriptors left after the reserve,
+/// shared among the listeners (the other half is for origin connections).
+fn default_max_connections(open_files: u64, listeners: usize) -> usize {
+    let share = open_files.saturating_sub(RESERVED_DESCRIPTORS) / 2 / listeners.max(1) as u64;
+    share.clamp(16, 1 << 20) as usize
+}
 
 /// Serves until SIGTERM (graceful: stop accepting, drain for `server.grace_period`) or SIGINT
 /// (fast). Returns an error message, naming what failed, if the gateway cannot start.
@@ -163,8 +207,36 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         let http2 = listener.tls.as_ref().is_none_or(|t| t.http2);
         listeners.push((address.to_owned(), std_listener, tls, http2));
     }
+    let open_files = raise_open_file_limit();
+    let max_connections = config
+        .limits
+        .max_connections
+        .unwrap_or_else(|| default_max_connections(open_files, listeners.len()));
+    tracing::info!(
+        open_files,
+        max_connections,
+        "open-file limit (each connection takes one); connections per listener"
+    );
+    let limits = &config.limits;
+    let connections = Connections {
+        timeouts: clock::Timeouts {
+            request_head: limits.request_head_timeout.0,
+            keepalive: limits.keepalive_timeout.0,
+            send: limits.send_timeout.0,
+        },
+        tls_handshake_timeout: limits.tls_handshake_timeout.0,
+        max_request_header_bytes: limits.max_request_header_bytes.get_ref().0,
+        max_connections,
+    };
     let grace_period = config.server.grace_period.0;
-    let served = runtime.block_on(serve(gateway, listeners, admin, grace_period, terminate));
+    let served = runtime.block_on(serve(
+        gateway,
+        listeners,
+        admin,
+        connections,
+        grace_period,
+        terminate,
+    ));
     runtime.shutdown_timeout(config.server.shutdown_timeout.0);
     control.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");
@@ -191,11 +263,20 @@ type ListenerSetup = (
     bool,
 );
 
+/// How client connections are held: `[limits]` as read at start.
+struct Connections {
+    timeouts: clock::Timeouts,
+    tls_handshake_timeout: Duration,
+    max_request_header_bytes: u64,
+    max_connections: usize,
+}
+
 /// Serves until a signal; see the module docs for what each does.
 async fn serve(
     gateway: Arc<Gateway>,
     listeners: Vec<ListenerSetup>,
     admin: Option<(std::net::TcpListener, Arc<Admin>)>,
+    connections: Connections,
     grace_period: Duration,
     mut terminate: tokio::signal::unix::Signal,
 ) -> Result<(), String> {
@@ -205,18 +286,28 @@ async fn serve(
         gateway,
         draining: draining.clone(),
         open,
+        timeouts: connections.timeouts,
+        tls_handshake_timeout: connections.tls_handshake_timeout,
+        max_request_header_bytes: connections.max_request_header_bytes,
     });
     for (address, std_listener, tls, http2) in listeners {
         let tcp = tokio::net::TcpListener::from_std(std_listener)
             .map_err(|e| format!("cannot listen on {address}: {e}"))?;
         tracing::info!(address, tls = tls.is_some(), "listening");
-        tokio::spawn(listener::accept_loop(tcp, tls, http2, serving.clone()));
+        let load = clock::Load::new(connections.max_connections);
+        tokio::spawn(listener::accept_loop(
+            tcp,
+            tls,
+            http2,
+            serving.clone(),
+            load,
+        ));
     }
     if let Some((std_listener, admin)) = admin {
         let tcp = tokio::net::TcpListener::from_std(std_listener)
             .map_err(|e| format!("cannot listen on the admin address: {e}"))?;
         tracing::info!(address = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
-        tokio::spawn(serve_admin(tcp, admin, draining));
+        tokio::spawn(serve_admin(tcp, admin, draining, connections.timeouts));
     }
     drop(serving);
 
@@ -236,34 +327,53 @@ async fn serve(
     Ok(())
 }
 
-/// The admin listener: HTTP/1.1, one small service.
+/// The admin listener: HTTP/1.1, one small service, on the same clocks as client connections
+/// and with [`ADMIN_MAX_CONNECTIONS`] of its own.
 async fn serve_admin(
     listener: tokio::net::TcpListener,
     admin: Arc<Admin>,
     mut draining: watch::Receiver<bool>,
+    timeouts: clock::Timeouts,
 ) {
+    let load = clock::Load::new(ADMIN_MAX_CONNECTIONS);
+    let mut failures = listener::AcceptFailures::default();
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(_) => continue,
-            },
+        let (accepted, slot) = tokio::select! {
+            accepted = async {
+                let slot = load.admit().await;
+                (listener.accept().await, slot)
+            } => accepted,
             _ = draining.changed() => return,
         };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                failures.record(&e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let admin = admin.clone();
+        let load = load.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let clock = clock::Clock::new(timeouts);
+            let requests = clock.clone();
             let service = hyper::service::service_fn(move |request| {
+                let in_flight = requests.request_started();
                 let admin = admin.clone();
                 async move {
-                    let response = admin.serve(request).await;
-                    Ok::<_, std::convert::Infallible>(
-                        response.map(|body| http_body_util::Full::new(bytes::Bytes::from(body))),
-                    )
+                    let (parts, body) = admin.serve(request).await.into_parts();
+                    let body = in_flight.watch(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::from_parts(parts, body))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(clock.io(stream)), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = clock.expired(&load) => {}
+            }
         });
     }
 }

@@ -1,11 +1,16 @@
 //! The body of a request sent upstream: nothing, or the client's body streamed through as it
 //! arrives, counted against `[limits] max_request_body_bytes` and watched for progress (the
-//! write timeout is "no byte moved for `write_timeout`", not a cap on a long upload).
+//! write timeout is "no byte moved for `write_timeout`", not a cap on a long upload) and for
+//! pace: with `[limits] min_request_body_rate`, a body that, past its grace period, has not
+//! averaged that rate is cut off (`408`) — a slow trickle would otherwise hold an origin
+//! connection for as long as the client likes (Apache's mod_reqtimeout `MinRate` works alike).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -21,6 +26,31 @@ pub struct Progress {
     pub done: AtomicBool,
     /// The body passed the size limit, and was cut off.
     pub exceeded: AtomicBool,
+    /// The body fell below the minimum rate, and was cut off.
+    pub too_slow: AtomicBool,
+}
+
+/// The slowest pace a request body may keep.
+#[derive(Debug, Clone, Copy)]
+pub struct MinRate {
+    pub bytes_per_second: u64,
+    /// Time the body gets before the rate applies (the first `grace` is free).
+    pub grace: Duration,
+}
+
+/// A body's pace, against its [`MinRate`].
+pub struct Pace {
+    rate: MinRate,
+    started: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Pace {
+    /// By when the body must have carried more than `bytes`.
+    fn deadline(&self, bytes: u64) -> Instant {
+        let earned = Duration::from_secs_f64(bytes as f64 / self.rate.bytes_per_second as f64);
+        self.started + self.rate.grace + earned
+    }
 }
 
 /// A request body on its way upstream.
@@ -30,8 +60,21 @@ pub enum RequestBody {
         inner: Incoming,
         limit: u64,
         progress: Arc<Progress>,
+        pace: Option<Box<Pace>>,
     },
 }
+
+/// The body arrived slower than its minimum rate.
+#[derive(Debug)]
+pub struct TooSlow;
+
+impl std::fmt::Display for TooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body arrived slower than min_request_body_rate")
+    }
+}
+
+impl std::error::Error for TooSlow {}
 
 /// The body went past `[limits] max_request_body_bytes`.
 #[derive(Debug)]
@@ -46,8 +89,13 @@ impl std::fmt::Display for TooLarge {
 impl std::error::Error for TooLarge {}
 
 impl RequestBody {
-    /// The client's body, limited to `limit` bytes; the progress handle goes to the waiter.
-    pub fn client(inner: Incoming, limit: u64) -> (RequestBody, Arc<Progress>) {
+    /// The client's body, limited to `limit` bytes and kept to `min_rate`; the progress handle
+    /// goes to the waiter.
+    pub fn client(
+        inner: Incoming,
+        limit: u64,
+        min_rate: Option<MinRate>,
+    ) -> (RequestBody, Arc<Progress>) {
         let progress = Arc::new(Progress {
             limit,
             ..Progress::default()
@@ -56,6 +104,13 @@ impl RequestBody {
             inner,
             limit,
             progress: progress.clone(),
+            pace: min_rate.map(|rate| {
+                Box::new(Pace {
+                    rate,
+                    started: Instant::now(),
+                    timer: None,
+                })
+            }),
         };
         (body, progress)
     }
@@ -75,6 +130,7 @@ impl Body for RequestBody {
                 inner,
                 limit,
                 progress,
+                pace,
             } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
@@ -94,7 +150,25 @@ impl Body for RequestBody {
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    let Some(pace) = pace else {
+                        return Poll::Pending;
+                    };
+                    // Waiting for the client: it must have sent more by the deadline its bytes
+                    // so far earned.
+                    let deadline = pace.deadline(progress.bytes.load(Ordering::Relaxed));
+                    let timer = pace
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                    if timer.deadline() != deadline.into() {
+                        timer.as_mut().reset(deadline.into());
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        progress.too_slow.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(TooSlow))));
+                    }
+                    Poll::Pending
+                }
             },
         }
     }

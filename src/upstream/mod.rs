@@ -51,6 +51,11 @@ pub enum UpstreamError {
     WriteTimeout,
     /// The request body passed `[limits] max_request_body_bytes` on its way.
     BodyTooLarge(u64),
+    /// The request body arrived slower than `[limits] min_request_body_rate`.
+    BodyTooSlow,
+    /// Every one of the origin's `max_connections` slots was busy, and the queue full or the
+    /// wait for a slot over.
+    Saturated(usize),
     /// The exchange failed: the origin closed the connection, sent a broken response, or the
     /// client's body ended early.
     Exchange(hyper::Error),
@@ -64,6 +69,8 @@ impl UpstreamError {
             | UpstreamError::ReadTimeout
             | UpstreamError::WriteTimeout => 504,
             UpstreamError::BodyTooLarge(_) => 413,
+            UpstreamError::BodyTooSlow => 408,
+            UpstreamError::Saturated(_) => 503,
             _ => 502,
         }
     }
@@ -81,6 +88,8 @@ impl UpstreamError {
             UpstreamError::ReadTimeout => "ReadTimedout",
             UpstreamError::WriteTimeout => "WriteTimedout",
             UpstreamError::BodyTooLarge(_) => "RequestBodyTooLarge",
+            UpstreamError::BodyTooSlow => "RequestBodyTooSlow",
+            UpstreamError::Saturated(_) => "OriginSaturated",
             UpstreamError::Exchange(_) => "ExchangeError",
         }
     }
@@ -89,7 +98,10 @@ impl UpstreamError {
     fn before_sending(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect(_) | UpstreamError::ConnectTimeout | UpstreamError::Tls(_)
+            UpstreamError::Connect(_)
+                | UpstreamError::ConnectTimeout
+                | UpstreamError::Tls(_)
+                | UpstreamError::Saturated(_)
         )
     }
 }
@@ -108,6 +120,13 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::BodyTooLarge(limit) => {
                 write!(f, "the request body exceeds the limit of {limit} bytes")
             }
+            UpstreamError::BodyTooSlow => f.write_str(
+                "the request body arrived slower than min_request_body_rate; send it faster",
+            ),
+            UpstreamError::Saturated(max) => write!(
+                f,
+                "the origin has {max} requests in flight (max_connections) and no slot freed in time"
+            ),
             UpstreamError::Exchange(e) => write!(f, "the exchange failed: {e}"),
         }
     }
@@ -193,10 +212,14 @@ impl UpstreamGroup {
                         tls,
                         connect_timeout: config.connect_timeout.0,
                     };
+                    let limits = pool::Limits {
+                        max_connections: config.max_connections.max(1),
+                        max_pending: config.max_pending_requests,
+                    };
                     origins.push(Origin {
                         url: url.to_owned(),
                         addr,
-                        pool: Pool::new(connector, config.idle_timeout.0),
+                        pool: Pool::new(connector, config.idle_timeout.0, limits),
                     });
                 }
                 Err(message) => errors.push(SpanError::new(address.span(), message)),
@@ -287,6 +310,7 @@ impl UpstreamGroup {
                     *again.uri_mut() = uri;
                     *again.headers_mut() = headers;
                     *again.version_mut() = http::Version::HTTP_11;
+                    drop(connection);
                     return self.once_more(index, again, None).await;
                 }
                 Err(failure) => return Err(self.failed(origin, failure)),
@@ -318,7 +342,10 @@ impl UpstreamGroup {
             Failure::Unsent(_, e) => UpstreamError::Exchange(e),
             Failure::Error(e) => e,
         };
-        if !matches!(error, UpstreamError::BodyTooLarge(_)) {
+        if !matches!(
+            error,
+            UpstreamError::BodyTooLarge(_) | UpstreamError::BodyTooSlow
+        ) {
             tracing::warn!(origin = %origin.url, error = %error, "upstream request failed");
         }
         error
@@ -365,6 +392,9 @@ impl UpstreamGroup {
             Ok(Err(mut e)) => {
                 if let Some(p) = progress.filter(|p| p.exceeded.load(Ordering::Relaxed)) {
                     return Err(Failure::Error(UpstreamError::BodyTooLarge(p.limit)));
+                }
+                if progress.is_some_and(|p| p.too_slow.load(Ordering::Relaxed)) {
+                    return Err(Failure::Error(UpstreamError::BodyTooSlow));
                 }
                 match e.take_message() {
                     Some(request) => Err(Failure::Unsent(Box::new(request), e.into_error())),

@@ -10,14 +10,22 @@
 //! closed by the origin) and drops any that are closed, not ready or idle for longer than
 //! `[upstream] idle_timeout`. A connection goes back when its response body has been read to the
 //! end ([`Pooled::release`]); one whose response was abandoned is closed.
+//!
+//! At most `[upstream] max_connections` exchanges run on one origin at a time (each on its own
+//! connection, so that is also the connections in use); a request beyond that waits in a queue
+//! of at most `max_pending` for up to `connect_timeout`, and is refused with
+//! [`UpstreamError::Saturated`] (`503`) when the queue is full or the wait runs out — so a flood
+//! of slow clients cannot open unbounded connections to the origin.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::body::RequestBody;
 use super::UpstreamError;
@@ -36,11 +44,21 @@ pub struct Connector {
     pub connect_timeout: Duration,
 }
 
-/// The idle connections of one origin.
+/// How many exchanges may run on one origin, and how many requests may wait for one.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_pending: usize,
+}
+
+/// The idle connections of one origin, and its exchange slots.
 pub struct Pool {
     connector: Connector,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
+    slots: Arc<Semaphore>,
+    limits: Limits,
+    waiting: AtomicUsize,
 }
 
 struct Idle {
@@ -54,27 +72,58 @@ pub struct Pooled {
     /// It served a request before: the origin may have closed it meanwhile.
     pub reused: bool,
     pool: Arc<Pool>,
+    /// This exchange's slot among the origin's `max_connections`; freed with the connection or
+    /// when it goes back to the idle list.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Pool {
-    pub fn new(connector: Connector, idle_timeout: Duration) -> Arc<Pool> {
+    pub fn new(connector: Connector, idle_timeout: Duration, limits: Limits) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            waiting: AtomicUsize::new(0),
         })
     }
 
-    /// An idle connection when one is usable, else a new one.
+    /// An idle connection when one is usable, else a new one; first a slot among the origin's
+    /// `max_connections`, waiting in the bounded queue when all are taken.
     pub async fn checkout(self: &Arc<Pool>) -> Result<Pooled, UpstreamError> {
+        let slot = self.slot().await?;
         if let Some(sender) = self.take_idle() {
             return Ok(Pooled {
                 sender,
                 reused: true,
                 pool: self.clone(),
+                _slot: slot,
             });
         }
-        self.connect().await
+        self.connect_with(slot).await
+    }
+
+    /// A slot for one exchange: at once when one is free, else after waiting in the queue.
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        let saturated = UpstreamError::Saturated(self.limits.max_connections);
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.limits.max_pending {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(saturated);
+        }
+        let waited = tokio::time::timeout(
+            self.connector.connect_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        match waited {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(saturated),
+        }
     }
 
     fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
@@ -87,8 +136,17 @@ impl Pool {
         None
     }
 
-    /// A new connection, TLS included, within `connect_timeout`.
+    /// A new connection, TLS included, within `connect_timeout` (after a slot, as for
+    /// [`Pool::checkout`]).
     pub async fn connect(self: &Arc<Pool>) -> Result<Pooled, UpstreamError> {
+        let slot = self.slot().await?;
+        self.connect_with(slot).await
+    }
+
+    async fn connect_with(
+        self: &Arc<Pool>,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<Pooled, UpstreamError> {
         let c = &self.connector;
         let tcp = match tokio::time::timeout(c.connect_timeout, TcpStream::connect(c.addr)).await {
             Err(_) => return Err(UpstreamError::ConnectTimeout),
@@ -111,12 +169,13 @@ impl Pool {
             sender,
             reused: false,
             pool: self.clone(),
+            _slot: slot,
         })
     }
 
     fn put(&self, sender: SendRequest<RequestBody>) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
+        if idle.len() < MAX_IDLE.min(self.limits.max_connections) {
             idle.push(Idle {
                 sender,
                 since: Instant::now(),
@@ -148,12 +207,18 @@ impl Pooled {
     /// or when the connection task has finished the exchange.
     pub fn release(self) {
         let Pooled {
-            mut sender, pool, ..
+            mut sender,
+            pool,
+            _slot,
+            ..
         } = self;
         if sender.is_ready() {
             pool.put(sender);
         } else if !sender.is_closed() {
             tokio::spawn(async move {
+                // The slot is held until the exchange is over, then freed with the connection
+                // or as it goes idle.
+                let _slot = _slot;
                 if sender.ready().await.is_ok() {
                     pool.put(sender);
                 }
