@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod framing;
 pub mod header_rules;
 pub mod http_client;
 pub mod metrics;

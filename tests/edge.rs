@@ -131,6 +131,34 @@ async fn framing_and_host_doors_are_shut() {
     );
     assert_eq!(upstream.served("ANY /__headers").await, before + 2);
 
+    // Whitespace after a chunk size (RFC 9112 §7.1 allows it only before `;`): the body fails at
+    // that line, the origin never gets a complete request, the client gets problem+json.
+    let completed = upstream.served("POST /__sink completed").await;
+    let resp = raw_request(
+        port,
+        "POST /__sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked",
+        b"5\r\nhello\r\n5 \r\nworld\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 400, "{}", resp.body);
+    assert!(resp.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("whitespace after a chunk size"));
+    assert_eq!(upstream.served("POST /__sink completed").await, completed);
+    let resp = raw_request(
+        port,
+        "POST /__sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked",
+        b"5 ;ext=1\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        resp.status, 200,
+        "whitespace before an extension is allowed: {}",
+        resp.body
+    );
+    assert_eq!(resp.json()["bytes"], 5);
+
     // HTTP/1.0 needs no Host.
     let resp = raw_request(port, "GET /__headers HTTP/1.0", b"").await;
     assert_eq!(resp.status, 200, "{}", resp.body);

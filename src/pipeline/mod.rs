@@ -215,8 +215,8 @@ fn set_path(head: &mut Parts, path: &str) -> Result<(), Problem> {
 fn detail_for(error: &UpstreamError) -> String {
     match error.status() {
         504 => format!("the upstream did not answer in time ({})", error.label()),
-        // These say nothing of the origin but its configured limit.
-        408 | 413 | 503 => error.to_string(),
+        // These say nothing of the origin but its configured limit, or are the client's doing.
+        400 | 408 | 413 | 503 => error.to_string(),
         _ => format!(
             "the gateway could not get a valid response from the upstream: {}",
             error.label()

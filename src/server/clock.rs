@@ -32,6 +32,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::framing::{FramingCheck, FramingViolation};
+
 /// The first-request and keep-alive allowance of idle connections while their listener is under
 /// pressure.
 pub const UNDER_PRESSURE: Duration = Duration::from_secs(1);
@@ -165,6 +167,8 @@ impl Clock {
         WatchedIo {
             inner: io,
             state: self.state.clone(),
+            framing: Some(FramingCheck::default()),
+            refused: None,
         }
     }
 
@@ -347,10 +351,15 @@ impl<B: Body + Unpin> Body for WatchedBody<B> {
     }
 }
 
-/// A connection's socket on a [`Clock`].
+/// A connection's socket on a [`Clock`], its HTTP/1.1 request framing checked strictly on the
+/// way in ([`crate::framing`]).
 pub struct WatchedIo<I> {
     inner: I,
     state: Arc<State>,
+    /// `None` on HTTP/2, and once the check found a violation or the connection switched.
+    framing: Option<FramingCheck>,
+    /// The violation the next read reports.
+    refused: Option<FramingViolation>,
 }
 
 impl<I> WatchedIo<I> {
@@ -397,10 +406,33 @@ impl<I: AsyncRead + Unpin> AsyncRead for WatchedIo<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if let Some(violation) = this.refused {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                violation,
+            )));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.saw_bytes(&buf.filled()[before..]);
+            if this.state.http2.load(Ordering::Relaxed) {
+                this.framing = None;
+            }
+            if let Some(check) = &mut this.framing {
+                if let Err((at, violation)) = check.feed(&buf.filled()[before..]) {
+                    // hyper gets the bytes before the violation; the next read fails.
+                    this.framing = None;
+                    this.refused = Some(violation);
+                    buf.set_filled(before + at);
+                    if at == 0 {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            violation,
+                        )));
+                    }
+                }
+            }
         }
         polled
     }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::framing::FramingViolation;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How far a streamed request body has got, shared with whoever waits for the response.
@@ -28,6 +30,8 @@ pub struct Progress {
     pub exceeded: AtomicBool,
     /// The body fell below the minimum rate, and was cut off.
     pub too_slow: AtomicBool,
+    /// The client's body broke its framing (see [`crate::framing`]).
+    pub bad_framing: std::sync::OnceLock<FramingViolation>,
 }
 
 /// The slowest pace a request body may keep.
@@ -149,7 +153,12 @@ impl Body for RequestBody {
                     progress.done.store(true, Ordering::Relaxed);
                     Poll::Ready(None)
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(violation) = FramingViolation::within(&e) {
+                        let _ = progress.bad_framing.set(violation);
+                    }
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
                 Poll::Pending => {
                     let Some(pace) = pace else {
                         return Poll::Pending;

@@ -53,6 +53,8 @@ pub enum UpstreamError {
     BodyTooLarge(u64),
     /// The request body arrived slower than `[limits] min_request_body_rate`.
     BodyTooSlow,
+    /// The client's request body broke its framing (see [`crate::framing`]).
+    BadFraming(crate::framing::FramingViolation),
     /// Every one of the origin's `max_connections` slots was busy, and the queue full or the
     /// wait for a slot over.
     Saturated(usize),
@@ -70,6 +72,7 @@ impl UpstreamError {
             | UpstreamError::WriteTimeout => 504,
             UpstreamError::BodyTooLarge(_) => 413,
             UpstreamError::BodyTooSlow => 408,
+            UpstreamError::BadFraming(_) => 400,
             UpstreamError::Saturated(_) => 503,
             _ => 502,
         }
@@ -89,6 +92,7 @@ impl UpstreamError {
             UpstreamError::WriteTimeout => "WriteTimedout",
             UpstreamError::BodyTooLarge(_) => "RequestBodyTooLarge",
             UpstreamError::BodyTooSlow => "RequestBodyTooSlow",
+            UpstreamError::BadFraming(_) => "RequestFramingInvalid",
             UpstreamError::Saturated(_) => "OriginSaturated",
             UpstreamError::Exchange(_) => "ExchangeError",
         }
@@ -123,6 +127,7 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::BodyTooSlow => f.write_str(
                 "the request body arrived slower than min_request_body_rate; send it faster",
             ),
+            UpstreamError::BadFraming(violation) => write!(f, "{violation}"),
             UpstreamError::Saturated(max) => write!(
                 f,
                 "the origin has {max} requests in flight (max_connections) and no slot freed in time"
@@ -344,7 +349,9 @@ impl UpstreamGroup {
         };
         if !matches!(
             error,
-            UpstreamError::BodyTooLarge(_) | UpstreamError::BodyTooSlow
+            UpstreamError::BodyTooLarge(_)
+                | UpstreamError::BodyTooSlow
+                | UpstreamError::BadFraming(_)
         ) {
             tracing::warn!(origin = %origin.url, error = %error, "upstream request failed");
         }
@@ -395,6 +402,9 @@ impl UpstreamGroup {
                 }
                 if progress.is_some_and(|p| p.too_slow.load(Ordering::Relaxed)) {
                     return Err(Failure::Error(UpstreamError::BodyTooSlow));
+                }
+                if let Some(violation) = progress.and_then(|p| p.bad_framing.get()) {
+                    return Err(Failure::Error(UpstreamError::BadFraming(*violation)));
                 }
                 match e.take_message() {
                     Some(request) => Err(Failure::Unsent(Box::new(request), e.into_error())),
