@@ -138,8 +138,10 @@ where
     stop.store(true, Ordering::Relaxed);
     let _ = client.await;
     let attackers = held.await.map(|h| h.len()).unwrap_or(0);
-    let seen = seen.lock().unwrap();
-    let mut latencies = seen.latencies.clone();
+    let (ok, failed, mut latencies) = {
+        let seen = seen.lock().unwrap();
+        (seen.ok, seen.failed, seen.latencies.clone())
+    };
     latencies.sort();
     let p99 = latencies
         .get(
@@ -150,10 +152,10 @@ where
         )
         .copied()
         .unwrap_or_default();
-    let total = seen.ok + seen.failed;
+    let total = ok + failed;
     println!(
         "{name:<16} {attackers:>6} {:>8.1}% {:>9.1} {:>7} {:>9} {:>8} {:>8} {:>8.0} {:>8.0}",
-        100.0 * seen.ok as f64 / total.max(1) as f64,
+        100.0 * ok as f64 / total.max(1) as f64,
         p99.as_secs_f64() * 1000.0,
         peak_sockets.saturating_sub(baseline_sockets),
         open_at_end,
