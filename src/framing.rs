@@ -226,9 +226,21 @@ impl FramingCheck {
                         head.append(rest);
                         return Ok(());
                     };
-                    head.append(&rest[..end]);
                     i += end + 1;
-                    if let Some(next) = head.line_done() {
+                    // A line read whole is looked at where it lies; only one split across
+                    // reads is put together first.
+                    let next = if head.line.is_empty() && !head.long {
+                        head.line_done(&rest[..end], false)
+                    } else {
+                        head.append(&rest[..end]);
+                        let line = std::mem::take(&mut head.line);
+                        let long = std::mem::take(&mut head.long);
+                        let next = head.line_done(&line, long);
+                        head.line = line;
+                        head.line.clear();
+                        next
+                    };
+                    if let Some(next) = next {
                         self.state = next;
                     }
                 }
@@ -247,13 +259,10 @@ impl Head {
         }
     }
 
-    /// A line ended; the body's state when it was the head's last.
-    fn line_done(&mut self) -> Option<State> {
-        let long = std::mem::take(&mut self.long);
-        let mut line = std::mem::take(&mut self.line);
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
+    /// A line ended (`long`: only its end was kept); the body's state when it was the head's
+    /// last.
+    fn line_done(&mut self, line: &[u8], long: bool) -> Option<State> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() && !long {
             if !self.started {
                 // Empty lines before a request line are skipped (RFC 9112 §2.2).

@@ -790,3 +790,61 @@ async fn the_in_process_tier_is_bounded_in_real_memory() {
         Some("HIT")
     );
 }
+
+/// An origin that sends a valid head and then a broken body: the client gets a clean `502`
+/// problem+json (not an empty reply) when the break comes with the head, and a cut-off response
+/// (never a complete-looking one) when it comes later.
+#[tokio::test]
+async fn a_broken_body_right_after_a_valid_head_is_a_clean_502() {
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_port = origin.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = origin.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let later = String::from_utf8_lossy(&head).contains("later");
+                let answer: &[u8] = if later {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n"
+                };
+                let _ = stream.write_all(answer).await;
+                if later {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = stream.write_all(b"zz\r\n").await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            });
+        }
+    });
+    let gateway = Gateway::start(&config_for(
+        &[&format!("http://127.0.0.1:{origin_port}")],
+        "",
+    ));
+    let resp = raw_request(gateway.port, "GET /broken HTTP/1.1\r\nhost: x", b"").await;
+    assert_eq!(resp.status, 502, "{resp:?}");
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert!(resp.json()["request_id"].is_string());
+
+    // Broken after the first bytes went out: the response is cut off, not ended cleanly.
+    let mut stream = connect(gateway.port).await;
+    stream
+        .write_all(b"GET /later HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut seen)).await;
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(
+        !seen.ends_with("0\r\n\r\n"),
+        "no terminating chunk: {seen:?}"
+    );
+}

@@ -34,6 +34,8 @@ enum Kind {
 /// An origin's response body on its way to the client.
 struct Streamed {
     inner: Incoming,
+    /// A frame already read from `inner` (to see that the body had not failed), sent first.
+    first: Option<Frame<Bytes>>,
     /// Back to the pool after the last byte; dropped (closed) if the body is abandoned.
     connection: Option<Pooled>,
     read_timeout: Duration,
@@ -71,11 +73,18 @@ impl Body {
         }
     }
 
-    /// The origin's body; `connection` is released when it has been read.
-    pub fn upstream(inner: Incoming, connection: Pooled, read_timeout: Duration) -> Body {
+    /// The origin's body, `first` (a frame already read from it) first; `connection` is
+    /// released when it has been read.
+    pub fn upstream(
+        inner: Incoming,
+        first: Option<Frame<Bytes>>,
+        connection: Pooled,
+        read_timeout: Duration,
+    ) -> Body {
         Body {
             kind: Kind::Upstream(Box::new(Streamed {
                 inner,
+                first,
                 connection: Some(connection),
                 read_timeout,
                 idle: None,
@@ -90,7 +99,9 @@ impl Body {
             Kind::Full(None) => finish.complete = true,
             Kind::Full(Some(_)) => {}
             // Nothing to stream (HEAD, 204, 304): done already, and hyper may never poll it.
-            Kind::Upstream(streamed) if streamed.inner.is_end_stream() => {
+            Kind::Upstream(streamed)
+                if streamed.first.is_none() && streamed.inner.is_end_stream() =>
+            {
                 self.finish = Some(finish);
                 self.end_of_stream();
                 return self;
@@ -123,7 +134,10 @@ impl hyper::body::Body for Body {
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Kind::Upstream(streamed) => {
-                let polled = Pin::new(&mut streamed.inner).poll_frame(cx);
+                let polled = match streamed.first.take() {
+                    Some(frame) => Poll::Ready(Some(Ok(frame))),
+                    None => Pin::new(&mut streamed.inner).poll_frame(cx),
+                };
                 match polled {
                     Poll::Pending => {
                         let read_timeout = streamed.read_timeout;
@@ -171,14 +185,25 @@ impl hyper::body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream(streamed) => streamed.inner.is_end_stream(),
+            Kind::Upstream(streamed) => streamed.first.is_none() && streamed.inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream(streamed) => streamed.inner.size_hint(),
+            Kind::Upstream(streamed) => {
+                let mut hint = streamed.inner.size_hint();
+                if let Some(data) = streamed.first.as_ref().and_then(Frame::data_ref) {
+                    let len = data.len() as u64;
+                    // Upper first: a lower bound may never pass the upper one.
+                    if let Some(upper) = hint.upper() {
+                        hint.set_upper(upper + len);
+                    }
+                    hint.set_lower(hint.lower() + len);
+                }
+                hint
+            }
         }
     }
 }

@@ -619,8 +619,27 @@ impl Gateway {
             }
         };
 
-        let (mut parts, incoming) = exchange.response.into_parts();
+        let (mut parts, mut incoming) = exchange.response.into_parts();
         forwarding::upstream_response(&mut parts.headers, parts.status);
+        // A body that is already broken when the head arrives (a bad first chunk in the same
+        // packet) would reach the client as an empty reply: answer it as the failure it is.
+        let first = match first_frame(&mut incoming).await {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::warn!(error = %e, "the origin's response body broke at once");
+                *error = Some("ReadError");
+                if let Some(response) = caching::serve_stale_on_error(ctx, head, 502) {
+                    return response;
+                }
+                return respond::problem(
+                    ctx,
+                    Problem::new(
+                        502,
+                        "the gateway could not get a valid response from the upstream: ReadError",
+                    ),
+                );
+            }
+        };
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             let origin_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
             if let (Some(client), Some(origin)) = (client_upgrade, origin_upgrade) {
@@ -642,11 +661,30 @@ impl Gateway {
             parts,
             Body::upstream(
                 incoming,
+                first,
                 exchange.connection,
                 snapshot.upstream.read_timeout,
             ),
         )
     }
+}
+
+/// The origin's first body frame if it is already there (`None` when it is not yet, or the body
+/// is empty); an error when the body already failed.
+async fn first_frame(
+    incoming: &mut Incoming,
+) -> Result<Option<hyper::body::Frame<bytes::Bytes>>, hyper::Error> {
+    if incoming.is_end_stream() {
+        return Ok(None);
+    }
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *incoming).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => Ok(Some(frame)),
+            std::task::Poll::Ready(Some(Err(e))) => Err(e),
+            std::task::Poll::Ready(None) | std::task::Poll::Pending => Ok(None),
+        })
+    })
+    .await
 }
 
 /// A `429` with `Retry-After` and the limit's headers.

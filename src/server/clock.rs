@@ -15,7 +15,10 @@
 //! start head deadlines, blocked writes start the send deadline) and [`RequestGuard::watch`]
 //! around each response body (a request is in flight from hyper's call to the service until its
 //! body is dropped; a body that handed out data and was not asked for more is waiting for the
-//! client). [`Clock::expired`] sleeps until the earliest deadline.
+//! client). [`Clock::expired`] sleeps until the earliest deadline, looking again at least every
+//! min(`request_head_timeout`, `send_timeout`): nothing on the request path wakes it, so the
+//! clocks cost a request a few atomic operations and no task wake-up, and every deadline is still
+//! kept to the millisecond (anything that starts between two looks ends after the second).
 //!
 //! A listener under pressure — more than half of its `max_connections` open — gives connections
 //! that have nothing in flight only [`UNDER_PRESSURE`] for their first request and between
@@ -37,9 +40,6 @@ use crate::framing::{FramingCheck, FramingViolation};
 /// The first-request and keep-alive allowance of idle connections while their listener is under
 /// pressure.
 pub const UNDER_PRESSURE: Duration = Duration::from_secs(1);
-
-/// How often the clock of a connection with requests in flight looks at its send deadlines.
-const IN_FLIGHT_TICK: Duration = Duration::from_secs(1);
 
 /// The deadlines of the module docs' table.
 #[derive(Debug, Clone, Copy)]
@@ -132,8 +132,6 @@ struct State {
     sniffed: AtomicBool,
     /// Response bodies that handed out data, each with when it did (0 while asked for more).
     waiting_bodies: Mutex<Vec<Weak<AtomicU64>>>,
-    /// Woken when something the sleeping clock must see begins (a head, a request).
-    wake: Notify,
 }
 
 impl State {
@@ -157,7 +155,6 @@ impl Clock {
                 http2: AtomicBool::new(false),
                 sniffed: AtomicBool::new(false),
                 waiting_bodies: Mutex::new(Vec::new()),
-                wake: Notify::new(),
             }),
         }
     }
@@ -179,9 +176,7 @@ impl Clock {
         state.head_since.store(0, Ordering::Relaxed);
         state.requests.fetch_add(1, Ordering::Relaxed);
         state.last_edge.store(state.now(), Ordering::Relaxed);
-        if state.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
-            state.wake.notify_one();
-        }
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
         RequestGuard {
             state: state.clone(),
         }
@@ -191,7 +186,6 @@ impl Clock {
     pub async fn expired(&self, load: &Load) -> Expiry {
         let state = &self.state;
         loop {
-            let wake = state.wake.notified();
             let pressure = load.pressure.notified();
             let now = state.now();
             let check = match self.check(now, load.under_pressure()) {
@@ -200,7 +194,6 @@ impl Clock {
             };
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(check.saturating_sub(now))) => {}
-                _ = wake => {}
                 _ = pressure => {}
             }
         }
@@ -218,7 +211,11 @@ impl Clock {
                 d
             }
         };
-        let mut next = u64::MAX;
+        // Requests, heads and stalls never wake the clock (a task wake-up per request costs more
+        // than the rest of the clock together). It looks again at least every
+        // min(`request_head_timeout`, `send_timeout`): anything that started since has a
+        // deadline no earlier than that, which the next look then times to the millisecond.
+        let mut next = now + ms(t.request_head.min(t.send));
         let mut deadline = |at: u64, expiry: Expiry| {
             if now >= at {
                 return Err(expiry);
@@ -255,7 +252,6 @@ impl Clock {
                     deadline(since + ms(t.send), Expiry::SendStalled)?;
                 }
             }
-            next = next.min(now + ms(IN_FLIGHT_TICK));
         }
         Ok(next)
     }
@@ -378,7 +374,6 @@ impl<I> WatchedIo<I> {
             && !state.http2.load(Ordering::Relaxed)
         {
             state.head_since.store(state.now(), Ordering::Relaxed);
-            state.wake.notify_one();
         }
     }
 
@@ -496,13 +491,15 @@ mod tests {
         assert_eq!(clock.check(1, false), Ok(10_001));
         assert_eq!(clock.check(10_001, false), Err(Expiry::FirstRequest));
         assert_eq!(clock.check(1_001, true), Err(Expiry::FirstRequest));
-        // A request in flight: no idle deadline, a tick to look at the send deadlines.
+        // A request in flight: no idle deadline; looks again within the shorter timeout.
         let guard = clock.request_started();
         let edge = clock.state.last_edge.load(Ordering::Relaxed);
-        assert_eq!(clock.check(edge + 100_000, false), Ok(edge + 101_000));
+        assert_eq!(clock.check(edge + 100_000, false), Ok(edge + 110_000));
         drop(guard);
         let edge = clock.state.last_edge.load(Ordering::Relaxed);
-        assert_eq!(clock.check(edge, false), Ok(edge + 60_000));
+        // Idle: it looks again within request_head_timeout (a head may start meanwhile).
+        assert_eq!(clock.check(edge, false), Ok(edge + 10_000));
+        assert_eq!(clock.check(edge + 55_000, false), Ok(edge + 60_000));
         assert_eq!(clock.check(edge + 60_000, false), Err(Expiry::Idle));
         // A head that began arriving has its own, shorter deadline.
         clock.state.head_since.store(edge + 5, Ordering::Relaxed);
