@@ -249,8 +249,9 @@ pub struct LimitsConfig {
     pub max_request_header_bytes: Spanned<ByteSize>,
     /// Request body; larger bodies get `413`.
     pub max_request_body_bytes: ByteSize,
-    /// A request body must arrive at least this fast (bytes per second, on average after its
-    /// first `request_head_timeout`); slower: `408`. `"0"`: no minimum.
+    /// A request body must arrive at least this fast (bytes per second, on average from the first
+    /// time it waits for the client, after a grace of `request_head_timeout`); slower: `408`.
+    /// `"0"`: no minimum.
     pub min_request_body_rate: ByteSize,
     /// From accept to the first request's complete head, and from a later head's first byte to
     /// its end; past it the connection is closed.

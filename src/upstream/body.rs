@@ -42,18 +42,18 @@ pub struct MinRate {
     pub grace: Duration,
 }
 
-/// A body's pace, against its [`MinRate`].
+/// A body's pace, against its [`MinRate`]: measured from the first time the body waits for the
+/// client (most bodies never do: they arrive with the head, and cost nothing here).
 pub struct Pace {
-    rate: MinRate,
     started: Instant,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl Pace {
-    /// By when the body must have carried more than `bytes`.
-    fn deadline(&self, bytes: u64) -> Instant {
-        let earned = Duration::from_secs_f64(bytes as f64 / self.rate.bytes_per_second as f64);
-        self.started + self.rate.grace + earned
+impl MinRate {
+    /// By when a body that started waiting at `started` must have carried more than `bytes`.
+    fn deadline(&self, started: Instant, bytes: u64) -> Instant {
+        let earned = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+        started + self.grace + earned
     }
 }
 
@@ -64,6 +64,7 @@ pub enum RequestBody {
         inner: Incoming,
         limit: u64,
         progress: Arc<Progress>,
+        min_rate: Option<MinRate>,
         pace: Option<Box<Pace>>,
     },
 }
@@ -108,13 +109,8 @@ impl RequestBody {
             inner,
             limit,
             progress: progress.clone(),
-            pace: min_rate.map(|rate| {
-                Box::new(Pace {
-                    rate,
-                    started: Instant::now(),
-                    timer: None,
-                })
-            }),
+            min_rate,
+            pace: None,
         };
         (body, progress)
     }
@@ -134,6 +130,7 @@ impl Body for RequestBody {
                 inner,
                 limit,
                 progress,
+                min_rate,
                 pace,
             } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -160,15 +157,23 @@ impl Body for RequestBody {
                     Poll::Ready(Some(Err(Box::new(e))))
                 }
                 Poll::Pending => {
-                    let Some(pace) = pace else {
+                    let Some(rate) = min_rate else {
                         return Poll::Pending;
                     };
                     // Waiting for the client: it must have sent more by the deadline its bytes
                     // so far earned.
-                    let deadline = pace.deadline(progress.bytes.load(Ordering::Relaxed));
-                    let timer = pace
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                    let pace = pace.get_or_insert_with(|| {
+                        let started = Instant::now();
+                        Box::new(Pace {
+                            started,
+                            timer: Box::pin(tokio::time::sleep_until(
+                                rate.deadline(started, 0).into(),
+                            )),
+                        })
+                    });
+                    let deadline =
+                        rate.deadline(pace.started, progress.bytes.load(Ordering::Relaxed));
+                    let timer = &mut pace.timer;
                     if timer.deadline() != deadline.into() {
                         timer.as_mut().reset(deadline.into());
                     }
