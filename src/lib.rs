@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod descriptors;
 pub mod framing;
 pub mod header_rules;
 pub mod http_client;

@@ -363,6 +363,9 @@ fn explain(args: ExplainArgs) -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
+    // Before the configuration is compiled: the origins' default connection caps are shares of
+    // the limit in force.
+    cachegate::descriptors::raise_open_file_limit();
     let (loaded, snapshot) = match cachegate::snapshot::load(&args.config) {
         Ok(loaded) => loaded,
         Err(errors) => {

@@ -218,15 +218,15 @@ pub struct UpstreamConfig {
     /// PEM file of CA certificates trusted for `https://` upstreams instead of the system roots.
     #[schemars(with = "Option<EnvString>")]
     pub tls_ca_file: Option<Spanned<EnvString>>,
-    /// Most requests in flight to one origin address (each on its own connection).
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    /// Most requests in flight to one origin address (each on its own connection). Default:
+    /// 1024, or the origin's share of half the open-file limit when that is smaller.
+    pub max_connections: Option<usize>,
     /// Most requests waiting (up to `connect_timeout`) for one of those; past it: `503`.
-    #[serde(default = "default_max_connections")]
+    #[serde(default = "default_max_pending")]
     pub max_pending_requests: usize,
 }
 
-fn default_max_connections() -> usize {
+fn default_max_pending() -> usize {
     1024
 }
 

@@ -11,11 +11,10 @@
 //! (HTTP/1.1 connections close after their current response, HTTP/2 ones get `GOAWAY`) for up to
 //! `[server] grace_period`, then the process exits 0. `SIGINT` exits at once.
 //!
-//! At start the soft limit on open files is raised to the hard limit (and logged): each client
-//! and origin connection is one descriptor, and the usual soft limit of 1,024 would let a few
-//! hundred idle sockets lock every client out. Each listener then holds at most `[limits]
-//! max_connections` (by default half the limit, shared among the listeners); the admin listener
-//! has [`ADMIN_MAX_CONNECTIONS`] of its own, so it answers while the others are flooded.
+//! At start the soft limit on open files is raised to the hard limit and logged
+//! ([`crate::descriptors`]). Each listener then holds at most `[limits] max_connections` (by
+//! default its share of half the limit); the admin listener has [`ADMIN_MAX_CONNECTIONS`] of its
+//! own, so it answers while the others are flooded.
 
 pub mod clock;
 pub mod listener;
@@ -38,40 +37,6 @@ use crate::store;
 
 /// Connections the admin listener holds at most.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
-/// Descriptors kept aside from the listeners' default share (store, JWKS, files, the admin
-/// listener).
-const RESERVED_DESCRIPTORS: u64 = 128;
-
-/// Raises the soft open-file limit to the hard limit; returns the limit in force.
-fn raise_open_file_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit.rlim_cur = limit.rlim_max;
-            }
-        }
-        limit.rlim_cur
-    }
-}
-
-/// Each listener's default `max_connections`: half of the descriptors left after the reserve,
-/// shared among the listeners (the other half is for origin connections).
-fn default_max_connections(open_files: u64, listeners: usize) -> usize {
-    let share = open_files.saturating_sub(RESERVED_DESCRIPTORS) / 2 / listeners.max(1) as u64;
-    share.clamp(16, 1 << 20) as usize
-}
 
 /// Serves until SIGTERM (graceful: stop accepting, drain for `server.grace_period`) or SIGINT
 /// (fast). Returns an error message, naming what failed, if the gateway cannot start.
@@ -207,11 +172,11 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         let http2 = listener.tls.as_ref().is_none_or(|t| t.http2);
         listeners.push((address.to_owned(), std_listener, tls, http2));
     }
-    let open_files = raise_open_file_limit();
+    let open_files = crate::descriptors::raise_open_file_limit();
     let max_connections = config
         .limits
         .max_connections
-        .unwrap_or_else(|| default_max_connections(open_files, listeners.len()));
+        .unwrap_or_else(|| crate::descriptors::half_share(open_files, listeners.len()));
     tracing::info!(
         open_files,
         max_connections,

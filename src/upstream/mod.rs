@@ -217,8 +217,15 @@ impl UpstreamGroup {
                         tls,
                         connect_timeout: config.connect_timeout.0,
                     };
+                    let max_connections = config.max_connections.unwrap_or_else(|| {
+                        let share = crate::descriptors::half_share(
+                            crate::descriptors::open_file_limit(),
+                            config.addresses.get_ref().len(),
+                        );
+                        share.min(1024)
+                    });
                     let limits = pool::Limits {
-                        max_connections: config.max_connections.max(1),
+                        max_connections: max_connections.max(1),
                         max_pending: config.max_pending_requests,
                     };
                     origins.push(Origin {
