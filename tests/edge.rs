@@ -606,6 +606,26 @@ async fn unfinished_heads_cannot_buy_memory() {
     let growth = gateway.process.peak_rss_kib().saturating_sub(baseline);
     // 200 × (16 KiB + margin) is under 5 MiB; hyper's default would have been 200 MiB.
     assert!(growth < 40 * 1024, "peak RSS grew by {growth} KiB");
+    // HTTP/2's header lists are bounded the same way: a 40 KiB list is refused, never buffered.
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(
+                connect(port).await,
+            ))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::get(format!("http://127.0.0.1:{port}/__headers"))
+        .header("x-big", "a".repeat(40_000))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    // The gateway advertises the limit in its SETTINGS: the list is refused (431 or a reset, or
+    // by the client itself, which reads the setting), never answered 200.
+    let status = sender.send_request(request).await.map(|resp| resp.status());
+    assert!(
+        matches!(status, Ok(s) if s == 431) || status.is_err(),
+        "{status:?}"
+    );
     // The head over the limit got an answer, not silence.
     let resp = raw_request(
         port,

@@ -281,7 +281,13 @@ impl UpstreamGroup {
             let mut connection = match origin.pool.checkout().await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(origin = %origin.url, error = %e, "upstream connection failed");
+                    if matches!(e, UpstreamError::Saturated(_)) {
+                        // Under a flood this is every request: the metric counts them
+                        // (`cachegate_upstream_errors_total{kind="OriginSaturated"}`).
+                        tracing::debug!(origin = %origin.url, error = %e, "origin saturated");
+                    } else {
+                        tracing::warn!(origin = %origin.url, error = %e, "upstream connection failed");
+                    }
                     if e.before_sending() && tried < self.origins.len() {
                         continue;
                     }
