@@ -639,22 +639,11 @@ async fn unfinished_heads_cannot_buy_memory() {
     assert_eq!(resp.status, 431);
 }
 
-/// The soft open-file limit is raised to the hard one; with both at 1,024, a flood of idle
-/// sockets neither locks normal clients out (idle connections yield under pressure) nor floods
-/// the log, and the admin listener keeps answering.
-#[tokio::test]
-async fn a_flood_of_idle_sockets_at_1024_descriptors_locks_nobody_out() {
-    let upstream = Upstream::start();
-    let admin = common::free_port();
-    let port = common::free_port();
-    let config = config_for(
-        &[&upstream.url()],
-        &format!("[admin]\naddress = \"127.0.0.1:{admin}\"\n"),
-    )
-    .replace("{port}", &port.to_string());
+/// cachegate with `config` (its listener on `port`), started with 1,024 open files at most.
+fn gateway_at_1024_descriptors(config: &str, port: u16) -> common::Process {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cachegate.toml");
-    std::fs::write(&path, &config).unwrap();
+    std::fs::write(&path, config).unwrap();
     let mut process = common::Process::spawn(
         "cachegate",
         std::path::Path::new("prlimit"),
@@ -668,6 +657,23 @@ async fn a_flood_of_idle_sockets_at_1024_descriptors_locks_nobody_out() {
         dir,
     );
     process.wait_for_port(port);
+    process
+}
+
+/// The soft open-file limit is raised to the hard one; with both at 1,024, a flood of idle
+/// sockets neither locks normal clients out (idle connections yield under pressure) nor floods
+/// the log, and the admin listener keeps answering.
+#[tokio::test]
+async fn a_flood_of_idle_sockets_at_1024_descriptors_locks_nobody_out() {
+    let upstream = Upstream::start();
+    let admin = common::free_port();
+    let port = common::free_port();
+    let config = config_for(
+        &[&upstream.url()],
+        &format!("[admin]\naddress = \"127.0.0.1:{admin}\"\n"),
+    )
+    .replace("{port}", &port.to_string());
+    let mut process = gateway_at_1024_descriptors(&config, port);
     process.wait_for_port(admin);
     let logged = common::eventually(Duration::from_secs(5), || async {
         let logs = process.logs();
@@ -706,22 +712,7 @@ async fn a_flood_of_idle_sockets_at_1024_descriptors_locks_nobody_out() {
     // the gateway backs off and says so once per interval, not every 50 ms.
     drop(process);
     let config = config.replace("[admin]", "[limits]\nmax_connections = 5000\n\n[admin]");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cachegate.toml");
-    std::fs::write(&path, &config).unwrap();
-    let mut process = common::Process::spawn(
-        "cachegate",
-        std::path::Path::new("prlimit"),
-        &[
-            "--nofile=1024:1024",
-            common::cachegate_bin().to_str().unwrap(),
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-        ],
-        dir,
-    );
-    process.wait_for_port(port);
+    let process = gateway_at_1024_descriptors(&config, port);
     // More connections than descriptors, until the gateway runs out (a loaded machine may take
     // a while to accept them all).
     let mut flood = open_many(port, 1100).await;
