@@ -594,9 +594,12 @@ impl Gateway {
         let exchange = match exchange {
             Ok(exchange) => exchange,
             Err(e) => {
+                // The client's doing, not the origin's: not an upstream error.
                 if !matches!(
                     e,
-                    UpstreamError::BodyTooLarge(_) | UpstreamError::BodyTooSlow
+                    UpstreamError::BodyTooLarge(_)
+                        | UpstreamError::BodyTooSlow
+                        | UpstreamError::BadFraming(_)
                 ) {
                     *error = Some(e.label());
                 }
