@@ -56,6 +56,19 @@ fn open_sockets(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// A connection that has had one request answered (`200`) and is now between requests.
+async fn after_one_request(port: u16) -> TcpStream {
+    let mut stream = connect(port).await;
+    stream
+        .write_all(b"GET /__headers HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = stream.read(&mut answer).await.unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+    stream
+}
+
 /// RFC 9112 §6.1, §3.2: a transfer coding other than `chunked` (even before it), a missing or
 /// doubled `Host`, are answered by the gateway with problem+json and never reach the origin.
 #[tokio::test]
@@ -315,14 +328,7 @@ async fn every_connection_is_on_a_clock() {
         "slowloris closed"
     );
 
-    let mut later = connect(port).await;
-    later
-        .write_all(b"GET /__headers HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = vec![0u8; 1024];
-    let n = later.read(&mut first).await.unwrap();
-    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    let mut later = after_one_request(port).await;
     later
         .write_all(b"GET /__headers HTTP/1.1\r\n")
         .await
@@ -333,12 +339,7 @@ async fn every_connection_is_on_a_clock() {
     );
 
     // Keep-alive: open between requests for keepalive_timeout, not for ever, and not less.
-    let mut kept = connect(port).await;
-    kept.write_all(b"GET /__headers HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let n = kept.read(&mut first).await.unwrap();
-    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    let mut kept = after_one_request(port).await;
     let took = closed_within(&mut kept, bound)
         .await
         .expect("idle keep-alive is closed");
