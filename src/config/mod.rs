@@ -274,7 +274,7 @@ impl Default for LimitsConfig {
             max_request_header_bytes: Spanned::new(0..0, ByteSize(64 * 1024)),
             max_request_body_bytes: ByteSize(100 * 1024 * 1024),
             min_request_body_rate: ByteSize(500),
-            request_head_timeout: secs(10),
+            request_head_timeout: secs(30),
             tls_handshake_timeout: secs(10),
             keepalive_timeout: secs(75),
             send_timeout: secs(30),
