@@ -24,12 +24,22 @@ struct Slot<T> {
     value: T,
 }
 
+/// What TinyUFO holds under a hash: a slot, or the tombstone of a removed one.
+type Held<T> = Option<Arc<Slot<T>>>;
+
 /// A TinyUFO map from string keys, collision-safe, with an index of what it holds (for purges by
 /// predicate and for the stats; touched on stores and removals only, never on lookups).
+///
+/// TinyUFO's weight counters are only right if nothing races a change to one key and nothing is
+/// removed with its own `remove` (it leaves the key in its queue, so storing the key again
+/// queues it twice and the second eviction subtracts its weight again); either way a counter
+/// wraps below zero and the tier stops bounding anything. So every change here is made under the
+/// index's lock (lookups take no lock), and a removal replaces the slot with a tombstone of
+/// weight 1 that TinyUFO evicts in its own time.
 struct Tier<T> {
-    slots: TinyUfo<u64, Arc<Slot<T>>>,
+    slots: TinyUfo<u64, Held<T>>,
     hasher: std::hash::RandomState,
-    /// Hash → weight (KiB) of every slot held.
+    /// Hash → weight (KiB) of every slot held (tombstones are not); its lock orders changes.
     held: Mutex<HashMap<u64, u16>>,
 }
 
@@ -47,8 +57,35 @@ impl<T: Clone + Send + Sync + 'static> Tier<T> {
     }
 
     fn get(&self, key: &str) -> Option<T> {
-        let slot = self.slots.get(&self.hash(key))?;
+        let slot = self.slots.get(&self.hash(key))??;
         (*slot.key == *key).then(|| slot.value.clone())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u16>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts `held` under `hash` (the index locked); returns how many other slots were pushed
+    /// out for room.
+    fn put(&self, index: &mut HashMap<u64, u16>, hash: u64, held: Held<T>, weight: u16) -> u64 {
+        // Always admitted: requests coalesced behind this fill look it up next.
+        let evicted = self.slots.force_put(hash, held.clone(), weight);
+        match &held {
+            Some(_) => index.insert(hash, weight),
+            None => index.remove(&hash),
+        };
+        let mut pushed_out = 0;
+        // Evictions name TinyUFO's own hash of our hash; the slot says whose it was.
+        for kv in evicted {
+            let Some(slot) = kv.data else { continue };
+            if held.as_ref().is_some_and(|put| Arc::ptr_eq(&slot, put)) {
+                index.remove(&hash);
+            } else {
+                index.remove(&self.hash(&slot.key));
+                pushed_out += 1;
+            }
+        }
+        pushed_out
     }
 
     /// Stores `value`; returns how many other slots were pushed out for room.
@@ -58,53 +95,37 @@ impl<T: Clone + Send + Sync + 'static> Tier<T> {
             key: key.into_boxed_str(),
             value,
         });
-        // Always admitted: requests coalesced behind this fill look it up next.
-        let evicted = self.slots.force_put(hash, slot.clone(), weight);
-        let mut held = self.held.lock().expect("tier index poisoned");
-        held.insert(hash, weight);
-        let mut pushed_out = 0;
-        // Evictions name TinyUFO's own hash of our hash; the slot says whose it was.
-        for kv in evicted {
-            if Arc::ptr_eq(&kv.data, &slot) {
-                held.remove(&hash);
-            } else {
-                held.remove(&self.hash(&kv.data.key));
-                pushed_out += 1;
-            }
-        }
-        pushed_out
+        let mut index = self.index();
+        self.put(&mut index, hash, Some(slot), weight)
     }
 
-    fn remove_hash(&self, hash: u64) {
-        if self.slots.remove(&hash).is_some() {
-            self.held.lock().expect("tier index poisoned").remove(&hash);
+    /// Removes the slot under `hash` if `matches` selects it.
+    fn remove_if(
+        &self,
+        index: &mut HashMap<u64, u16>,
+        hash: u64,
+        matches: impl Fn(&Slot<T>) -> bool,
+    ) -> bool {
+        let found = self.slots.get(&hash).flatten();
+        if !found.is_some_and(|slot| matches(&slot)) {
+            return false;
         }
+        self.put(index, hash, None, 1);
+        true
     }
 
     fn remove(&self, key: &str) {
-        let hash = self.hash(key);
-        if self.slots.get(&hash).is_some_and(|slot| *slot.key == *key) {
-            self.remove_hash(hash);
-        }
+        let mut index = self.index();
+        self.remove_if(&mut index, self.hash(key), |slot| *slot.key == *key);
     }
 
     /// Removes every slot `matches` selects; returns how many.
     fn remove_matching(&self, matches: impl Fn(&T) -> bool) -> u64 {
-        let hashes: Vec<u64> = self
-            .held
-            .lock()
-            .expect("tier index poisoned")
-            .keys()
-            .copied()
-            .collect();
+        let mut index = self.index();
+        let hashes: Vec<u64> = index.keys().copied().collect();
         let mut removed = 0;
         for hash in hashes {
-            if self
-                .slots
-                .get(&hash)
-                .is_some_and(|slot| matches(&slot.value))
-            {
-                self.remove_hash(hash);
+            if self.remove_if(&mut index, hash, |slot| matches(&slot.value)) {
                 removed += 1;
             }
         }
@@ -113,9 +134,9 @@ impl<T: Clone + Send + Sync + 'static> Tier<T> {
 
     /// Slots held and their weight in KiB.
     fn stats(&self) -> (u64, u64) {
-        let held = self.held.lock().expect("tier index poisoned");
-        let weight: u64 = held.values().map(|w| u64::from(*w)).sum();
-        (held.len() as u64, weight)
+        let index = self.index();
+        let weight: u64 = index.values().map(|w| u64::from(*w)).sum();
+        (index.len() as u64, weight)
     }
 }
 
@@ -233,6 +254,60 @@ mod tests {
         assert_eq!(small.stats().0, 1);
     }
 
+    /// TinyUFO's own `remove` leaves the key in its queue: storing the key again queued it twice,
+    /// and the eviction that met it twice subtracted its weight twice, wrapping the counter below
+    /// zero (a panic in debug builds; in release the tier then evicts everything). Purges refill
+    /// the keys they remove all the time.
+    #[test]
+    fn removing_and_storing_a_key_again_keeps_the_tier_bounded() {
+        let tier: Tier<u32> = Tier::new(2, 16);
+        tier.insert("hot".into(), 1, 1);
+        tier.remove("hot");
+        tier.insert("hot".into(), 2, 1);
+        // Read twice: the next eviction moves it to the main queue.
+        tier.get("hot");
+        tier.get("hot");
+        tier.insert("x".into(), 3, 1);
+        tier.insert("y".into(), 4, 1);
+        for i in 0..16 {
+            tier.insert(format!("fresh-{i}"), i, 1);
+        }
+        let (held, weight) = tier.stats();
+        assert!(held == 2 && weight == 2, "{held} slots, {weight} KiB");
+        assert_eq!(tier.get("fresh-15"), Some(15));
+    }
+
+    /// TinyUFO's `remove` reads a slot's weight and deletes the slot in two steps: two threads
+    /// removing one key both subtracted its weight, the counter wrapped below zero, and the next
+    /// store panicked on the overflow (debug) or stopped evicting (release).
+    #[test]
+    fn concurrent_stores_and_removals_of_one_key_keep_the_tier_bounded() {
+        let tier: Arc<Tier<u32>> = Arc::new(Tier::new(64, 64));
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let tier = tier.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        tier.insert("shared".into(), i, 1);
+                        tier.remove("shared");
+                        if i % 64 == 0 {
+                            tier.insert(format!("own-{t}-{i}"), i, 1);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("no panic in TinyUFO's accounting");
+        }
+        for i in 0..64 {
+            tier.insert(format!("after-{i}"), i, 1);
+        }
+        let (held, weight) = tier.stats();
+        assert!(held <= 64 && weight <= 64, "{held} slots, {weight} KiB");
+        assert!(held >= 32, "the tier holds only {held} of 64 fresh slots");
+    }
+
     #[test]
     fn colliding_hashes_are_misses_and_purges_reach_every_match() {
         let tier: Tier<u32> = Tier::new(1000, 100);
@@ -245,7 +320,7 @@ mod tests {
             key: "not-a".into(),
             value: 9,
         });
-        tier.slots.force_put(hash_of_a, stolen, 1);
+        tier.slots.force_put(hash_of_a, Some(stolen), 1);
         assert_eq!(tier.get("a"), None);
         assert_eq!(tier.remove_matching(|v| *v == 2), 1);
         assert_eq!(tier.get("b"), None);

@@ -175,8 +175,25 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what its servers said: the log's directory goes with it.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(LOG_TAIL_LINES).collect();
+            eprintln!(
+                "--- the last {} lines of {} (pid {}) ---",
+                tail.len(),
+                self.name,
+                self.child.id()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// How much of each server's log a failing test prints.
+const LOG_TAIL_LINES: usize = 80;
 
 /// A running `upstream-example`.
 pub struct Upstream {
