@@ -53,6 +53,12 @@ struct InitArgs {
     /// Write the configuration here (never over an existing file) instead of to stdout.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
+    /// The address the gateway listens on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The admin listener's address (health, readiness, metrics).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9901")]
+    admin: String,
 }
 
 #[derive(Args, Debug)]
@@ -222,8 +228,23 @@ fn init(args: InitArgs) -> ExitCode {
         Ok(document) => document,
         Err(e) => return fail(format!("{}: {e}", args.openapi)),
     };
-    let config =
-        cachegate::openapi::starter_config(&document, args.upstream.as_deref(), &args.openapi);
+    // A document served by the origin is a page clients fetch through the gateway, and so are
+    // the framework's documentation pages beside it.
+    let extra_pages = match args.openapi.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme().is_some() => served_pages(&uri),
+        _ => Vec::new(),
+    };
+    let (config, summary) = cachegate::openapi::starter_config(
+        &document,
+        &cachegate::openapi::StarterOptions {
+            source: &args.openapi,
+            upstream: args.upstream.as_deref(),
+            listen: &args.listen,
+            admin: &args.admin,
+            extra_pages: &extra_pages,
+        },
+    );
+    eprintln!("cachegate init: {summary}");
     match &args.output {
         Some(path) => {
             let written = std::fs::OpenOptions::new()
@@ -243,6 +264,33 @@ fn init(args: InitArgs) -> ExitCode {
         None => print!("{config}"),
     }
     ExitCode::SUCCESS
+}
+
+/// Documentation pages web frameworks serve beside their OpenAPI document (FastAPI's `/docs` and
+/// `/redoc`, drf-spectacular's and springdoc's Swagger UI pages).
+const DOCS_PAGES: &[&str] = &[
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/swagger-ui/",
+    "/swagger-ui.html",
+    "/api/schema/swagger-ui/",
+    "/api/schema/redoc/",
+];
+
+/// The document's own path, and the [`DOCS_PAGES`] its origin answers `200` for.
+fn served_pages(document: &http::Uri) -> Vec<String> {
+    let mut pages = vec![document.path().to_owned()];
+    let origin = match (document.scheme_str(), document.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+        _ => return pages,
+    };
+    for page in DOCS_PAGES {
+        if fetch_text(&format!("{origin}{page}")).is_ok() {
+            pages.push((*page).to_owned());
+        }
+    }
+    pages
 }
 
 /// GETs a document (an OpenAPI description) over HTTP(S).

@@ -79,10 +79,57 @@ enum Access {
     OriginChecked,
 }
 
-/// The starter configuration for `document`, sending traffic to `upstream` (default: the
-/// document's first absolute server URL, else `http://127.0.0.1:3000`). `source` names the
-/// document in the header comment.
-pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) -> String {
+/// What `cachegate init` was told besides the document.
+#[derive(Debug, Clone)]
+pub struct StarterOptions<'a> {
+    /// Where the document came from (a file or a URL), named in the header comment.
+    pub source: &'a str,
+    /// The origin to proxy to. Default: the document's first absolute server URL, else the
+    /// origin `source` was fetched from, else `http://127.0.0.1:3000`.
+    pub upstream: Option<&'a str>,
+    /// The gateway's listener and admin addresses.
+    pub listen: &'a str,
+    pub admin: &'a str,
+    /// Pages of the origin that the document does not describe but clients use (the document's
+    /// own URL, the framework's docs pages), routed as public and uncached.
+    pub extra_pages: &'a [String],
+}
+
+/// How many routes of each kind a starter configuration has (printed by `cachegate init`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StarterSummary {
+    pub routes: usize,
+    /// Read routes cached for everyone.
+    pub cached: usize,
+    /// Read routes cached per user.
+    pub per_user: usize,
+    /// Routes whose credentials only the origin checks (not cached).
+    pub origin_checked: usize,
+    /// Paths written commented out, each with why.
+    pub skipped: Vec<String>,
+}
+
+impl std::fmt::Display for StarterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} routes: {} reads cached for everyone, {} cached per user, {} checked by the origin only (not cached), {} skipped",
+            self.routes,
+            self.cached,
+            self.per_user,
+            self.origin_checked,
+            self.skipped.len()
+        )?;
+        for reason in &self.skipped {
+            write!(f, "\n  skipped: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The starter configuration for `document` (see the module docs), and its summary.
+pub fn starter_config(document: &Value, options: &StarterOptions<'_>) -> (String, StarterSummary) {
+    let mut summary = StarterSummary::default();
     let schemes = document
         .pointer("/components/securitySchemes")
         .and_then(Value::as_object)
@@ -120,6 +167,7 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
         }
         let name_stem = route_name(&relative);
         if let Some((_, access)) = reads.iter().max_by_key(|(_, a)| a.clone()) {
+            summary.routes += 1;
             let name = unique(&mut names, format!("{name_stem}-read"));
             let _ = writeln!(routes, "[[routes]]\nname = {}", quote(&name));
             let _ = writeln!(routes, "path = {}", quote(&template));
@@ -133,9 +181,11 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
                     );
                 }
                 Access::Public => {
+                    summary.cached += 1;
                     let _ = writeln!(routes, "cache = {{ ttl = \"{STARTER_TTL}\" }}");
                 }
                 Access::Token(_) | Access::OptionalToken => {
+                    summary.per_user += 1;
                     let _ = writeln!(
                         routes,
                         "# Readers are authenticated: each user's answers are cached for that user only.\n\
@@ -143,6 +193,7 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
                     );
                 }
                 Access::OriginChecked => {
+                    summary.origin_checked += 1;
                     let _ = writeln!(
                         routes,
                         "# Not cached: the origin checks credentials the gateway cannot tell apart."
@@ -152,6 +203,10 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
             routes.push('\n');
         }
         for (access, methods) in &writes {
+            summary.routes += 1;
+            if *access == Access::OriginChecked {
+                summary.origin_checked += 1;
+            }
             let suffix = if writes.len() == 1 {
                 "write".to_owned()
             } else {
@@ -167,7 +222,7 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
             let _ = writeln!(routes, "methods = [{}]", methods.join(", "));
             write_access(&mut routes, access);
             // A write purges its own path anyway; its collection's list changes too.
-            match collection_of(&template).filter(|c| templates.contains(c)) {
+            match collection_of(&template, &templates) {
                 Some(collection) => {
                     let _ = writeln!(routes, "purge = {{ paths = [{}] }}", quote(&collection));
                 }
@@ -187,11 +242,29 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
         .pointer("/info/version")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let upstream = upstream
+    let upstream = options
+        .upstream
         .map(str::to_owned)
         .or_else(|| server_url(document))
+        .or_else(|| origin_of(options.source))
         .unwrap_or_else(|| "http://127.0.0.1:3000".to_owned());
+    for page in options
+        .extra_pages
+        .iter()
+        .filter(|p| !templates.contains(*p))
+    {
+        summary.routes += 1;
+        let name = unique(&mut names, format!("{}-page", route_name(page)));
+        let _ = writeln!(
+            routes,
+            "[[routes]]\nname = {}\npath = {}\nmethods = [\"GET\", \"HEAD\"]\n\
+             # Served by the origin beside the API (its documentation); not cached.\n",
+            quote(&name),
+            quote(page)
+        );
+    }
 
+    let source = options.source;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -203,21 +276,29 @@ pub fn starter_config(document: &Value, upstream: Option<&str>, source: &str) ->
     );
     let _ = writeln!(
         out,
-        "[[listeners]]\naddress = \"127.0.0.1:8080\"\n\n\
+        "[[listeners]]\naddress = {}\n\n\
          [upstream]\naddresses = [{}]\n\n\
          # Health, readiness and metrics for operators; keep it on a private address.\n\
-         [admin]\naddress = \"127.0.0.1:9901\"\n\n\
+         [admin]\naddress = {}\n\n\
          # Paths the document does not describe are refused (404, or 405 for an undescribed\n\
          # method): nothing reaches the API unless a route below allows it. Use \"pass\" to\n\
          # forward them under these defaults instead.\n\
          [defaults]\nunmatched = \"deny\"\n",
-        quote(&upstream)
+        quote(options.listen),
+        quote(&upstream),
+        quote(options.admin)
     );
     if uses_tokens {
         let _ = writeln!(out, "{}", auth_section(&schemes));
     }
     out.push_str(&routes);
-    out
+    (out, summary)
+}
+
+/// `http://127.0.0.1:8000` for a document fetched from `http://127.0.0.1:8000/openapi.json`.
+fn origin_of(source: &str) -> Option<String> {
+    let uri: http::Uri = source.parse().ok()?;
+    Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?))
 }
 
 /// The `[auth]` table: an OpenID Connect scheme's issuer when the document names one, else an
@@ -379,10 +460,24 @@ fn is_probe(template: &str) -> bool {
     )
 }
 
-/// `/products/{id:int}` → `/products`: the list a write to an item changes.
-fn collection_of(template: &str) -> Option<String> {
-    let (parent, last) = template.rsplit_once('/')?;
-    (last.starts_with('{') && !parent.is_empty()).then(|| parent.to_owned())
+/// The list a write to an item changes, as a purge path (parameters untyped: purge templates
+/// name parameters, the route types them): `/products/{id:int}` → `/products` when the
+/// document has that path, also spelled `/products/` (FastAPI's and Django REST Framework's
+/// collections).
+fn collection_of(template: &str, templates: &BTreeSet<String>) -> Option<String> {
+    let (parent, last) = template.trim_end_matches('/').rsplit_once('/')?;
+    if !last.starts_with('{') || parent.is_empty() {
+        return None;
+    }
+    let found = templates
+        .iter()
+        .find(|t| t.as_str() != "/" && t.trim_end_matches('/') == parent)?;
+    Some(untyped(found))
+}
+
+/// `/users/{user_id:int}/orders` → `/users/{user_id}/orders`.
+fn untyped(template: &str) -> String {
+    template.replace(":int}", "}")
 }
 
 /// `/shops/{shop}/products/{id:int}` → `shops-shop-products-id`.
@@ -479,6 +574,16 @@ fn quote(text: &str) -> String {
 mod tests {
     use super::*;
 
+    fn test_options() -> StarterOptions<'static> {
+        StarterOptions {
+            source: "test",
+            upstream: None,
+            listen: "127.0.0.1:8080",
+            admin: "127.0.0.1:9901",
+            extra_pages: &[],
+        }
+    }
+
     #[test]
     fn integer_parameters_typed_and_collections_found() {
         let doc = parse(
@@ -500,11 +605,32 @@ paths:
             gateway_template(&doc, "/products/{id}", item),
             "/products/{id:int}"
         );
+        let templates: BTreeSet<String> = [
+            "/products",
+            "/products/{id:int}",
+            "/items/",
+            "/items/{item_id:int}",
+            "/users/{user_id:int}/orders/",
+            "/users/{user_id:int}/orders/{id:int}/",
+        ]
+        .map(str::to_owned)
+        .into();
+        let collection = |t: &str| collection_of(t, &templates);
         assert_eq!(
-            collection_of("/products/{id:int}").as_deref(),
+            collection("/products/{id:int}").as_deref(),
             Some("/products")
         );
-        assert_eq!(collection_of("/products"), None);
+        assert_eq!(collection("/products"), None);
+        // The collection as the document spells it, its parameters untyped.
+        assert_eq!(
+            collection("/items/{item_id:int}").as_deref(),
+            Some("/items/")
+        );
+        assert_eq!(
+            collection("/users/{user_id:int}/orders/{id:int}/").as_deref(),
+            Some("/users/{user_id}/orders/")
+        );
+        assert_eq!(collection("/things/{id}"), None);
         assert_eq!(
             route_name("/shops/{shop}/items/{id:int}"),
             "shops-shop-items-id"
@@ -571,7 +697,7 @@ paths:
 "#,
         )
         .unwrap();
-        let text = starter_config(&doc, None, "test");
+        let (text, _) = starter_config(&doc, &test_options());
         for expected in [
             "addresses = [\"https://localhost:8443\"]",
             "path = \"/v2/orders/{id}\"",

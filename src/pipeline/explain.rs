@@ -176,7 +176,7 @@ pub async fn explain(
         upstream_request: None,
     };
 
-    if let ControlFlow::Break(answer) = Gateway::before_route(&mut head, &ctx) {
+    if let ControlFlow::Break(answer) = Gateway::before_route(&mut head, &mut ctx) {
         report.refused = Some(refusal("request", answer).await);
         return Ok(report);
     }
@@ -270,12 +270,13 @@ pub async fn explain(
         });
     }
 
+    let origin_uri = ctx.origin_uri(&head.uri);
     report.upstream_request = Some(format!(
         "{} {}",
         head.method,
-        head.uri
+        origin_uri
             .path_and_query()
-            .map_or_else(|| head.uri.path(), |p| p.as_str())
+            .map_or_else(|| origin_uri.path(), |p| p.as_str())
     ));
     Ok(report)
 }

@@ -25,7 +25,7 @@ mod telemetry;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, CONTENT_LENGTH, RETRY_AFTER, UPGRADE, WWW_AUTHENTICATE};
 use http::request::Parts;
@@ -105,6 +105,11 @@ pub struct RequestCtx {
     pub upstream_elapsed: Option<std::time::Duration>,
     /// The request's trace (continued from the client's `traceparent`, or new).
     pub trace: crate::trace::TraceContext,
+    /// The client's path ended in a slash that the canonical path dropped.
+    pub sent_slash: bool,
+    /// The path the origin receives, when it is not the canonical one: the origin's own
+    /// trailing-slash spelling ([`crate::routing::Resolution::origin_path`]).
+    pub origin_path: Option<String>,
 }
 
 impl RequestCtx {
@@ -130,7 +135,22 @@ impl RequestCtx {
             auth_failure: None,
             started: Instant::now(),
             upstream_elapsed: None,
+            sent_slash: false,
+            origin_path: None,
         }
+    }
+
+    /// `uri` (the request's canonical target) as the origin receives it.
+    pub fn origin_uri(&self, uri: &http::Uri) -> http::Uri {
+        let Some(path) = &self.origin_path else {
+            return uri.clone();
+        };
+        let target = match uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.clone(),
+        };
+        // Built from a valid path and query plus one `/`.
+        target.parse().unwrap_or_else(|_| uri.clone())
     }
 
     /// The policy the request runs under: its route's, or the defaults'.
@@ -297,7 +317,7 @@ impl Gateway {
 
     /// The steps before routing: framing and size limits, the method's and the path's
     /// canonical forms.
-    fn before_route(head: &mut Parts, ctx: &RequestCtx) -> Step {
+    fn before_route(head: &mut Parts, ctx: &mut RequestCtx) -> Step {
         Self::check_framing(head, ctx)?;
         Self::check_size(head, ctx)?;
         if let Some(method) = canonical_method(&head.method) {
@@ -378,11 +398,15 @@ impl Gateway {
     /// spelling. Refuses paths that have none with `400`. An absolute-form target (HTTP/1.1) or
     /// `:authority` (HTTP/2) names the request's host (RFC 9112 §3.2.2): it becomes `Host`, and
     /// the target becomes origin-form.
-    fn canonicalize(head: &mut Parts, ctx: &RequestCtx) -> Step {
+    fn canonicalize(head: &mut Parts, ctx: &mut RequestCtx) -> Step {
         let authority = head
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let sent = head.uri.path();
+        ctx.sent_slash = ctx.snapshot.routes.paths.ignore_trailing_slash
+            && sent.len() > 1
+            && sent.ends_with('/');
         let path = match canonical_path(head.uri.path(), &ctx.snapshot.routes.paths) {
             Ok(std::borrow::Cow::Borrowed(_)) if authority.is_none() => {
                 return ControlFlow::Continue(())
@@ -418,6 +442,7 @@ impl Gateway {
     /// canonical form, and refuses unmatched requests when `[defaults] unmatched = "deny"`.
     fn route(head: &mut Parts, ctx: &mut RequestCtx) -> Step {
         let resolution = ctx.snapshot.routes.resolve(&head.method, head.uri.path());
+        ctx.origin_path = resolution.origin_path(head.uri.path(), ctx.sent_slash);
         if let Some(path) = &resolution.rewritten {
             if let Err(problem) = set_path(head, path) {
                 return ControlFlow::Break(respond::problem(ctx, problem));
@@ -550,7 +575,7 @@ impl Gateway {
         };
         let mut request = Request::new(RequestBody::Empty);
         *request.method_mut() = head.method.clone();
-        *request.uri_mut() = head.uri.clone();
+        *request.uri_mut() = ctx.origin_uri(&head.uri);
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() =
             if caching::needs_request_headers(ctx) || purging::may_write_through(head, ctx) {
@@ -651,6 +676,9 @@ impl Gateway {
             respond::finish_headers(ctx, &mut parts.headers);
             return Response::from_parts(parts, Body::empty());
         }
+        if parts.status.is_redirection() {
+            warn_if_redirected_to_itself(head, ctx, &parts.headers);
+        }
         if let Some(answer) = caching::on_response(&self.cache, head, ctx, &mut parts) {
             // A stored entry answers instead (a 304 confirmed it, or stale-if-error on a 5xx).
             if incoming.is_end_stream() {
@@ -670,6 +698,36 @@ impl Gateway {
             ),
         )
     }
+}
+
+/// Logs (at most once a minute) an origin redirect to another spelling of the path it was sent:
+/// the client follows it, the gateway forwards the same spelling again, and the client loops.
+/// It means the route's template does not spell the path the way the origin does.
+fn warn_if_redirected_to_itself(head: &Parts, ctx: &RequestCtx, headers: &http::HeaderMap) {
+    static LAST_WARNING: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let Some(target) = headers
+        .get(http::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| purging::same_host_path(t, forwarding::request_host(head)))
+    else {
+        return;
+    };
+    let routes = &ctx.snapshot.routes;
+    if routes.canonical_target(&target).as_deref() != Some(head.uri.path()) {
+        return;
+    }
+    let mut last = LAST_WARNING.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+        return;
+    }
+    *last = Some(Instant::now());
+    let sent = ctx.origin_uri(&head.uri);
+    tracing::warn!(
+        route = ctx.route_name(),
+        sent = sent.path(),
+        location = %target,
+        "the origin redirected a request to another spelling of its own path, so clients that follow it loop; write the route's template the way the origin spells the path (with or without its trailing slash)"
+    );
 }
 
 /// The origin's first body frame if it is already there (`None` when it is not yet, or the body

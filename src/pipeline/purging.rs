@@ -143,7 +143,7 @@ pub async fn purge_request(
 
 /// The path of a `Location`-like URI reference when it points at `host` (a relative reference
 /// always does), as written: callers make it canonical.
-fn same_host_path(target: &str, host: Option<&str>) -> Option<String> {
+pub(super) fn same_host_path(target: &str, host: Option<&str>) -> Option<String> {
     let uri: Uri = target.parse().ok()?;
     if let Some(authority) = uri.authority() {
         let host = host?;

@@ -28,8 +28,10 @@ pub struct Refresh {
     policy: CachePolicy,
     primary: CacheKey,
     stale: Arc<Entry>,
-    /// The target and headers as they would go upstream.
+    /// The canonical target (the entry's key).
     uri: Uri,
+    /// The target and headers as they go upstream.
+    origin_uri: Uri,
     upstream_headers: HeaderMap,
     /// The client's request headers (they select the variant).
     client_headers: HeaderMap,
@@ -78,6 +80,7 @@ impl Refresh {
             primary,
             stale,
             uri: req.uri.clone(),
+            origin_uri: ctx.origin_uri(&req.uri),
             upstream_headers,
             host: super::forwarding::request_host(req).map(str::to_owned),
             scheme: ctx.connection.scheme(),
@@ -118,7 +121,7 @@ impl Refresh {
 
     async fn fetch(&self) -> Result<(), String> {
         let mut request = Request::new(RequestBody::Empty);
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = self.origin_uri.clone();
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = self.upstream_headers.clone();
         let start = FillStart {

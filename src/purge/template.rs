@@ -30,7 +30,9 @@ impl Template {
                     format!("template {text:?} has a `{{` without its `}}`"),
                 ));
             };
-            let name = rest[open + 1..open + close].trim_start_matches('*');
+            // `{id:int}` is the parameter `id`, as in the route's template.
+            let inner = rest[open + 1..open + close].trim_start_matches('*');
+            let name = inner.split_once(':').map_or(inner, |(name, _)| name);
             if !params.iter().any(|p| p == name) {
                 let known = if params.is_empty() {
                     "the route's path has no parameters".to_owned()
@@ -49,6 +51,27 @@ impl Template {
             parts.push(Part::Text(rest.to_owned()));
         }
         Ok(Template(parts))
+    }
+
+    /// Rewrites the template's text the way canonical paths spell it: `fold` on each piece of
+    /// text, and a trailing slash dropped when `drop_trailing_slash` (not from `/` itself).
+    pub fn respell(&mut self, fold: impl Fn(&str) -> String, drop_trailing_slash: bool) {
+        let whole_is_root = matches!(self.0.as_slice(), [Part::Text(t)] if t == "/");
+        for part in &mut self.0 {
+            if let Part::Text(text) = part {
+                *text = fold(text);
+            }
+        }
+        if drop_trailing_slash && !whole_is_root {
+            if let Some(Part::Text(text)) = self.0.last_mut() {
+                if text.ends_with('/') {
+                    text.pop();
+                }
+            }
+            if matches!(self.0.last(), Some(Part::Text(t)) if t.is_empty()) {
+                self.0.pop();
+            }
+        }
     }
 
     /// The template filled with `params` (name → value); a missing parameter fills as empty.
@@ -115,6 +138,25 @@ mod tests {
         assert_eq!(plain.expand(&values), "/products");
         // A typed parameter is named without its type.
         assert_eq!(path_params("/products/{id:int}/{*rest}"), ["id", "rest"]);
+    }
+
+    #[test]
+    fn purge_paths_may_be_typed_and_are_spelled_as_canonical_paths() {
+        let params = path_params("/Users/{user_id:int}/orders/{id:int}");
+        let values = [("user_id".into(), "3".into()), ("id".into(), "7".into())];
+        let mut orders =
+            Template::compile(&spanned("/Users/{user_id:int}/orders/"), &params).unwrap();
+        orders.respell(|t| t.to_ascii_lowercase(), true);
+        assert_eq!(orders.expand(&values), "/users/3/orders");
+        let mut item = Template::compile(&spanned("/items/{id}/"), &params).unwrap();
+        item.respell(str::to_owned, true);
+        assert_eq!(item.expand(&values), "/items/7");
+        let mut root = Template::compile(&spanned("/"), &params).unwrap();
+        root.respell(str::to_owned, true);
+        assert_eq!(root.expand(&values), "/");
+        let mut kept = Template::compile(&spanned("/items/"), &params).unwrap();
+        kept.respell(str::to_owned, false);
+        assert_eq!(kept.expand(&values), "/items/");
     }
 
     #[test]

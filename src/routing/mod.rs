@@ -40,6 +40,7 @@ impl Policy {
         route: Option<&RouteConfig>,
         defaults: &PolicyConfig,
         auth_configured: bool,
+        paths: &PathRules,
     ) -> Result<Policy, Vec<SpanError>> {
         let mut errors = Vec::new();
         let params = route.map_or_else(Vec::new, |r| path_params(r.path.get_ref()));
@@ -74,7 +75,7 @@ impl Policy {
                     .map_err(|e| errors.extend(e))
                     .ok()
             });
-        let purge = route
+        let mut purge = route
             .and_then(|r| r.purge.as_ref())
             .or(defaults.purge.as_ref())
             .map(|config| {
@@ -84,6 +85,10 @@ impl Policy {
                 })
             })
             .unwrap_or_default();
+        // Purge targets are keys: spelled as canonical paths are (`/items/` is `/items`).
+        for template in &mut purge.paths {
+            template.respell(|text| fold_static(text, paths), paths.ignore_trailing_slash);
+        }
         let upgrades = match route
             .and_then(|r| r.upgrades.as_ref())
             .or(defaults.upgrades.as_ref())
@@ -134,6 +139,11 @@ struct CompiledTemplate {
     path: String,
     /// Parameter types, by name; only typed templates need rewriting.
     types: Vec<(String, ParamType)>,
+    /// The template ends in `/` where trailing slashes are ignored: routing, keys and purges use
+    /// the path without it, but that is the origin's spelling (`/items/` for FastAPI's
+    /// `@router.get("/")` under `prefix="/items"`, every Django REST Framework route), so the
+    /// origin receives it, whichever spelling the client sent.
+    trailing_slash: bool,
 }
 
 impl CompiledTemplate {
@@ -167,10 +177,15 @@ impl CompiledTemplate {
             rest = &rest[close + 1..];
         }
         path.push_str(&fold_static(rest, rules));
-        if rules.ignore_trailing_slash && path.len() > 1 && path.ends_with('/') {
+        let trailing_slash = rules.ignore_trailing_slash && path.len() > 1 && path.ends_with('/');
+        if trailing_slash {
             path.pop();
         }
-        Ok(CompiledTemplate { path, types })
+        Ok(CompiledTemplate {
+            path,
+            types,
+            trailing_slash,
+        })
     }
 
     /// `path` (which matched this template) with its typed parameters in canonical form, when
@@ -295,6 +310,21 @@ pub struct Resolution {
     /// When the path matched a template but no route there takes the method: the methods that
     /// would be routed.
     pub allowed: Vec<Method>,
+    /// Whether the matched template spells the path with a trailing slash (which the canonical
+    /// path drops); `None` when the path matched no template.
+    pub template_slash: Option<bool>,
+}
+
+impl Resolution {
+    /// The path the origin receives for `canonical` when that is not `canonical` itself (or
+    /// its rewrite): with a trailing slash where the matched template has one, or, for a path
+    /// no template matches, where the client sent one (`sent_slash`). Trailing slashes are
+    /// dropped from canonical paths only when `[server] trailing_slash = "ignore"`.
+    pub fn origin_path(&self, canonical: &str, sent_slash: bool) -> Option<String> {
+        let slash = self.template_slash.unwrap_or(sent_slash) && canonical != "/";
+        let path = self.rewritten.as_deref().unwrap_or(canonical);
+        slash.then(|| format!("{path}/"))
+    }
 }
 
 #[derive(Debug)]
@@ -322,10 +352,11 @@ impl RouteTable {
         paths: PathRules,
     ) -> Result<RouteTable, Vec<SpanError>> {
         let mut errors = Vec::new();
-        let default_policy = Policy::compile(None, defaults, auth_configured).unwrap_or_else(|e| {
-            errors.extend(e);
-            Policy::default()
-        });
+        let default_policy = Policy::compile(None, defaults, auth_configured, &paths)
+            .unwrap_or_else(|e| {
+                errors.extend(e);
+                Policy::default()
+            });
         let mut routes: Vec<Route> = Vec::new();
         // Routes by template, kept in insertion order.
         let mut by_template: Vec<TemplateRoutes> = Vec::new();
@@ -359,7 +390,7 @@ impl RouteTable {
                     Some(methods)
                 }
             };
-            let policy = match Policy::compile(Some(config), defaults, auth_configured) {
+            let policy = match Policy::compile(Some(config), defaults, auth_configured, &paths) {
                 Ok(policy) => policy,
                 Err(e) => {
                     errors.extend(e);
@@ -379,6 +410,16 @@ impl RouteTable {
                 .find(|t| t.template.path == compiled.path)
             {
                 Some(TemplateRoutes { ids, template: t }) => {
+                    if t.trailing_slash != compiled.trailing_slash {
+                        errors.push(SpanError::new(
+                            config.path.span(),
+                            format!(
+                                "`{template}` and route `{}` spell one path with and without a trailing slash; the origin answers one spelling (the other usually redirects), so write it the origin's way on every route",
+                                routes[ids[0]].name
+                            ),
+                        ));
+                        continue;
+                    }
                     if t.types != compiled.types {
                         errors.push(SpanError::new(
                             config.path.span(),
@@ -479,6 +520,7 @@ impl RouteTable {
             route,
             rewritten,
             allowed,
+            template_slash: Some(entry.template.trailing_slash),
         }
     }
 
@@ -685,6 +727,66 @@ mod tests {
         assert!(text[1].contains("must start with `/`"), "{text:?}");
         assert!(text[2].contains("unclosed"), "{text:?}");
         assert!(text[3].contains("upper case"), "{text:?}");
+    }
+
+    #[test]
+    fn the_origin_receives_its_own_trailing_slash_spelling() {
+        let table = RouteTable::compile(
+            &[
+                route("/items/", Some(&["GET", "POST"])),
+                route("/items/{id:int}/", Some(&["GET"])),
+                route("/plain/{id}", None),
+            ],
+            &PolicyConfig::default(),
+            false,
+            PathRules::default(),
+        )
+        .unwrap();
+        let origin = |method: &Method, canonical: &str, sent_slash: bool| {
+            table
+                .resolve(method, canonical)
+                .origin_path(canonical, sent_slash)
+        };
+        // One route and one key for both spellings; the origin gets the template's.
+        assert_eq!(table.find(&Method::GET, "/items"), Some(0));
+        assert_eq!(
+            origin(&Method::GET, "/items", false).as_deref(),
+            Some("/items/")
+        );
+        assert_eq!(
+            origin(&Method::POST, "/items", true).as_deref(),
+            Some("/items/")
+        );
+        assert_eq!(
+            origin(&Method::GET, "/items/07", false).as_deref(),
+            Some("/items/7/")
+        );
+        // Without a slash in the template, the canonical path as it is.
+        assert_eq!(origin(&Method::GET, "/plain/a", true), None);
+        // A method no route takes on a routed path still has the path's spelling.
+        assert_eq!(
+            origin(&Method::DELETE, "/items", false).as_deref(),
+            Some("/items/")
+        );
+        // Unrouted paths keep the client's slash.
+        assert_eq!(
+            origin(&Method::GET, "/docs", true).as_deref(),
+            Some("/docs/")
+        );
+        assert_eq!(origin(&Method::GET, "/docs", false), None);
+        assert_eq!(origin(&Method::GET, "/", true), None);
+
+        let errors = RouteTable::compile(
+            &[
+                route("/items/", Some(&["GET"])),
+                route("/items", Some(&["POST"])),
+            ],
+            &PolicyConfig::default(),
+            false,
+            PathRules::default(),
+        )
+        .unwrap_err();
+        assert!(errors[0].message.contains("trailing slash"), "{errors:?}");
     }
 
     #[test]

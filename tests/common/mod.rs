@@ -89,11 +89,23 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(name: &str, program: &Path, args: &[&str], dir: TempDir) -> Process {
+        Process::spawn_with_env(name, program, args, &[], dir)
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        dir: TempDir,
+    ) -> Process {
         let log = dir.path().join(format!("{name}.log"));
         let out = File::create(&log).expect("creating a log file");
         let err = out.try_clone().expect("cloning the log file handle");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -331,6 +343,49 @@ read_timeout = "5s"
 "#,
         addresses.join(", ")
     )
+}
+
+/// A framework app of tests/backends/, run from the virtualenv `scripts/install-deps
+/// --with-frameworks` makes (the README's test command runs it first).
+pub struct Framework {
+    pub process: Process,
+    pub port: u16,
+}
+
+impl Framework {
+    /// `tests/backends/{script}` on the project's Python, listening on a free port.
+    pub fn python(script: &str, env: &[(&str, &str)]) -> Framework {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = root.join(".deps/python/bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run `scripts/install-deps --with-frameworks` (the README's test command does)",
+            python.display()
+        );
+        let port = free_port();
+        let script = root.join("tests/backends").join(script);
+        let dir = TempDir::new().expect("temp dir");
+        let port_text = port.to_string();
+        let mut process = Process::spawn_with_env(
+            script.file_stem().and_then(|s| s.to_str()).unwrap_or("app"),
+            &python,
+            &[script.to_str().expect("utf-8 path"), "--port", &port_text],
+            env,
+            dir,
+        );
+        process.wait_for_port(port);
+        Framework { process, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// How many requests reached the app (its `GET /__stats`).
+    pub async fn requests_seen(&self) -> u64 {
+        let stats = Client::new().get(&format!("{}/__stats", self.url())).await;
+        stats.json()["requests"].as_u64().expect("a request count")
+    }
 }
 
 /// A running `redis-server` with persistence off.

@@ -1,0 +1,227 @@
+//! cachegate in front of the web frameworks people run, configured by `cachegate init` from the
+//! framework's own OpenAPI document and run with that output unchanged (ports through init's
+//! flags). The apps live in tests/backends/ and are written the way each framework's tutorial
+//! writes them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{cachegate_bin, free_port, x_cache, Client, Framework, Gateway};
+use hyper::{Method, StatusCode};
+
+/// `cachegate init` against the app's served document, then `cachegate check` on the result.
+fn init_and_check(document_url: &str, port: u16, admin: u16, dir: &Path) -> PathBuf {
+    let config = dir.join("cachegate.toml");
+    let out = Command::new(cachegate_bin())
+        .args(["init", "--openapi", document_url])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .arg("-o")
+        .arg(&config)
+        .output()
+        .expect("running cachegate init");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "init failed: {said}");
+    assert!(said.contains("routes:"), "init prints a summary: {said}");
+    let checked = Command::new(cachegate_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("running cachegate check");
+    assert!(
+        checked.status.success(),
+        "check refused init's output:\n{}\n{}",
+        String::from_utf8_lossy(&checked.stderr),
+        std::fs::read_to_string(&config).unwrap_or_default()
+    );
+    config
+}
+
+fn gateway_on(config: &Path, port: u16) -> Gateway {
+    let text = std::fs::read_to_string(config).expect("reading init's output");
+    Gateway::start_on(port, &text)
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+#[tokio::test]
+async fn fastapi_behind_inits_output_caches_purges_and_never_loops() {
+    let app = Framework::python("fastapi_app.py", &[]);
+    let dir = tempfile::TempDir::new().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = init_and_check(
+        &format!("{}/openapi.json", app.url()),
+        port,
+        admin,
+        dir.path(),
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains(r#"path = "/items/""#) && text.contains(r#"paths = ["/items/"]"#),
+        "the collection keeps FastAPI's spelling and item writes purge it:\n{text}"
+    );
+    let gw = gateway_on(&config, port);
+    // No redirect following: a loop would show as a 307 here.
+    let client = Client::new();
+
+    // Both spellings of the collection reach FastAPI's `/items/` (no 307) and share one entry.
+    let list = client.get(&gw.url("/items/")).await;
+    assert_eq!(list.status, StatusCode::OK, "{:?}", list.body);
+    assert_eq!(x_cache(&list), "MISS");
+    let other_spelling = client.get(&gw.url("/items")).await;
+    assert_eq!(other_spelling.status, StatusCode::OK);
+    assert_eq!(x_cache(&other_spelling), "HIT");
+
+    // Items: MISS, HIT, conditional, HEAD.
+    let first = client.get(&gw.url("/items/1")).await;
+    assert_eq!((first.status, x_cache(&first)), (StatusCode::OK, "MISS"));
+    let etag = first.header("etag").expect("FastAPI's ETag").to_owned();
+    assert_eq!(x_cache(&client.get(&gw.url("/items/01")).await), "HIT");
+    let not_modified = client
+        .send(
+            Method::GET,
+            &gw.url("/items/1"),
+            &[("if-none-match", &etag)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(not_modified.status, StatusCode::NOT_MODIFIED);
+    let head = client
+        .send(Method::HEAD, &gw.url("/items/1"), &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+
+    // A write refreshes the item and its list at once.
+    let patched = client
+        .send(
+            Method::PATCH,
+            &gw.url("/items/1"),
+            &[JSON],
+            r#"{"stock": 40}"#,
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{:?}", patched.body);
+    let item = client.get(&gw.url("/items/1")).await;
+    assert_eq!(
+        item.json()["stock"],
+        40,
+        "the item is fresh after the write"
+    );
+    let list = client.get(&gw.url("/items/")).await;
+    assert_eq!(
+        list.json()[0]["stock"],
+        40,
+        "the list is fresh after the write"
+    );
+
+    // Creating through either spelling reaches FastAPI's `/items/` and refreshes the list.
+    let created = client
+        .send(
+            Method::POST,
+            &gw.url("/items"),
+            &[JSON],
+            r#"{"name": "cup"}"#,
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let list = client.get(&gw.url("/items/")).await;
+    assert_eq!(list.json().as_array().map(Vec::len), Some(3));
+
+    // Validation errors are FastAPI's own 422s.
+    let invalid = client
+        .send(
+            Method::PATCH,
+            &gw.url("/items/1"),
+            &[JSON],
+            r#"{"stock": "many"}"#,
+        )
+        .await;
+    assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Orders need a token with FastAPI's scope: refused at the gateway, unseen by the app.
+    let seen = app.requests_seen().await;
+    let anonymous = client.get(&gw.url("/users/1/orders/")).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.requests_seen().await,
+        seen,
+        "the gateway answered the 401 itself"
+    );
+    // A token from FastAPI's own `/token`, through the gateway.
+    let login = client
+        .send(
+            Method::POST,
+            &gw.url("/token"),
+            &[JSON],
+            r#"{"username": "alice", "password": "secret"}"#,
+        )
+        .await;
+    assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
+    let bearer = format!("Bearer {}", login.json()["access_token"].as_str().unwrap());
+    let orders = client
+        .send(
+            Method::GET,
+            &gw.url("/users/1/orders"),
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(orders.status, StatusCode::OK, "{:?}", orders.body);
+    assert_eq!(x_cache(&orders), "MISS");
+    let again = client
+        .send(
+            Method::GET,
+            &gw.url("/users/1/orders/"),
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(x_cache(&again), "HIT");
+
+    // The framework's docs and document are routed.
+    assert_eq!(client.get(&gw.url("/docs")).await.status, StatusCode::OK);
+    assert_eq!(
+        client.get(&gw.url("/openapi.json")).await.status,
+        StatusCode::OK
+    );
+}
+
+/// uvicorn closes idle connections after 5 s; the gateway's pool must never hand a request to
+/// one it closed.
+#[tokio::test]
+async fn fastapi_keep_alive_with_idle_pauses_longer_than_uvicorns() {
+    let app = Framework::python("fastapi_app.py", &[]);
+    let dir = tempfile::TempDir::new().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = init_and_check(
+        &format!("{}/openapi.json", app.url()),
+        port,
+        admin,
+        dir.path(),
+    );
+    let gw = gateway_on(&config, port);
+    let client = Client::new();
+    let mut failures = Vec::new();
+    for round in 0..3 {
+        for n in 0..20 {
+            let resp = client
+                .send(
+                    Method::PATCH,
+                    &gw.url("/items/2"),
+                    &[JSON],
+                    format!(r#"{{"stock": {}}}"#, round * 100 + n),
+                )
+                .await;
+            if resp.status != StatusCode::OK {
+                failures.push((round, n, resp.status));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5_300)).await;
+    }
+    assert!(failures.is_empty(), "{failures:?}\n{}", gw.logs());
+}
