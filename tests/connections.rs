@@ -174,3 +174,70 @@ async fn upstream_connections_closed_while_idle_never_become_errors() {
         "the origin closed idle connections ({connections} opened), so the test exercised reuse after a close"
     );
 }
+
+/// The pool uses an idle connection only while its origin surely still holds it open:
+/// `[upstream] idle_timeout` (1.5 s by default, below gunicorn's 2 s), or what the origin
+/// announces in `Keep-Alive: timeout=N` less a second. A write sent on a connection the origin
+/// is closing cannot be sent again.
+#[tokio::test]
+async fn idle_upstream_connections_are_used_only_while_the_origin_keeps_them() {
+    let client = common::Client::new();
+    // Says nothing, closes nothing: the gateway's default decides.
+    let quiet = Upstream::start_with(&["--seed", "5"]);
+    let gateway = Gateway::start(&config_for(&[&quiet.url()], ""));
+    let before = connections(&quiet).await;
+    assert_eq!(
+        client.get(&gateway.url("/products/1")).await.status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        client.get(&gateway.url("/products/2")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        connections(&quiet).await - before,
+        2,
+        "one reused (the stats request is one)"
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        client.get(&gateway.url("/products/3")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        connections(&quiet).await - before,
+        4,
+        "a connection idle past idle_timeout is not used"
+    );
+
+    // Node's way: closes after 5 s and says so, so the pool keeps connections for 4 s.
+    let node = Upstream::start_with(&[
+        "--seed",
+        "5",
+        "--keep-alive-timeout-ms",
+        "5000",
+        "--announce-keep-alive",
+    ]);
+    let gateway = Gateway::start(&config_for(&[&node.url()], ""));
+    let before = connections(&node).await;
+    assert_eq!(
+        client.get(&gateway.url("/products/1")).await.status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        client.get(&gateway.url("/products/2")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        connections(&node).await - before,
+        2,
+        "the announced keep-alive is trusted (the stats request is one)"
+    );
+}
+
+/// Connections an upstream-example accepted; each look opens one more.
+async fn connections(upstream: &Upstream) -> u64 {
+    upstream.stats().await["connections"].as_u64().unwrap()
+}

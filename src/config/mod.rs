@@ -20,7 +20,7 @@ use toml::Spanned;
 pub use auth::{
     AuthConfig, AuthMode, AuthPolicyConfig, AuthPolicyConfigOrMode, OneOrMany, ProviderConfig,
 };
-pub use cache::{CacheConfig, CachePolicyConfig, CacheScope, QueryConfig};
+pub use cache::{AnonymousCache, CacheConfig, CachePolicyConfig, CacheScope, QueryConfig};
 pub use error::{line_col, ConfigError, ConfigErrors, SpanError};
 pub use purge::{PurgeConfig, PurgeConfigOrPaths};
 pub use ratelimit::{KeyConfig, LimitConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig};
@@ -212,7 +212,10 @@ pub struct UpstreamConfig {
     /// Longest wait for any write to the upstream.
     #[serde(default = "default_io_timeout")]
     pub write_timeout: Dur,
-    /// How long an idle keep-alive connection to the upstream is kept for reuse.
+    /// How long an idle keep-alive connection to the upstream is used, unless the origin
+    /// announces its own limit (`Keep-Alive: timeout=N`: then N less a second). Below the idle
+    /// timeouts of common origin servers (gunicorn 2 s, uvicorn and Node 5 s): a request sent on
+    /// a connection the origin is closing fails, and a write cannot be sent again.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
     /// PEM file of CA certificates trusted for `https://` upstreams instead of the system roots.
@@ -237,7 +240,7 @@ fn default_io_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(30))
 }
 fn default_idle_timeout() -> Dur {
-    Dur(std::time::Duration::from_secs(60))
+    Dur(std::time::Duration::from_millis(1500))
 }
 
 /// Request size limits, enforced before anything reaches the upstream.

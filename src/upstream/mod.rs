@@ -408,7 +408,10 @@ impl UpstreamGroup {
         };
         match outcome {
             Err(e) => Err(Failure::Error(e)),
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => {
+                connection.keep = pool::announced_keep_alive(response.headers());
+                Ok(response)
+            }
             Ok(Err(mut e)) => {
                 if let Some(p) = progress.filter(|p| p.exceeded.load(Ordering::Relaxed)) {
                     return Err(Failure::Error(UpstreamError::BodyTooLarge(p.limit)));

@@ -41,6 +41,9 @@ struct Args {
     /// (5 s by default) and uvicorn do; 0 keeps idle connections open.
     #[arg(long, default_value_t = 0)]
     keep_alive_timeout_ms: u64,
+    /// Say that timeout on every response, `Keep-Alive: timeout=N` (whole seconds), as Node does.
+    #[arg(long)]
+    announce_keep_alive: bool,
 }
 
 fn main() -> ExitCode {
@@ -90,13 +93,22 @@ async fn serve(args: Args) -> Result<(), String> {
                 app.stats.connection_accepted();
                 let app = app.clone();
                 let keep_alive_timeout = Duration::from_millis(args.keep_alive_timeout_ms);
+                let announced = args.announce_keep_alive.then(|| {
+                    let seconds = keep_alive_timeout.as_secs();
+                    hyper::header::HeaderValue::from_str(&format!("timeout={seconds}"))
+                        .expect("digits are a valid header value")
+                });
                 tokio::spawn(async move {
                     let idle = idle::Idle::new();
                     let in_flight = idle.clone();
                     let service = service_fn(move |req| {
                         let (app, guard) = (app.clone(), in_flight.busy());
+                        let announced = announced.clone();
                         async move {
-                            let response = api::handle(app, req).await;
+                            let mut response = api::handle(app, req).await;
+                            if let (Ok(response), Some(value)) = (&mut response, announced) {
+                                response.headers_mut().insert("keep-alive", value);
+                            }
                             drop(guard);
                             response
                         }
