@@ -110,6 +110,10 @@ struct TokenArgs {
     /// Issuer (`iss` claim); overrides the configuration's first.
     #[arg(long)]
     iss: Option<String>,
+    /// Another claim, NAME=VALUE (repeatable): numbers and true/false are JSON, the rest text,
+    /// e.g. `--claim user_id=1 --claim token_type=access` for a simplejwt origin.
+    #[arg(long = "claim", value_name = "NAME=VALUE", value_parser = cachegate::auth::mint::parse_claim)]
+    claims: Vec<(String, serde_json::Value)>,
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +180,8 @@ fn token(args: TokenArgs) -> ExitCode {
         audience: args.aud,
         issuer: args.iss,
         kid: None,
+        claims: args.claims,
+        defaulted_secret: Vec::new(),
     };
     if let Some(path) = &args.config {
         let loaded = match cachegate::config::LoadedConfig::from_file(path) {
@@ -188,6 +194,11 @@ fn token(args: TokenArgs) -> ExitCode {
         if let Err(message) = request.complete_from(&loaded) {
             eprintln!("cachegate token: {message}");
             return ExitCode::FAILURE;
+        }
+        for variable in &request.defaulted_secret {
+            eprintln!(
+                "cachegate token: warning: {variable} is not set, so this token is signed with the configuration's fallback secret; set {variable} to the secret the gateway runs with"
+            );
         }
     }
     match request.mint() {

@@ -184,12 +184,21 @@ pub fn starter_config(document: &Value, options: &StarterOptions<'_>) -> (String
                     summary.cached += 1;
                     let _ = writeln!(routes, "cache = {{ ttl = \"{STARTER_TTL}\" }}");
                 }
-                Access::Token(_) | Access::OptionalToken => {
+                Access::Token(_) => {
                     summary.per_user += 1;
                     let _ = writeln!(
                         routes,
                         "# Readers are authenticated: each user's answers are cached for that user only.\n\
                          cache = {{ ttl = \"{STARTER_TTL}\", scope = \"user\" }}"
+                    );
+                }
+                Access::OptionalToken => {
+                    summary.per_user += 1;
+                    let _ = writeln!(
+                        routes,
+                        "# A token is optional: anonymous readers share one answer, each user's is cached\n\
+                         # for that user only.\n\
+                         cache = {{ ttl = \"{STARTER_TTL}\", scope = \"user\", anonymous = \"shared\" }}"
                     );
                 }
                 Access::OriginChecked => {
@@ -319,13 +328,24 @@ fn auth_section(schemes: &serde_json::Map<String, Value>) -> String {
              [[auth.providers]]\nname = \"oidc\"\nalgorithms = [\"RS256\"]\noidc_issuer = {issuer}\n",
             issuer = quote(&issuer)
         ),
-        None => "# Bearer tokens (the document's OAuth2 / bearer schemes). This verifies HS256 tokens\n\
+        None => {
+            // drf-spectacular names Django REST Framework simplejwt's scheme `jwtAuth`; simplejwt
+            // names the user `user_id`.
+            let user_claim = if schemes.contains_key("jwtAuth") {
+                "# simplejwt (Django REST Framework) names the user in `user_id`.\n\
+                 user_claim = \"user_id\"\n"
+            } else {
+                ""
+            };
+            format!(
+                "# Bearer tokens (the document's OAuth2 / bearer schemes). This verifies HS256 tokens\n\
                  # signed with JWT_SECRET; for your identity provider use `jwks_url` or `oidc_issuer`\n\
                  # with its algorithms instead (see the README's [[auth.providers]]).\n\
                  [auth]\n\n\
                  [[auth.providers]]\nname = \"local-hmac\"\nalgorithms = [\"HS256\"]\n\
-                 secret = \"${JWT_SECRET:-dev-only-secret}\"\n"
-            .to_owned(),
+                 secret = \"${{JWT_SECRET:-dev-only-secret}}\"\n{user_claim}"
+            )
+        }
     }
 }
 
@@ -349,7 +369,49 @@ fn write_access(out: &mut String, access: &Access) {
     };
 }
 
+/// How the gateway sees one security scheme of the document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SchemeKind {
+    /// A JWT in `Authorization: Bearer` the gateway verifies: OAuth2, OpenID Connect, and HTTP
+    /// bearer with `bearerFormat: JWT`.
+    Jwt,
+    /// A credential the gateway cannot verify but can see — it travels in `Authorization`
+    /// (HTTP basic, an opaque bearer key) or in a cookie — so requests carrying it never share
+    /// cached answers with anyone (RFC 9111 §3.5, and the cache's cookie rule).
+    Visible,
+    /// A credential the gateway cannot verify and cannot tell apart from no credential: an API
+    /// key in another header or in the query.
+    Hidden,
+}
+
+fn scheme_kind(scheme: Option<&Value>) -> SchemeKind {
+    let Some(scheme) = scheme else {
+        return SchemeKind::Hidden;
+    };
+    let field = |name: &str| scheme.get(name).and_then(Value::as_str).unwrap_or_default();
+    match field("type") {
+        "oauth2" | "openIdConnect" => SchemeKind::Jwt,
+        "http" if field("scheme").eq_ignore_ascii_case("bearer") => {
+            if field("bearerFormat").eq_ignore_ascii_case("jwt") {
+                SchemeKind::Jwt
+            } else {
+                // An opaque bearer key (as large AI APIs issue): verifying it as a JWT would
+                // refuse every key.
+                SchemeKind::Visible
+            }
+        }
+        "http" => SchemeKind::Visible,
+        "apiKey" if field("in") == "cookie" => SchemeKind::Visible,
+        _ => SchemeKind::Hidden,
+    }
+}
+
 /// What `security` (a list of alternative requirements) asks of a caller.
+///
+/// The gateway demands a token only when every alternative needs a JWT; any other credential
+/// the document accepts is left for the origin to check (API-key holders are not locked out).
+/// Reads stay cacheable only where every caller the origin could tell apart is one the gateway
+/// can tell apart too.
 fn access_of(security: Option<&Value>, schemes: &serde_json::Map<String, Value>) -> Access {
     let Some(requirements) = security.and_then(Value::as_array) else {
         return Access::Public;
@@ -357,50 +419,54 @@ fn access_of(security: Option<&Value>, schemes: &serde_json::Map<String, Value>)
     if requirements.is_empty() {
         return Access::Public;
     }
-    let is_token = |name: &str| {
-        schemes
-            .get(name)
-            .is_some_and(|s| match s.get("type").and_then(Value::as_str) {
-                Some("oauth2") | Some("openIdConnect") => true,
-                Some("http") => s
-                    .get("scheme")
-                    .and_then(Value::as_str)
-                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer")),
-                _ => false,
-            })
-    };
-    let optional = requirements
-        .iter()
-        .any(|r| r.as_object().is_some_and(|o| o.is_empty()));
-    // Alternatives are "any of"; the gateway's scopes are "all of": the first bearer
-    // requirement is the closest single policy.
-    let token = requirements.iter().find_map(|r| {
-        let object = r.as_object()?;
-        let (_, scopes) = object.iter().find(|(name, _)| is_token(name))?;
-        Some(
-            scopes
-                .as_array()
-                .map(|s| {
-                    s.iter()
+    let mut anonymous = false;
+    let mut jwt_scopes: Option<Vec<String>> = None;
+    let (mut visible, mut hidden, mut opaque_bearer) = (false, false, false);
+    for requirement in requirements.iter().filter_map(Value::as_object) {
+        if requirement.is_empty() {
+            anonymous = true;
+            continue;
+        }
+        let kinds: Vec<SchemeKind> = requirement
+            .keys()
+            .map(|name| scheme_kind(schemes.get(name)))
+            .collect();
+        if kinds.iter().all(|k| *k == SchemeKind::Jwt) {
+            // Alternatives are "any of"; the gateway's scopes are "all of": the first JWT
+            // requirement is the closest single policy.
+            if jwt_scopes.is_none() {
+                jwt_scopes = Some(
+                    requirement
+                        .values()
+                        .filter_map(Value::as_array)
+                        .flatten()
                         .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        )
-    });
-    // A scheme the gateway cannot check (API key, basic, an undeclared name) in any alternative
-    // means some callers are told apart only by the origin: unless the gateway itself demands a
-    // token of everyone, one such caller's answer must not be cached for another.
-    let names_other = requirements
-        .iter()
-        .filter_map(Value::as_object)
-        .any(|o| o.keys().any(|name| !is_token(name)));
-    match (token, optional) {
-        (Some(scopes), false) => Access::Token(scopes),
-        _ if names_other => Access::OriginChecked,
-        (Some(_), true) => Access::OptionalToken,
-        (None, true) => Access::Public,
-        (None, false) => Access::OriginChecked,
+                        .collect(),
+                );
+            }
+            continue;
+        }
+        hidden |= kinds.contains(&SchemeKind::Hidden);
+        visible |= kinds.contains(&SchemeKind::Visible);
+        opaque_bearer |= requirement.keys().any(|name| {
+            schemes.get(name).is_some_and(|s| {
+                s.get("scheme")
+                    .and_then(Value::as_str)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer"))
+            })
+        });
+    }
+    match jwt_scopes {
+        // Callers told apart only by the origin, or an opaque bearer key that would look like a
+        // bad JWT: the gateway neither checks nor caches.
+        _ if hidden => Access::OriginChecked,
+        Some(_) if opaque_bearer => Access::OriginChecked,
+        Some(scopes) if !anonymous && !visible => Access::Token(scopes),
+        Some(_) => Access::OptionalToken,
+        // Basic or cookie credentials beside anonymous access: requests that carry them never
+        // share answers, the rest do.
+        None if anonymous => Access::Public,
+        None => Access::OriginChecked,
     }
 }
 
@@ -641,7 +707,11 @@ paths:
     #[test]
     fn security_requirements_map_to_policies() {
         let schemes: serde_json::Map<String, Value> = serde_json::from_str(
-            r#"{"oauth": {"type": "oauth2"}, "bearer": {"type": "http", "scheme": "bearer"},
+            r#"{"oauth": {"type": "oauth2"},
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "opaque": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "sessionid"},
                 "key": {"type": "apiKey", "in": "header", "name": "X-Key"}}"#,
         )
         .unwrap();
@@ -661,11 +731,28 @@ paths:
             Access::OriginChecked
         );
         assert_eq!(access(r#"[{"undeclared": []}, {}]"#), Access::OriginChecked);
-        // The gateway demands a token of everyone: answers are per user whatever else is sent.
+        // "API key or OAuth2" (Swagger Petstore): key holders reach the origin.
         assert_eq!(
             access(r#"[{"oauth": ["a:read"]}, {"key": []}]"#),
-            Access::Token(vec!["a:read".into()])
+            Access::OriginChecked
         );
+        // An opaque bearer key is the origin's to check, never verified as a JWT.
+        assert_eq!(access(r#"[{"opaque": []}]"#), Access::OriginChecked);
+        assert_eq!(
+            access(r#"[{"bearer": []}, {"opaque": []}]"#),
+            Access::OriginChecked
+        );
+        // Django REST Framework's defaults beside simplejwt: JWTs verified, the rest passed on.
+        assert_eq!(
+            access(r#"[{"bearer": []}, {"session": []}, {"basic": []}]"#),
+            Access::OptionalToken
+        );
+        assert_eq!(
+            access(r#"[{"bearer": []}, {"session": []}, {"basic": []}, {}]"#),
+            Access::OptionalToken
+        );
+        assert_eq!(access(r#"[{"basic": []}, {}]"#), Access::Public);
+        assert_eq!(access(r#"[{"basic": []}]"#), Access::OriginChecked);
         assert_eq!(access_of(None, &schemes), Access::Public);
     }
 

@@ -50,7 +50,7 @@ const JSON: (&str, &str) = ("content-type", "application/json");
 
 #[tokio::test]
 async fn fastapi_behind_inits_output_caches_purges_and_never_loops() {
-    let app = Framework::python("fastapi_app.py", &[]);
+    let app = Framework::python("fastapi_app");
     let dir = tempfile::TempDir::new().unwrap();
     let (port, admin) = (free_port(), free_port());
     let config = init_and_check(
@@ -195,7 +195,7 @@ async fn fastapi_behind_inits_output_caches_purges_and_never_loops() {
 /// one it closed.
 #[tokio::test]
 async fn fastapi_keep_alive_with_idle_pauses_longer_than_uvicorns() {
-    let app = Framework::python("fastapi_app.py", &[]);
+    let app = Framework::python("fastapi_app");
     let dir = tempfile::TempDir::new().unwrap();
     let (port, admin) = (free_port(), free_port());
     let config = init_and_check(
@@ -222,6 +222,137 @@ async fn fastapi_keep_alive_with_idle_pauses_longer_than_uvicorns() {
             }
         }
         tokio::time::sleep(Duration::from_millis(5_300)).await;
+    }
+    assert!(failures.is_empty(), "{failures:?}\n{}", gw.logs());
+}
+
+#[tokio::test]
+async fn django_rest_framework_behind_inits_output_with_its_own_tokens() {
+    let app = Framework::python("drf_app");
+    let dir = tempfile::TempDir::new().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = init_and_check(
+        &format!("{}/api/schema/", app.url()),
+        port,
+        admin,
+        dir.path(),
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    for expected in [
+        r#"path = "/books/{id:int}/""#,
+        r#"paths = ["/books/"]"#,
+        r#"user_claim = "user_id""#,
+        r#"anonymous = "shared""#,
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected} in init's output:\n{text}"
+        );
+    }
+    let gw = gateway_on(&config, port);
+    let client = Client::new();
+
+    // Anonymous reads are shared, in either spelling (Django would 301 the one without slash).
+    let list = client.get(&gw.url("/books/")).await;
+    assert_eq!((list.status, x_cache(&list)), (StatusCode::OK, "MISS"));
+    assert_eq!(x_cache(&client.get(&gw.url("/books")).await), "HIT");
+    let book = client.get(&gw.url("/books/1")).await;
+    assert_eq!((book.status, x_cache(&book)), (StatusCode::OK, "MISS"));
+    assert_eq!(x_cache(&client.get(&gw.url("/books/1/")).await), "HIT");
+
+    // simplejwt's own token endpoint, through the gateway.
+    let login = client
+        .send(
+            Method::POST,
+            &gw.url("/api/token"),
+            &[JSON],
+            r#"{"username": "alice", "password": "secret"}"#,
+        )
+        .await;
+    assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
+    let bearer = format!("Bearer {}", login.json()["access"].as_str().unwrap());
+    let auth = ("authorization", bearer.as_str());
+
+    // A bad token is refused at the gateway; the app never sees it.
+    let seen = app.requests_seen().await;
+    let forged = client
+        .send(
+            Method::PATCH,
+            &gw.url("/books/1/"),
+            &[JSON, ("authorization", "Bearer e30.e30.c2ln")],
+            r#"{"stock": 1}"#,
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.requests_seen().await, seen);
+
+    // A write in the other spelling is applied (not redirected) and refreshes item and list.
+    let patched = client
+        .send(
+            Method::PATCH,
+            &gw.url("/books/1"),
+            &[JSON, auth],
+            r#"{"stock": 30}"#,
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{:?}", patched.body);
+    assert_eq!(client.get(&gw.url("/books/1/")).await.json()["stock"], 30);
+    assert_eq!(client.get(&gw.url("/books/")).await.json()[0]["stock"], 30);
+
+    // The token's holder is the user simplejwt names in `user_id`: cached for them alone.
+    let mine = client
+        .send(Method::GET, &gw.url("/books/"), &[auth], Bytes::new())
+        .await;
+    assert_eq!(x_cache(&mine), "MISS");
+    let again = client
+        .send(Method::GET, &gw.url("/books/"), &[auth], Bytes::new())
+        .await;
+    assert_eq!(x_cache(&again), "HIT");
+
+    // DRF's Basic authentication still works: the gateway leaves it to Django.
+    let basic = client
+        .send(
+            Method::PATCH,
+            &gw.url("/books/2/"),
+            &[JSON, ("authorization", "Basic YWxpY2U6c2VjcmV0")],
+            r#"{"stock": 7}"#,
+        )
+        .await;
+    assert_eq!(basic.status, StatusCode::OK, "{:?}", basic.body);
+    assert_eq!(client.get(&gw.url("/books/2")).await.json()["stock"], 7);
+}
+
+/// gunicorn closes idle connections after 2 s: writes paced around that never meet a pooled
+/// connection it has closed.
+#[tokio::test]
+async fn django_behind_gunicorns_two_second_keep_alive_without_errors() {
+    let app = Framework::python("drf_app");
+    let dir = tempfile::TempDir::new().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = init_and_check(
+        &format!("{}/api/schema/", app.url()),
+        port,
+        admin,
+        dir.path(),
+    );
+    let gw = gateway_on(&config, port);
+    let client = Client::new();
+    let basic = ("authorization", "Basic YWxpY2U6c2VjcmV0");
+    let mut failures = Vec::new();
+    for n in 0..14u64 {
+        let resp = client
+            .send(
+                Method::PATCH,
+                &gw.url("/books/1/"),
+                &[JSON, basic],
+                format!(r#"{{"stock": {n}}}"#),
+            )
+            .await;
+        if resp.status != StatusCode::OK {
+            failures.push((n, resp.status));
+        }
+        // Around gunicorn's 2 s, on both sides of it.
+        tokio::time::sleep(Duration::from_millis(1_900 + (n % 5) * 40)).await;
     }
     assert!(failures.is_empty(), "{failures:?}\n{}", gw.logs());
 }

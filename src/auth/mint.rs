@@ -18,6 +18,24 @@ pub struct TokenRequest {
     pub audience: Option<String>,
     pub issuer: Option<String>,
     pub kid: Option<String>,
+    /// More claims (`user_id=1`, `token_type=access`), for origins that check their own shape.
+    pub claims: Vec<(String, Value)>,
+    /// Environment variables whose fallback supplied the configuration's secret.
+    pub defaulted_secret: Vec<String>,
+}
+
+/// `name=value` from the command line: the value as JSON when it is a number, `true`, `false`
+/// or quoted, else as a string (`user_id=1` is the number 1, `token_type=access` a string).
+pub fn parse_claim(text: &str) -> Result<(String, Value), String> {
+    let (name, value) = text
+        .split_once('=')
+        .filter(|(name, _)| !name.is_empty())
+        .ok_or_else(|| format!("--claim {text:?}: write it as NAME=VALUE, e.g. user_id=1"))?;
+    let value = match serde_json::from_str::<Value>(value) {
+        Ok(json @ (Value::Number(_) | Value::Bool(_) | Value::String(_))) => json,
+        _ => Value::String(value.to_owned()),
+    };
+    Ok((name.to_owned(), value))
 }
 
 impl TokenRequest {
@@ -43,6 +61,11 @@ impl TokenRequest {
                     )
                 })?;
             self.secret = provider.secret.as_ref().map(|s| s.get_ref().value.clone());
+            self.defaulted_secret = provider
+                .secret
+                .as_ref()
+                .map(|s| s.get_ref().defaulted.clone())
+                .unwrap_or_default();
             if self.kid.is_none() {
                 self.kid = provider.kid.clone();
             }
@@ -81,6 +104,9 @@ impl TokenRequest {
         }
         if let Some(iss) = &self.issuer {
             claims.insert("iss".into(), json!(iss));
+        }
+        for (name, value) in &self.claims {
+            claims.insert(name.clone(), value.clone());
         }
         let mut header = Header::new(Algorithm::HS256);
         header.kid = self.kid.clone();

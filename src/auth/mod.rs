@@ -547,10 +547,10 @@ impl Authenticator {
         }
 
         let mut outcome = Err(Reason::BadSignature);
-        for key in candidates {
+        for (key, provider) in candidates {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation) {
                 Ok(data) => {
-                    outcome = Ok(data.claims);
+                    outcome = Ok((data.claims, provider));
                     break;
                 }
                 Err(e) => {
@@ -563,7 +563,7 @@ impl Authenticator {
                 }
             }
         }
-        let claims = outcome?;
+        let (claims, provider) = outcome?;
 
         for (name, expected) in &self.required_claims {
             match claims.get(name) {
@@ -574,20 +574,27 @@ impl Authenticator {
                 Some(_) => {}
             }
         }
+        // simplejwt's `user_id` is a number; either way it names one user.
+        let subject = match claims.get(&provider.user_claim) {
+            Some(Value::String(name)) => Some(name.clone()),
+            Some(Value::Number(number)) => Some(number.to_string()),
+            _ => None,
+        };
         Ok(Identity {
-            subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
+            subject,
             scopes: scopes_of(&claims),
             claims,
         })
     }
 }
 
-/// Keys of the accepting providers that may have signed a token with this `alg` and `kid`.
-fn candidate_keys(
-    providers: &[&Provider],
+/// Keys of the accepting providers that may have signed a token with this `alg` and `kid`,
+/// each with its provider.
+fn candidate_keys<'p>(
+    providers: &[&'p Provider],
     alg: Algorithm,
     kid: Option<&str>,
-) -> Vec<Arc<VerifyKey>> {
+) -> Vec<(Arc<VerifyKey>, &'p Provider)> {
     let mut keys = Vec::new();
     for provider in providers {
         match &provider.source {
@@ -598,7 +605,7 @@ fn candidate_keys(
                     (None, _) => true,
                 };
                 if kid_ok && key.kind.verifies(alg) {
-                    keys.push(key.clone());
+                    keys.push((key.clone(), *provider));
                 }
             }
             KeySource::Jwks(source) => {
@@ -608,7 +615,7 @@ fn candidate_keys(
                         None => true,
                     };
                     if kid_ok && key.kind.verifies(alg) && key.alg.is_none_or(|a| a == alg) {
-                        keys.push(key.clone());
+                        keys.push((key.clone(), *provider));
                     }
                 }
             }

@@ -24,6 +24,8 @@ pub struct Provider {
     pub source: KeySource,
     /// Environment variables whose fallback supplied the secret (to warn about).
     pub defaulted_secret: Vec<String>,
+    /// The claim naming the user of the tokens this provider verifies (`sub` by default).
+    pub user_claim: String,
 }
 
 fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
@@ -173,6 +175,10 @@ impl Provider {
             kid: config.kid.clone(),
             source,
             defaulted_secret,
+            user_claim: config
+                .user_claim
+                .clone()
+                .unwrap_or_else(|| "sub".to_owned()),
         })
     }
 }

@@ -135,7 +135,10 @@ impl Cache {
             response,
             response_cc: &response_cc,
         };
-        let lifetime = storable(&exchange, &policy.rule_for(status), received_at).ok()?;
+        let mut rule = policy.rule_for(status);
+        // A per-user rule's anonymous entry is shared by every anonymous caller.
+        rule.per_user &= request.user.is_some();
+        let lifetime = storable(&exchange, &rule, received_at).ok()?;
         let age = initial_age(response, sent_at, received_at);
         // `no-cache`: stored, but revalidated before every reuse.
         let fresh_for = if response_cc.no_cache {

@@ -105,6 +105,14 @@ pub struct CacheRequest<'a> {
     pub tags: &'a [String],
 }
 
+impl CacheRequest<'_> {
+    /// No `Authorization`, no verified token, no `Cookie`: a caller the origin cannot tell
+    /// from any other such caller by credentials.
+    pub fn carries_no_credentials(&self) -> bool {
+        !self.authorized && !self.headers.contains_key(COOKIE)
+    }
+}
+
 /// A stored response that answers a request.
 pub struct Hit {
     /// `memory`, `redis`, or `coalesced` (filled while this request waited).
@@ -275,7 +283,10 @@ impl Cache {
         if *request.method != Method::GET && *request.method != Method::HEAD {
             return Err("method");
         }
-        if policy.scope == CacheScope::User && request.user.is_none() {
+        if policy.scope == CacheScope::User
+            && request.user.is_none()
+            && !(policy.anonymous_shared && request.carries_no_credentials())
+        {
             return Err("anonymous");
         }
         if request.has_body {

@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use super::freshness::StoreRule;
 use super::key::QueryRule;
-use crate::config::{CachePolicyConfig, CacheScope, QueryConfig, SpanError};
+use crate::config::{AnonymousCache, CachePolicyConfig, CacheScope, QueryConfig, SpanError};
 use crate::purge::template::Template;
 
 const DEFAULT_MAX_OBJECT: u64 = 1024 * 1024;
@@ -29,6 +29,8 @@ pub struct CachePolicy {
     pub vary: Vec<HeaderName>,
     pub query: QueryRule,
     pub scope: CacheScope,
+    /// A per-user rule shares one entry among requests without credentials.
+    pub anonymous_shared: bool,
     pub max_object: u64,
     pub honor_client_cache_control: bool,
     /// Tags of every stored entry; `{name}` is filled from the route's path.
@@ -94,6 +96,12 @@ impl CachePolicy {
                 "statuses must be final HTTP statuses (200-599)",
             ));
         }
+        if c.anonymous == AnonymousCache::Shared && c.scope != CacheScope::User {
+            errors.push(SpanError::new(
+                config.span(),
+                "`anonymous = \"shared\"` applies to per-user rules: add `scope = \"user\"` (a shared rule already serves everyone)",
+            ));
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -116,6 +124,7 @@ impl CachePolicy {
             vary,
             query,
             scope: c.scope,
+            anonymous_shared: c.anonymous == AnonymousCache::Shared,
             max_object: c.max_object.map_or(DEFAULT_MAX_OBJECT, |b| b.0),
             honor_client_cache_control: c.honor_client_cache_control.unwrap_or(per_user),
             tags,

@@ -83,6 +83,9 @@ pub struct ProviderConfig {
     /// PEM CA certificates trusted for an `https://` JWKS instead of the system roots.
     #[schemars(with = "Option<EnvString>")]
     pub tls_ca_file: Option<Spanned<EnvString>>,
+    /// The claim that names the user (per-user cache entries, rate limits by user). Default
+    /// `sub`; Django REST Framework's simplejwt uses `user_id`. A string or an integer.
+    pub user_claim: Option<String>,
 }
 
 fn default_refresh() -> Dur {

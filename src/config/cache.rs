@@ -50,8 +50,23 @@ pub enum CacheScope {
     /// Everyone.
     #[default]
     Shared,
-    /// Only the user (token subject) whose request filled it; anonymous requests bypass.
+    /// Only the user (token subject) whose request filled it; requests without a user follow
+    /// `anonymous`.
     User,
+}
+
+/// What a `scope = "user"` rule does with requests that carry no user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousCache {
+    /// They bypass the cache.
+    #[default]
+    Bypass,
+    /// Requests with no credentials at all (no `Authorization`, no `Cookie`) share one entry:
+    /// for reads that work with or without a token (`auth = "optional"`), where the anonymous
+    /// answer is the same for every anonymous caller. Not for routes whose origin tells callers
+    /// apart by anything else (an API-key header, the client's address).
+    Shared,
 }
 
 /// A route's `cache` rule. Only GET and HEAD are served from cache; HEAD from a stored GET.
@@ -82,6 +97,9 @@ pub struct CachePolicyConfig {
     pub query: Option<Spanned<QueryConfig>>,
     #[serde(default)]
     pub scope: CacheScope,
+    /// With `scope = "user"`: `"bypass"` (default) or `"shared"` (see [`AnonymousCache`]).
+    #[serde(default)]
+    pub anonymous: AnonymousCache,
     /// Let the origin's `Cache-Control` and `Expires` decide freshness (RFC 9111).
     #[serde(default = "super::default_true")]
     pub honor_origin: bool,

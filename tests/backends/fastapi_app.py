@@ -6,7 +6,7 @@ FastAPI redirects the other spelling; integer path parameters; OAuth2 bearer tok
 the gateway. `GET /__stats` (left out of the OpenAPI document) counts the requests that reached
 the app, so tests can tell what the gateway answered itself.
 
-Run: python fastapi_app.py --port 8000
+Run: python -m fastapi_app --port 8000
 """
 
 import argparse

@@ -353,8 +353,9 @@ pub struct Framework {
 }
 
 impl Framework {
-    /// `tests/backends/{script}` on the project's Python, listening on a free port.
-    pub fn python(script: &str, env: &[(&str, &str)]) -> Framework {
+    /// `python -m {module} --port N` on the project's Python, the module from tests/backends/,
+    /// listening on a free port.
+    pub fn python(module: &str) -> Framework {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let python = root.join(".deps/python/bin/python");
         assert!(
@@ -363,14 +364,14 @@ impl Framework {
             python.display()
         );
         let port = free_port();
-        let script = root.join("tests/backends").join(script);
+        let backends = root.join("tests/backends");
         let dir = TempDir::new().expect("temp dir");
         let port_text = port.to_string();
         let mut process = Process::spawn_with_env(
-            script.file_stem().and_then(|s| s.to_str()).unwrap_or("app"),
+            module,
             &python,
-            &[script.to_str().expect("utf-8 path"), "--port", &port_text],
-            env,
+            &["-m", module, "--port", &port_text],
+            &[("PYTHONPATH", backends.to_str().expect("utf-8 path"))],
             dir,
         );
         process.wait_for_port(port);
