@@ -378,6 +378,30 @@ impl Framework {
         Framework { process, port }
     }
 
+    /// `node tests/backends/{script} --port N`, its packages from `.deps/node`.
+    pub fn node(script: &str) -> Framework {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let modules = root.join(".deps/node/node_modules");
+        assert!(
+            modules.exists(),
+            "{} is missing: run `scripts/install-deps --with-frameworks` (the README's test command does)",
+            modules.display()
+        );
+        let port = free_port();
+        let script = root.join("tests/backends").join(script);
+        let dir = TempDir::new().expect("temp dir");
+        let port_text = port.to_string();
+        let mut process = Process::spawn_with_env(
+            "node",
+            Path::new("node"),
+            &[script.to_str().expect("utf-8 path"), "--port", &port_text],
+            &[("NODE_PATH", modules.to_str().expect("utf-8 path"))],
+            dir,
+        );
+        process.wait_for_port(port);
+        Framework { process, port }
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
