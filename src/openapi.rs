@@ -182,14 +182,17 @@ pub fn starter_config(document: &Value, options: &StarterOptions<'_>) -> (String
                 }
                 Access::Public => {
                     summary.cached += 1;
-                    let _ = writeln!(routes, "cache = {{ ttl = \"{STARTER_TTL}\" }}");
+                    let _ = writeln!(
+                        routes,
+                        "cache = {{ ttl = \"{STARTER_TTL}\", statuses = [200] }}"
+                    );
                 }
                 Access::Token(_) => {
                     summary.per_user += 1;
                     let _ = writeln!(
                         routes,
                         "# Readers are authenticated: each user's answers are cached for that user only.\n\
-                         cache = {{ ttl = \"{STARTER_TTL}\", scope = \"user\" }}"
+                         cache = {{ ttl = \"{STARTER_TTL}\", scope = \"user\", statuses = [200] }}"
                     );
                 }
                 Access::OptionalToken => {
@@ -198,7 +201,7 @@ pub fn starter_config(document: &Value, options: &StarterOptions<'_>) -> (String
                         routes,
                         "# A token is optional: anonymous readers share one answer, each user's is cached\n\
                          # for that user only.\n\
-                         cache = {{ ttl = \"{STARTER_TTL}\", scope = \"user\", anonymous = \"shared\" }}"
+                         cache = {{ ttl = \"{STARTER_TTL}\", scope = \"user\", anonymous = \"shared\", statuses = [200] }}"
                     );
                 }
                 Access::OriginChecked => {
@@ -281,7 +284,9 @@ pub fn starter_config(document: &Value, options: &StarterOptions<'_>) -> (String
          # {source}.\n\
          # A starting point: reads are cached for {STARTER_TTL}, writes purge what they change. Adjust\n\
          # TTLs per route, then check a URL with `cachegate explain --config FILE URL` and the whole\n\
-         # file with `cachegate check --config FILE`.\n"
+         # file with `cachegate check --config FILE`.\n\
+         # Only 200 answers are cached (`statuses = [200]`): a 404 for a resource created a moment\n\
+         # later would outlive the create, since an origin need not say where it created it.\n"
     );
     let _ = writeln!(
         out,

@@ -119,6 +119,11 @@ async fn fastapi_behind_inits_output_caches_purges_and_never_loops() {
         "the list is fresh after the write"
     );
 
+    // Read-after-create: a 404 looked up before the create does not outlive it (FastAPI says
+    // nowhere where it created the item).
+    let missing = client.get(&gw.url("/items/3")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+
     // Creating through either spelling reaches FastAPI's `/items/` and refreshes the list.
     let created = client
         .send(
@@ -131,6 +136,13 @@ async fn fastapi_behind_inits_output_caches_purges_and_never_loops() {
     assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     let list = client.get(&gw.url("/items/")).await;
     assert_eq!(list.json().as_array().map(Vec::len), Some(3));
+    assert_eq!(created.json()["id"], 3);
+    let found = client.get(&gw.url("/items/3")).await;
+    assert_eq!(
+        found.status,
+        StatusCode::OK,
+        "a read after the create finds it"
+    );
 
     // Validation errors are FastAPI's own 422s.
     let invalid = client

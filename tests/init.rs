@@ -188,7 +188,7 @@ paths:
         "addresses = [\"https://localhost:8443\"]",
         // Global bearer security: reads cached per user, writes require a token.
         "path = \"/v2/orders/{orderId}\"",
-        "cache = { ttl = \"10s\", scope = \"user\" }",
+        "cache = { ttl = \"10s\", scope = \"user\", statuses = [200] }",
         "auth = \"required\"",
         "purge = { paths = [\"/v2/orders\"] }",
         // An API key the gateway cannot check: passed through, never cached.
