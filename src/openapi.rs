@@ -613,6 +613,8 @@ fn server_urls(document: &Value) -> Vec<String> {
 fn server_url(document: &Value) -> Option<String> {
     server_urls(document)
         .iter()
+        // A variable without a default (`http://{hostname}`) names no host yet.
+        .filter(|url| !url.contains('{'))
         .filter_map(|url| url.parse::<http::Uri>().ok())
         // The gateway forwards the request's own path: the origin is scheme and authority.
         .find_map(|uri| Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?)))
@@ -624,9 +626,12 @@ fn base_path(document: &Value) -> String {
     let Some(url) = server_urls(document).into_iter().next() else {
         return String::new();
     };
-    let path = match url.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme().is_some() => uri.path().to_owned(),
-        _ => url.split(['?', '#']).next().unwrap_or_default().to_owned(),
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    // What follows the authority of an absolute URL (`http://{hostname}/api` → `/api`, even
+    // with a variable left in the host).
+    let path = match url.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("", |at| &rest[at..]),
+        None => url,
     };
     let path = path.trim_end_matches('/');
     if path.starts_with('/') {
@@ -771,6 +776,14 @@ paths:
         assert_eq!(base(r#"[{"url": "http://127.0.0.1:3000"}]"#), "");
         assert_eq!(base(r#"[{"url": "/"}]"#), "");
         assert_eq!(base("[]"), "");
+        assert_eq!(base(r#"[{"url": "http://{hostname}/api/"}]"#), "/api");
+        let unnamed_host: Value =
+            serde_json::from_str(r#"{"servers": [{"url": "http://{hostname}/api"}]}"#).unwrap();
+        assert_eq!(
+            server_url(&unnamed_host),
+            None,
+            "a variable without a default"
+        );
         assert_eq!(
             base(
                 r#"[{"url": "https://{host}/{base}", "variables":

@@ -220,6 +220,16 @@ fn refusals_and_bypasses_say_why() {
     assert_eq!(body["cache"]["bypass"], "body");
     let anonymous = explain(&config, &["/me"]);
     assert_eq!(anonymous["cache"]["bypass"], "anonymous");
+    // Credentials on a shared rule: the key applies only to answers the origin made public.
+    let plain = explain(&config, &["/products/1"]);
+    assert_eq!(plain["cache"]["only"], Value::Null);
+    let authorized = explain(&config, &["-H", "Authorization: Basic YTpi", "/products/1"]);
+    assert!(
+        authorized["cache"]["only"]
+            .as_str()
+            .is_some_and(|o| o.contains("RFC 9111 §3.5")),
+        "{authorized}"
+    );
     // Unmatched paths: the defaults, or 404 when unmatched requests are denied.
     let unmatched = explain(&config, &["/elsewhere"]);
     assert_eq!(unmatched["route"], Value::Null);

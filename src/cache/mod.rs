@@ -113,6 +113,16 @@ impl CacheRequest<'_> {
     }
 }
 
+/// Limits on the entries that may answer a request, beyond its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// It carries credentials: only entries the origin marked `public`, `s-maxage` or
+    /// `must-revalidate` (RFC 9111 §3.5), and only such answers are stored.
+    pub authorized: bool,
+    /// It carries a cookie: only entries the origin marked `public` or `s-maxage`.
+    pub cookie: bool,
+}
+
 /// A stored response that answers a request.
 pub struct Hit {
     /// `memory`, `redis`, or `coalesced` (filled while this request waited).
@@ -312,6 +322,22 @@ impl Cache {
         Ok(Cache::primary_key(policy, request))
     }
 
+    /// Which shared entries an admitted request may be answered with (`cachegate explain`
+    /// reports the same).
+    pub fn bounds(policy: &CachePolicy, request: &CacheRequest<'_>) -> Bounds {
+        Bounds {
+            // §3.5: a request with credentials may be answered only by an entry whose origin
+            // said any client may have it (`public`, `s-maxage`, `must-revalidate`) — unless
+            // the rule makes entries per user or declares the route's authorised content shared.
+            authorized: request.authorized
+                && !(policy.rule.per_user || policy.rule.allow_authorized),
+            // A request with a cookie may be served only what the origin said is for everyone.
+            cookie: request.headers.contains_key(COOKIE)
+                && policy.scope == CacheScope::Shared
+                && !policy.rule.allow_cookies,
+        }
+    }
+
     /// Finds a fresh entry for a request (in process, then in the shared tier), or says why the
     /// cache does not apply.
     pub async fn lookup(&self, policy: &CachePolicy, request: &CacheRequest<'_>) -> Lookup {
@@ -319,19 +345,14 @@ impl Cache {
             Ok(primary) => primary,
             Err(reason) => return Lookup::Bypass(reason),
         };
-        // §3.5: a request with credentials may be answered only by an entry whose origin said
-        // any client may have it (`public`, `s-maxage`, `must-revalidate`) — unless the rule
-        // makes entries per user or declares the route's authorised content shared.
-        let authorized_bound =
-            request.authorized && !(policy.rule.per_user || policy.rule.allow_authorized);
+        let Bounds {
+            authorized: authorized_bound,
+            cookie: cookie_bound,
+        } = Cache::bounds(policy, request);
         let now = now_ms();
         let known_vary = self.memory.vary_of(primary.local());
         let vary: &[HeaderName] = known_vary.as_deref().map_or(&policy.vary, |v| v.as_slice());
         let variant = primary.variant(vary, request.headers);
-        // A request with a cookie may be served only what the origin said is for everyone.
-        let cookie_bound = request.headers.contains_key(COOKIE)
-            && policy.scope == CacheScope::Shared
-            && !policy.rule.allow_cookies;
         let for_this_request = |e: &Entry| {
             if !(cookie_bound || authorized_bound) {
                 return true;

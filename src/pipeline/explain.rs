@@ -103,6 +103,9 @@ pub struct CacheReport {
     pub shared_key: Option<String>,
     /// Why this request is neither answered from nor stored in the cache.
     pub bypass: Option<&'static str>,
+    /// When the key applies only to some entries: which (credentials or a cookie on a shared
+    /// rule).
+    pub only: Option<&'static str>,
     pub tags: Vec<String>,
 }
 
@@ -230,7 +233,18 @@ pub async fn explain(
             let params = snapshot.routes.params(head.uri.path());
             ctx.cache_tags = rule.tags.iter().map(|t| t.expand(&params)).collect();
         }
-        let admitted = Cache::admit(rule, &caching::cache_request(&head, &ctx));
+        let request = caching::cache_request(&head, &ctx);
+        let admitted = Cache::admit(rule, &request);
+        let bounds = Cache::bounds(rule, &request);
+        let only = match (bounds.authorized, bounds.cookie) {
+            (true, _) => Some(
+                "the request carries credentials: answered and stored only when the origin marks the answer public, s-maxage or must-revalidate (RFC 9111 §3.5)",
+            ),
+            (false, true) => Some(
+                "the request carries a cookie: answered and stored only when the origin marks the answer public or s-maxage",
+            ),
+            (false, false) => None,
+        };
         let (key, shared_key, bypass) = match admitted {
             Ok(primary) => {
                 let variant = primary.variant(&rule.vary, &head.headers);
@@ -254,6 +268,7 @@ pub async fn explain(
             vary: rule.vary.iter().map(|h| h.as_str().to_owned()).collect(),
             key,
             shared_key,
+            only: only.filter(|_| bypass.is_none()),
             bypass,
             tags: std::mem::take(&mut ctx.cache_tags),
         });
@@ -435,6 +450,9 @@ impl std::fmt::Display for Explanation {
                     }
                     if let Some(key) = &cache.shared_key {
                         writeln!(f, "    shared key    {key}")?;
+                    }
+                    if let Some(only) = cache.only {
+                        writeln!(f, "    only          {only}")?;
                     }
                 }
             }
