@@ -154,10 +154,10 @@ fn main() -> ExitCode {
 }
 
 fn check(args: &RunArgs) -> ExitCode {
-    match cachegate::snapshot::load(&args.config) {
-        Ok((_, snapshot)) => {
+    match cachegate::snapshot::check(&args.config) {
+        Ok(snapshot) => {
             println!(
-                "{}: configuration is valid ({} routes, {} upstream addresses)",
+                "{}: configuration is valid ({} routes, {} upstream addresses; host names are resolved when it runs)",
                 args.config.display(),
                 snapshot.routes.len(),
                 snapshot.upstream.len()

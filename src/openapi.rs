@@ -136,21 +136,87 @@ pub fn starter_config(document: &Value, options: &StarterOptions<'_>) -> (String
         .cloned()
         .unwrap_or_default();
     let global_security = document.get("security");
-    let paths = document["paths"].as_object().cloned().unwrap_or_default();
+    let mut paths = merged_paths(document);
     // The document's paths are relative to its server URL: `/orders` under `https://host/v2` is
     // requested as `/v2/orders`, and that is the path the gateway routes on.
     let base = base_path(document);
-    let templates: BTreeSet<String> = paths
+    let mut by_path: BTreeMap<String, String> = paths
         .iter()
-        .map(|(path, item)| format!("{base}{}", gateway_template(document, path, item)))
+        .map(|(path, item)| {
+            let template = gateway_template(document, path, item);
+            (path.clone(), format!("{base}{template}"))
+        })
+        .collect();
+    unify_parameter_names(&mut by_path);
+    demote_blocking_catch_alls(&mut by_path);
+    unify_parameter_names(&mut by_path);
+    // Paths that became one template (`{base}...{head}` beside `{basehead}`, differently named
+    // parameters) are one route: the first path's operations, then the others' for methods it
+    // lacks.
+    let mut first_with: BTreeMap<String, String> = BTreeMap::new();
+    let mut same_as: BTreeMap<String, String> = BTreeMap::new();
+    for (path, template) in &by_path {
+        let routed = untyped(template);
+        match first_with.get(&routed) {
+            Some(first) => {
+                same_as.insert(path.clone(), first.clone());
+            }
+            None => {
+                first_with.insert(routed, path.clone());
+            }
+        }
+    }
+    for (path, first) in &same_as {
+        let operations = paths[path].as_object().cloned().unwrap_or_default();
+        if let Some(Value::Object(into)) = paths.get_mut(first) {
+            for (name, value) in operations {
+                into.entry(name).or_insert(value);
+            }
+        }
+    }
+    // What the gateway's router would refuse is written commented out, with why.
+    let mut router = matchit::Router::new();
+    let mut refused: BTreeMap<String, String> = BTreeMap::new();
+    for (path, template) in by_path.iter().filter(|(p, _)| !same_as.contains_key(*p)) {
+        let routed = untyped(template);
+        let routed = match routed.strip_suffix('/') {
+            Some(stripped) if !stripped.is_empty() => stripped.to_owned(),
+            _ => routed,
+        };
+        if let Err(e) = router.insert(routed, ()) {
+            refused.insert(path.clone(), e.to_string());
+        }
+    }
+    let templates: BTreeSet<String> = by_path
+        .iter()
+        .filter(|(path, _)| !refused.contains_key(*path) && !same_as.contains_key(*path))
+        .map(|(_, template)| template.clone())
         .collect();
 
     let mut routes = String::new();
     let mut names = BTreeSet::new();
     let mut uses_tokens = false;
     for (path, item) in &paths {
-        let relative = gateway_template(document, path, item);
-        let template = format!("{base}{relative}");
+        let template = by_path[path].clone();
+        let relative = template[base.len()..].to_owned();
+        if let Some(first) = same_as.get(path) {
+            let _ = writeln!(
+                routes,
+                "# {path} is the route of {first} ({}): its operations are there.\n",
+                quote(&template)
+            );
+            continue;
+        }
+        if let Some(reason) = refused.get(path) {
+            summary.skipped.push(format!("{path}: {reason}"));
+            let _ = writeln!(
+                routes,
+                "# Skipped {path}: the gateway cannot route it beside the paths above ({reason}).\n\
+                 # [[routes]]\n# path = {}\n",
+                quote(&template)
+            );
+            continue;
+        }
         let mut reads: Vec<(&str, Access)> = Vec::new();
         let mut writes: BTreeMap<Access, Vec<&str>> = BTreeMap::new();
         for method in ["get", "head", "post", "put", "patch", "delete"] {
@@ -476,9 +542,13 @@ fn access_of(security: Option<&Value>, schemes: &serde_json::Map<String, Value>)
 }
 
 /// The path template as the gateway writes it: `{id}` becomes `{id:int}` when the document
-/// types the parameter as an integer.
+/// types the parameter as an integer; a last parameter that may hold slashes (GitHub's
+/// `x-multi-segment`, as in `/contents/{path}` for `docs/readme.md`) becomes a catch-all
+/// `{*path}`; several parameters in one segment (`{base}...{head}`) become one (`{base_head}`),
+/// since a route parameter is a whole segment.
 fn gateway_template(document: &Value, path: &str, item: &Value) -> String {
     let mut integers = BTreeSet::new();
+    let mut multi_segment = BTreeSet::new();
     let operations = ["get", "head", "post", "put", "patch", "delete"]
         .iter()
         .filter_map(|m| item.get(*m));
@@ -489,6 +559,9 @@ fn gateway_template(document: &Value, path: &str, item: &Value) -> String {
             if parameter.get("in").and_then(Value::as_str) != Some("path") {
                 continue;
             }
+            let Some(name) = parameter.get("name").and_then(Value::as_str) else {
+                continue;
+            };
             let kind = parameter
                 .pointer("/schema/type")
                 .or_else(|| parameter.get("type"));
@@ -498,17 +571,134 @@ fn gateway_template(document: &Value, path: &str, item: &Value) -> String {
                 Some(Value::Array(types)) => types.iter().any(|t| t == "integer"),
                 _ => false,
             };
-            if let (true, Some(name)) = (is_integer, parameter.get("name").and_then(Value::as_str))
-            {
+            if is_integer {
                 integers.insert(name.to_owned());
+            }
+            if parameter.get("x-multi-segment").and_then(Value::as_bool) == Some(true) {
+                multi_segment.insert(name.to_owned());
             }
         }
     }
-    let mut out = path.to_owned();
-    for name in integers {
-        out = out.replace(&format!("{{{name}}}"), &format!("{{{name}:int}}"));
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len() - 1;
+    let written: Vec<String> = segments
+        .iter()
+        .enumerate()
+        .map(|(at, segment)| {
+            let names = segment_params(segment);
+            match names.as_slice() {
+                [] => (*segment).to_owned(),
+                [name] if *segment == format!("{{{name}}}") => {
+                    if at == last && multi_segment.contains(*name) {
+                        format!("{{*{name}}}")
+                    } else if integers.contains(*name) {
+                        format!("{{{name}:int}}")
+                    } else {
+                        (*segment).to_owned()
+                    }
+                }
+                several => format!("{{{}}}", several.join("_")),
+            }
+        })
+        .collect();
+    written.join("/")
+}
+
+/// The parameter names in one path segment: `{base}...{head}` → `base`, `head`.
+fn segment_params(segment: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = segment;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        names.push(&rest[open + 1..open + close]);
+        rest = &rest[open + close + 1..];
     }
-    out
+    names
+}
+
+/// Gives parameters at one position of the path tree one name (the first seen):
+/// `/attestations/{attestation_id}` beside `/attestations/{subject_digest}` both use
+/// `{attestation_id}`, since a router position holds one parameter.
+fn unify_parameter_names(templates: &mut BTreeMap<String, String>) {
+    let mut named: BTreeMap<String, String> = BTreeMap::new();
+    for template in templates.values_mut() {
+        let mut prefix = String::new();
+        let mut segments = Vec::new();
+        for segment in template.split('/') {
+            let written = match segment
+                .strip_prefix('{')
+                .and_then(|s| s.strip_suffix('}'))
+                .filter(|inner| !inner.starts_with('*'))
+            {
+                Some(inner) => {
+                    let (name, kind) = inner
+                        .split_once(':')
+                        .map_or((inner, None), |(n, k)| (n, Some(k)));
+                    let position = format!("{prefix}/{{}}");
+                    let name = named
+                        .entry(position)
+                        .or_insert_with(|| name.to_owned())
+                        .clone();
+                    match kind {
+                        Some(kind) => format!("{{{name}:{kind}}}"),
+                        None => format!("{{{name}}}"),
+                    }
+                }
+                None => segment.to_owned(),
+            };
+            prefix.push('/');
+            prefix.push_str(&untyped(&written));
+            segments.push(written);
+        }
+        *template = segments.join("/");
+    }
+}
+
+/// A catch-all (`{*branch}`) where another path has a parameter at the same position
+/// (`/branches/{branch}/protection`) would swallow that path: it becomes a plain parameter, whose
+/// value then cannot hold a slash (clients send one as `%2F`, which needs `[server]
+/// encoded_slash = "keep"`).
+fn demote_blocking_catch_alls(templates: &mut BTreeMap<String, String>) {
+    let all: Vec<String> = templates.values().map(|t| untyped(t)).collect();
+    for template in templates.values_mut() {
+        let Some(at) = template.rfind("/{*") else {
+            continue;
+        };
+        let prefix = untyped(&template[..=at]);
+        let blocked = all.iter().any(|other| {
+            other
+                .strip_prefix(&prefix)
+                .is_some_and(|rest| rest.starts_with('{') && !rest.starts_with("{*"))
+        });
+        if blocked {
+            template.replace_range(at + 1..at + 3, "{");
+        }
+    }
+}
+
+/// Paths as the gateway routes them: a query in a path key (`/responses?beta=true`) dropped,
+/// the operations of keys that then coincide merged (the first key's operation per method).
+fn merged_paths(document: &Value) -> BTreeMap<String, Value> {
+    let mut merged: BTreeMap<String, Value> = BTreeMap::new();
+    let Some(paths) = document.get("paths").and_then(Value::as_object) else {
+        return merged;
+    };
+    for (key, item) in paths {
+        let path = key.split('?').next().unwrap_or(key).to_owned();
+        match (merged.get_mut(&path), item.as_object()) {
+            (Some(Value::Object(into)), Some(from)) => {
+                for (name, value) in from {
+                    into.entry(name.clone()).or_insert_with(|| value.clone());
+                }
+            }
+            _ => {
+                merged.entry(path).or_insert_with(|| item.clone());
+            }
+        }
+    }
+    merged
 }
 
 /// `{"$ref": "#/components/parameters/Id"}` → the object it points at (local references only).
@@ -712,6 +902,46 @@ paths:
             "shops-shop-items-id"
         );
         assert_eq!(route_name("/"), "root");
+    }
+
+    #[test]
+    fn real_document_shapes_become_routable_templates() {
+        let doc: Value = serde_json::from_str(
+            r#"{"openapi": "3.0.3", "paths": {
+                "/contents/{path}": {"get": {"parameters": [
+                    {"name": "path", "in": "path", "x-multi-segment": true}]}},
+                "/branches/{branch}": {"get": {"parameters": [
+                    {"name": "branch", "in": "path", "x-multi-segment": true}]}},
+                "/branches/{branch}/protection": {"get": {}},
+                "/compare/{base}...{head}": {"get": {}},
+                "/compare/{basehead}": {"get": {}},
+                "/attestations/{attestation_id}": {"delete": {"parameters": [
+                    {"name": "attestation_id", "in": "path", "schema": {"type": "integer"}}]}},
+                "/attestations/{subject_digest}": {"get": {}},
+                "/responses?beta=true": {"post": {}},
+                "/responses": {"get": {}}
+            }}"#,
+        )
+        .unwrap();
+        let (text, summary) = starter_config(&doc, &test_options());
+        assert!(summary.skipped.is_empty(), "{summary}");
+        for expected in [
+            r#"path = "/contents/{*path}""#,
+            // A catch-all here would swallow `/branches/{branch}/protection`.
+            r#"path = "/branches/{branch}""#,
+            "/compare/{base}...{head} is the route of /compare/{basehead}",
+            "/attestations/{subject_digest} is the route of /attestations/{attestation_id}",
+            r#"methods = ["POST"]"#,
+        ] {
+            assert!(text.contains(expected), "{expected} in:\n{text}");
+        }
+        assert!(!text.contains("?beta"), "{text}");
+        // The merged attestation route has both operations.
+        let attestations = text
+            .split("[[routes]]")
+            .filter(|r| r.contains(r#"path = "/attestations/{attestation_id:int}""#))
+            .count();
+        assert_eq!(attestations, 2, "a read and a write route:\n{text}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::config::{ConfigErrors, LoadedConfig, SpanError};
 use crate::ratelimit::TrustedProxies;
 use crate::routing::canonical::PathRules;
 use crate::routing::RouteTable;
-use crate::upstream::UpstreamGroup;
+use crate::upstream::{Resolve, UpstreamGroup};
 use http::HeaderName;
 
 #[derive(Debug)]
@@ -41,8 +41,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Validates and compiles a parsed configuration; every error found points into its file.
+    /// Validates and compiles a parsed configuration to run; every error found points into its
+    /// file.
     pub fn compile(loaded: &LoadedConfig) -> Result<Snapshot, ConfigErrors> {
+        Snapshot::compile_resolving(loaded, Resolve::Now)
+    }
+
+    /// [`Snapshot::compile`], upstream host names resolved or not (see [`Resolve`]).
+    pub fn compile_resolving(
+        loaded: &LoadedConfig,
+        names: Resolve,
+    ) -> Result<Snapshot, ConfigErrors> {
         let config = &loaded.config;
         let mut errors = loaded.validate();
         let auth = match &config.auth {
@@ -75,7 +84,8 @@ impl Snapshot {
                 Err(())
             }
         };
-        let upstream = UpstreamGroup::compile(&config.upstream).map_err(|e| errors.extend(e));
+        let upstream =
+            UpstreamGroup::compile(&config.upstream, names).map_err(|e| errors.extend(e));
         match (routes, upstream, auth) {
             (Ok(routes), Ok(upstream), Ok(auth)) if errors.is_empty() => Ok(Snapshot {
                 routes,
@@ -113,11 +123,18 @@ impl Snapshot {
     }
 }
 
-/// Reads, validates and compiles a configuration file: what `cachegate check` runs.
+/// Reads, validates and compiles a configuration file to run.
 pub fn load(path: &Path) -> Result<(LoadedConfig, Snapshot), ConfigErrors> {
     let loaded = LoadedConfig::from_file(path)?;
     let snapshot = Snapshot::compile(&loaded)?;
     Ok((loaded, snapshot))
+}
+
+/// What `cachegate check` runs: [`load`] without resolving upstream host names, so a file can
+/// be checked offline or away from the network it runs in.
+pub fn check(path: &Path) -> Result<Snapshot, ConfigErrors> {
+    let loaded = LoadedConfig::from_file(path)?;
+    Snapshot::compile_resolving(&loaded, Resolve::Never)
 }
 
 /// The snapshot currently in force, shared by every request.

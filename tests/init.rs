@@ -216,3 +216,56 @@ paths:
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("3.0 and 3.1"));
 }
+
+/// init on real documents (installed pinned by `scripts/install-deps --with-frameworks`): its
+/// output passes `check` as written, nothing is skipped, and the shapes those documents use
+/// are routed: parameters carrying slashes, several parameters in one segment, differently named
+/// parameters at one position, an API key as an alternative to OAuth2.
+#[test]
+fn real_openapi_documents_give_configurations_check_accepts() {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/node/node_modules");
+    assert!(
+        modules.exists(),
+        "{} is missing: run `scripts/install-deps --with-frameworks` (the README's test command does)",
+        modules.display()
+    );
+    let dir = tempfile::TempDir::new().unwrap();
+    let documents = [
+        ("github", "@octokit/openapi/generated/api.github.com.json"),
+        ("ghes", "@octokit/openapi/generated/ghes-3.19.json"),
+        ("petstore", "@readme/oas-examples/3.0/json/petstore.json"),
+    ];
+    let mut generated = std::collections::HashMap::new();
+    for (name, document) in documents {
+        let config = dir.path().join(format!("{name}.toml"));
+        let out = init(&[
+            "--openapi",
+            modules.join(document).to_str().unwrap(),
+            "-o",
+            config.to_str().unwrap(),
+        ]);
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{name}: {said}");
+        assert!(said.contains(", 0 skipped"), "{name}: {said}");
+        // Offline: the documents' servers are not resolved by check.
+        check(&config);
+        generated.insert(name, std::fs::read_to_string(&config).unwrap());
+    }
+    let github = &generated["github"];
+    for expected in [
+        // `docs/readme.md` reaches the origin whole.
+        r#"path = "/repos/{owner}/{repo}/contents/{*path}""#,
+        // A catch-all would swallow `/branches/{branch}/protection`: a plain parameter.
+        r#"path = "/repos/{owner}/{repo}/branches/{branch}/protection""#,
+        "is the route of /repos/{owner}/{repo}/compare/{basehead}",
+    ] {
+        assert!(github.contains(expected), "{expected}");
+    }
+    // Swagger Petstore: `api_key` alone is the origin's to check, and not cached.
+    let petstore = &generated["petstore"];
+    let pet = petstore
+        .split("[[routes]]")
+        .find(|r| r.contains(r#"name = "pet-petid-read""#))
+        .expect("the pet read route");
+    assert!(!pet.contains("auth =") && !pet.contains("cache ="), "{pet}");
+}

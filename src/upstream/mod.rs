@@ -168,7 +168,10 @@ pub struct Exchange {
 impl UpstreamGroup {
     /// Parses and resolves the configured addresses. Host names are resolved once here (at start
     /// and on reload), not per request, so a slow resolver never sits on the request path.
-    pub fn compile(config: &UpstreamConfig) -> Result<UpstreamGroup, Vec<SpanError>> {
+    pub fn compile(
+        config: &UpstreamConfig,
+        names: Resolve,
+    ) -> Result<UpstreamGroup, Vec<SpanError>> {
         let mut errors = Vec::new();
         let mut origins = Vec::new();
         if config.addresses.get_ref().is_empty() {
@@ -181,7 +184,7 @@ impl UpstreamGroup {
         let mut tls_config = None;
         for address in config.addresses.get_ref() {
             let url = address.get_ref().as_str();
-            match parse_origin(url) {
+            match parse_origin(url, names) {
                 Ok((addr, tls, host)) => {
                     let tls = if tls {
                         if tls_config.is_none() {
@@ -445,8 +448,19 @@ enum Failure {
     Error(UpstreamError),
 }
 
-/// `http://host[:port]` or `https://host[:port]` → (address, tls, host name for SNI).
-fn parse_origin(url: &str) -> Result<(SocketAddr, bool, String), String> {
+/// Whether upstream host names are resolved when a configuration is compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolve {
+    /// Now: to run.
+    Now,
+    /// Not at all: `cachegate check` validates a file offline, and a name that resolves only
+    /// where the gateway runs (a container network) is no error there.
+    Never,
+}
+
+/// `http://host[:port]` or `https://host[:port]` → (address, tls, host name for SNI). With
+/// [`Resolve::Never`] a host name gets the unspecified address.
+fn parse_origin(url: &str, names: Resolve) -> Result<(SocketAddr, bool, String), String> {
     let uri: Uri = url.parse().map_err(|e| {
         format!(
             "invalid upstream address {url:?} ({e}): write http://host:port or https://host:port"
@@ -479,6 +493,9 @@ fn parse_origin(url: &str) -> Result<(SocketAddr, bool, String), String> {
         .trim_start_matches('[')
         .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if names == Resolve::Never && host.parse::<std::net::IpAddr>().is_err() {
+        return Ok((([0, 0, 0, 0], port).into(), tls, host.to_owned()));
+    }
     let addr = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve upstream host `{host}`: {e}"))?
@@ -489,21 +506,33 @@ fn parse_origin(url: &str) -> Result<(SocketAddr, bool, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_origin;
+    use super::{parse_origin, Resolve};
 
     #[test]
     fn origins_parse_and_bad_ones_say_why() {
-        let (addr, tls, host) = parse_origin("https://127.0.0.1:8443").unwrap();
+        let (addr, tls, host) = parse_origin("https://127.0.0.1:8443", Resolve::Now).unwrap();
         assert_eq!((addr.port(), tls, host.as_str()), (8443, true, "127.0.0.1"));
-        assert_eq!(parse_origin("http://127.0.0.1").unwrap().0.port(), 80);
-        assert!(parse_origin("ftp://x:1")
+        assert_eq!(
+            parse_origin("http://127.0.0.1", Resolve::Now)
+                .unwrap()
+                .0
+                .port(),
+            80
+        );
+        assert!(parse_origin("ftp://x:1", Resolve::Now)
             .unwrap_err()
             .contains("unknown upstream scheme `ftp`"));
-        assert!(parse_origin("127.0.0.1:3000")
+        assert!(parse_origin("127.0.0.1:3000", Resolve::Now)
             .unwrap_err()
             .contains("scheme"));
-        assert!(parse_origin("http://127.0.0.1:3000/api")
+        assert!(parse_origin("http://127.0.0.1:3000/api", Resolve::Never)
             .unwrap_err()
             .contains("has a path"));
+        // Offline, a host name is checked for form only.
+        let (_, tls, host) = parse_origin("https://api.invalid", Resolve::Never).unwrap();
+        assert_eq!((tls, host.as_str()), (true, "api.invalid"));
+        assert!(parse_origin("https://api.invalid", Resolve::Now)
+            .unwrap_err()
+            .contains("cannot resolve"));
     }
 }
