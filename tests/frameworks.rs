@@ -321,6 +321,39 @@ async fn django_rest_framework_behind_inits_output_with_its_own_tokens() {
         .await;
     assert_eq!(x_cache(&again), "HIT");
 
+    // A local token in simplejwt's shape works against Django too; cachegate token says the
+    // secret is the configuration's fallback.
+    let minted = Command::new(cachegate_bin())
+        .args(["token", "--config"])
+        .arg(&config)
+        .args([
+            "--claim",
+            "user_id=1",
+            "--claim",
+            "token_type=access",
+            "--claim",
+            "jti=t1",
+        ])
+        .env_remove("JWT_SECRET")
+        .output()
+        .expect("running cachegate token");
+    assert!(minted.status.success());
+    assert!(
+        String::from_utf8_lossy(&minted.stderr).contains("JWT_SECRET is not set"),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let local = format!("Bearer {}", String::from_utf8_lossy(&minted.stdout).trim());
+    let with_local = client
+        .send(
+            Method::PATCH,
+            &gw.url("/books/1/"),
+            &[JSON, ("authorization", &local)],
+            r#"{"stock": 31}"#,
+        )
+        .await;
+    assert_eq!(with_local.status, StatusCode::OK, "{:?}", with_local.body);
+
     // DRF's Basic authentication still works: the gateway leaves it to Django.
     let basic = client
         .send(
