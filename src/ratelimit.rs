@@ -87,6 +87,10 @@ pub enum KeyPart {
     /// The JWT subject; the client IP for anonymous requests.
     User,
     Header(HeaderName),
+    /// A credential the origin checks (an API key, an opaque bearer key), counted by its
+    /// SHA-256 so the secret never becomes a store key or appears in `explain`: the
+    /// `Authorization` value, or the named header's; the client IP for requests without one.
+    Credential(Option<HeaderName>),
     Route,
 }
 
@@ -111,15 +115,34 @@ fn parse_key_part(text: &str) -> Result<KeyPart, String> {
         "ip" => Ok(KeyPart::Ip),
         "user" => Ok(KeyPart::User),
         "route" => Ok(KeyPart::Route),
-        other => match other.strip_prefix("header:") {
-            Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
-                .map(KeyPart::Header)
-                .map_err(|_| format!("invalid header name in key {other:?}")),
-            None => Err(format!(
-                "unknown rate-limit key {other:?}: use \"ip\", \"user\", \"route\" or \"header:<name>\""
-            )),
-        },
+        "credential" => Ok(KeyPart::Credential(None)),
+        other => {
+            let header = |name: &str| {
+                HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| format!("invalid header name in key {other:?}"))
+            };
+            if let Some(name) = other.strip_prefix("header:") {
+                header(name).map(KeyPart::Header)
+            } else if let Some(name) = other.strip_prefix("credential:") {
+                header(name).map(|h| KeyPart::Credential(Some(h)))
+            } else {
+                Err(format!(
+                    "unknown rate-limit key {other:?}: use \"ip\", \"user\", \"route\", \"header:<name>\", \"credential\" or \"credential:<header>\""
+                ))
+            }
+        }
     }
+}
+
+/// A credential as a counter key: the first 16 bytes of its SHA-256, in hex, under a label
+/// of this use (the same on every instance, so the count is shared).
+fn credential_digest(secret: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"cachegate rate-limit credential\0")
+        .chain_update(secret)
+        .finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A route's rate-limit policy, compiled.
@@ -346,6 +369,19 @@ impl Limiter {
                         .map(|v| v.as_bytes())
                         .unwrap_or_default();
                     identity.push_str(&String::from_utf8_lossy(value));
+                }
+                KeyPart::Credential(header) => {
+                    let name = header.as_ref().unwrap_or(&http::header::AUTHORIZATION);
+                    match facts.headers.get(name).filter(|v| !v.is_empty()) {
+                        Some(value) => {
+                            identity.push_str("cred:");
+                            identity.push_str(&credential_digest(value.as_bytes()));
+                        }
+                        None => {
+                            identity.push_str("ip:");
+                            identity.push_str(&ip_identity(facts.client_ip, self.ipv6_prefix));
+                        }
+                    }
                 }
             }
         }

@@ -242,6 +242,62 @@ rate_limit = { limits = [ { rate = "3/minute", key = "ip" }, { rate = "100/hour"
     );
 }
 
+/// API-key clients are limited per key, as Kong's key-auth users expect, without the key ever
+/// becoming a Redis key: the counter is keyed by the credential's hash.
+#[tokio::test]
+async fn credentials_the_origin_checks_are_limited_per_credential_by_their_hash() {
+    let redis = Redis::start();
+    let upstream = Upstream::start();
+    let routes = r#"
+[[routes]]
+name = "keyed"
+path = "/products/{id}"
+rate_limit = { limits = [ { rate = "2/minute", key = "credential:x-api-key" } ] }
+
+[[routes]]
+name = "opaque"
+path = "/products"
+rate_limit = { limits = [ { rate = "3/minute", key = "credential" } ] }
+"#;
+    let gateway = Gateway::start(&config(&upstream, "", &redis_store(&redis), routes));
+    let key = |k: &'static str| [("x-api-key", k)];
+    assert_eq!(
+        admitted(&gateway, "/products/1", &key("key-one"), 4).await,
+        2
+    );
+    assert_eq!(
+        admitted(&gateway, "/products/1", &key("key-two"), 4).await,
+        2,
+        "another key has its own budget"
+    );
+    assert_eq!(
+        admitted(&gateway, "/products/1", &[], 3).await,
+        2,
+        "requests without a key count by IP"
+    );
+    let opaque = [("authorization", "Bearer sk-opaque-1")];
+    assert_eq!(admitted(&gateway, "/products", &opaque, 5).await, 3);
+    assert_eq!(
+        admitted(
+            &gateway,
+            "/products",
+            &[("authorization", "Bearer sk-opaque-2")],
+            1
+        )
+        .await,
+        1
+    );
+    let keys = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan"])
+        .output()
+        .expect("running redis-cli");
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    assert!(keys.contains("cred:"), "{keys}");
+    for secret in ["key-one", "key-two", "sk-opaque"] {
+        assert!(!keys.contains(secret), "{secret} in a Redis key: {keys}");
+    }
+}
+
 #[tokio::test]
 async fn forwarded_for_counts_only_from_trusted_proxies() {
     let redis = Redis::start();

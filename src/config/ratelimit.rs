@@ -67,7 +67,9 @@ pub struct LimitConfig {
     /// Requests that may arrive at once. Default: the rate's count.
     pub burst: Option<u32>,
     /// What to count by: `"ip"`, `"user"` (JWT subject, else IP), `"header:<name>"`, `"route"`,
-    /// or a list of these combined, e.g. `["route", "user"]`. Default: `"ip"`.
+    /// `"credential"` / `"credential:<header>"` (the hash of the `Authorization` value or of an
+    /// API-key header, else IP), or a list of these combined, e.g. `["route", "user"]`.
+    /// Default: `"ip"`.
     #[serde(default)]
     #[schemars(with = "Option<KeyConfig>")]
     pub key: Option<Spanned<KeyConfig>>,
