@@ -155,7 +155,10 @@ fn main() -> ExitCode {
 
 fn check(args: &RunArgs) -> ExitCode {
     match cachegate::snapshot::check(&args.config) {
-        Ok(snapshot) => {
+        Ok((snapshot, warnings)) => {
+            for warning in &warnings.0 {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{}: configuration is valid ({} routes, {} upstream addresses; host names are resolved when it runs)",
                 args.config.display(),

@@ -123,18 +123,28 @@ impl Snapshot {
     }
 }
 
-/// Reads, validates and compiles a configuration file to run.
+/// Reads, validates and compiles a configuration file to run; its warnings are logged.
 pub fn load(path: &Path) -> Result<(LoadedConfig, Snapshot), ConfigErrors> {
     let loaded = LoadedConfig::from_file(path)?;
     let snapshot = Snapshot::compile(&loaded)?;
+    for warning in &warnings(&loaded, &snapshot).0 {
+        tracing::warn!("{warning}");
+    }
     Ok((loaded, snapshot))
 }
 
 /// What `cachegate check` runs: [`load`] without resolving upstream host names, so a file can
-/// be checked offline or away from the network it runs in.
-pub fn check(path: &Path) -> Result<Snapshot, ConfigErrors> {
+/// be checked offline or away from the network it runs in. Returns the warnings too.
+pub fn check(path: &Path) -> Result<(Snapshot, ConfigErrors), ConfigErrors> {
     let loaded = LoadedConfig::from_file(path)?;
-    Snapshot::compile_resolving(&loaded, Resolve::Never)
+    let snapshot = Snapshot::compile_resolving(&loaded, Resolve::Never)?;
+    let warnings = warnings(&loaded, &snapshot);
+    Ok((snapshot, warnings))
+}
+
+/// What a valid configuration likely does not mean, located in its file.
+fn warnings(loaded: &LoadedConfig, snapshot: &Snapshot) -> ConfigErrors {
+    loaded.errors(snapshot.routes.warnings.clone())
 }
 
 /// The snapshot currently in force, shared by every request.

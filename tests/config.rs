@@ -171,6 +171,32 @@ fn conflicting_route_parameters() {
 }
 
 #[test]
+fn trailing_slash_spellings_that_can_loop() {
+    // Both spellings of one path: refused.
+    assert_error(
+        &format!(
+            "{VALID_BASE}\n[[routes]]\npath = \"/items/\"\nmethods = [\"GET\"]\n\n[[routes]]\npath = \"/items\"\nmethods = [\"POST\"]\n"
+        ),
+        12,
+        8,
+        "spell one path with and without a trailing slash",
+    );
+    // A collection without the slash its items have: valid, with a located warning.
+    let (ok, stderr, path) = check(&format!(
+        "{VALID_BASE}\n[[routes]]\npath = \"/books\"\n\n[[routes]]\npath = \"/books/{{id}}/\"\n"
+    ));
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: {path}:8:8: `/books` has no trailing slash but `/books/{{id}}/`"
+        )),
+        "{stderr}"
+    );
+    let (ok, stderr, _) = check(VALID_BASE);
+    assert!(ok && !stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
 fn lowercase_method() {
     assert_error(
         &format!("{VALID_BASE}[[routes]]\npath = \"/a\"\nmethods = [\"get\"]\n"),

@@ -194,6 +194,26 @@ async fn fastapi_behind_inits_output_caches_purges_and_never_loops() {
         )
         .await;
     assert_eq!(x_cache(&again), "HIT");
+    // A valid token without FastAPI's scope: 403 at the gateway, unseen by the app.
+    let seen = app.requests_seen().await;
+    let unscoped = format!(
+        "Bearer {}",
+        common::mint_token(&config, &["--sub", "1", "--scope", "items:read"])
+    );
+    let forbidden = client
+        .send(
+            Method::GET,
+            &gw.url("/users/1/orders/"),
+            &[("authorization", &unscoped)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        app.requests_seen().await,
+        seen,
+        "the gateway answered the 403 itself"
+    );
 
     // The framework's docs and document are routed.
     assert_eq!(client.get(&gw.url("/docs")).await.status, StatusCode::OK);
@@ -271,6 +291,22 @@ async fn django_rest_framework_behind_inits_output_with_its_own_tokens() {
     let book = client.get(&gw.url("/books/1")).await;
     assert_eq!((book.status, x_cache(&book)), (StatusCode::OK, "MISS"));
     assert_eq!(x_cache(&client.get(&gw.url("/books/1/")).await), "HIT");
+    let head = client
+        .send(Method::HEAD, &gw.url("/books/1"), &[], Bytes::new())
+        .await;
+    assert_eq!((head.status, x_cache(&head)), (StatusCode::OK, "HIT"));
+    assert!(head.body.is_empty());
+    // Django sends no validators: a conditional request gets the full answer, never a 304 the
+    // entry cannot justify.
+    let conditional = client
+        .send(
+            Method::GET,
+            &gw.url("/books/1/"),
+            &[("if-none-match", "\"x\"")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(conditional.status, StatusCode::OK);
 
     // simplejwt's own token endpoint, through the gateway.
     let login = client

@@ -341,6 +341,8 @@ pub struct RouteTable {
     /// Every header the gateway sets from token claims, on any route. Removed from every incoming
     /// request so a client can never supply them itself.
     gateway_headers: Vec<HeaderName>,
+    /// What `check` warns about (the configuration works, but likely not as meant).
+    pub warnings: Vec<SpanError>,
 }
 
 impl RouteTable {
@@ -453,6 +455,7 @@ impl RouteTable {
             routes.push(route);
         }
 
+        let warnings = slash_conventions(&by_template, &routes, &spans);
         let mut router = matchit::Router::new();
         for entry in by_template {
             let template = entry.template.path.clone();
@@ -485,6 +488,7 @@ impl RouteTable {
                 paths,
                 unmatched: defaults.unmatched,
                 gateway_headers,
+                warnings,
             })
         } else {
             Err(errors)
@@ -645,6 +649,39 @@ fn check_router_template(path: &str) -> Result<(), String> {
     matchit::Router::<()>::new()
         .insert(path, ())
         .map_err(|e| e.to_string())
+}
+
+/// Warnings for a template without a trailing slash under which others have one (`/books`
+/// beside `/books/{id}/`): an origin that spells its paths with the slash (Django REST
+/// Framework, FastAPI's collections) redirects `/books`, and a client that follows the redirect
+/// comes back to the same route and loops.
+fn slash_conventions(
+    templates: &[TemplateRoutes],
+    routes: &[Route],
+    spans: &[std::ops::Range<usize>],
+) -> Vec<SpanError> {
+    let mut warnings = Vec::new();
+    for bare in templates.iter().filter(|t| !t.template.trailing_slash) {
+        let under = format!("{}/", bare.template.path);
+        let slashed = templates
+            .iter()
+            .find(|t| t.template.trailing_slash && t.template.path.starts_with(&under));
+        if let Some(slashed) = slashed {
+            let first = bare.ids[0];
+            let span = spans.get(first).cloned().unwrap_or_default();
+            warnings.push(SpanError::new(
+                span,
+                format!(
+                    "`{}` has no trailing slash but `{}` under it has one: if the origin spells this path `{}/`, it redirects `{}` and clients loop; write the template the way the origin spells it",
+                    routes[first].template,
+                    routes[slashed.ids[0]].template,
+                    bare.template.path,
+                    bare.template.path
+                ),
+            ));
+        }
+    }
+    warnings
 }
 
 fn parse_method(text: &str) -> Result<Method, String> {
