@@ -1,8 +1,9 @@
 //! The compiled configuration a request runs on: an immutable [`Snapshot`] of the route table,
 //! the upstream group and the limits.
 //!
-//! A request takes the current snapshot once, in `new_ctx`, and keeps it to the end, so a reload
-//! that swaps in a new snapshot never changes the rules under a request in flight.
+//! A request takes the current snapshot once, when `Gateway::handle` builds its `RequestCtx`, and
+//! keeps it to the end, so a reload that swaps in a new snapshot never changes the rules under a
+//! request in flight.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The admin listener: a separate address (loopback by default) for operators and
 //! orchestrators, never for clients.
 //!
-//! - `GET /`: the status page ([`status`]): live requests/s, hit ratio, per-route counts, tiers,
+//! - `GET /`: the status page (`status.rs`): live requests/s, hit ratio, per-route counts, tiers,
 //!   recent purges and a purge form. The page itself is open; the data it polls
 //!   (`GET /status.json`) needs the admin token when one is configured, like `/metrics`.
 //! - `GET /healthz`: the process is alive. Always open.

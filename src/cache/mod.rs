@@ -20,9 +20,9 @@
 //! and a slow or unreachable Redis only means L2 is skipped (the store's budget and circuit
 //! breaker bound the wait).
 //!
-//! The proxy asks [`Cache::lookup`] after authentication and rate limiting (so a refused request
-//! never touches the cache), serves hits itself, and on a miss lets the response stream to the
-//! client while [`Fill`] captures it (up to `max_object`) for [`Cache::store_local`] and
+//! The pipeline asks [`Cache::decide`] after authentication and rate limiting (so a refused
+//! request never touches the cache), serves hits itself, and on a miss lets the response stream
+//! to the client while [`Fill`] captures it (up to `max_object`) for [`Cache::store_local`] and
 //! [`Cache::store_shared`].
 //!
 //! Past freshness an entry goes through these states (RFC 9111 §4, RFC 5861):
@@ -136,7 +136,7 @@ pub struct Hit {
 pub enum Lookup {
     Hit(Hit),
     /// Past freshness but inside stale-while-revalidate: serve it now, and refresh `primary` in
-    /// the background (see `join_flight`, so only once).
+    /// the background (see `lead_or_follow`, so only once).
     StaleWhileRevalidate {
         hit: Hit,
         primary: CacheKey,

@@ -564,7 +564,6 @@ impl RouteTable {
         id.map_or(&self.unmatched_metrics, |id| &self.routes[id].metrics)
     }
 
-    /// The policy for a request: its route's, or the default.
     /// Makes every cache rule obey `targeted` (see [`CachePolicy::targeted`]).
     pub fn target_cache_control(&mut self, targeted: &std::sync::Arc<[HeaderName]>) {
         for policy in self
@@ -579,6 +578,7 @@ impl RouteTable {
         }
     }
 
+    /// The policy for a request: its route's, or the default.
     pub fn policy(&self, id: Option<RouteId>) -> &Policy {
         id.map_or(&self.default_policy, |id| &self.routes[id].policy)
     }

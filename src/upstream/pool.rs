@@ -74,7 +74,7 @@ struct Idle {
 
 /// What is kept off an origin's announced keep-alive, for the time a request takes to reach it:
 /// a connection is used only while the origin is sure to still hold it open.
-const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
+pub const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 
 /// How long a connection may stay idle by its origin's `Keep-Alive: timeout=N` (Node sends
 /// one; uvicorn and gunicorn do not): N less [`KEEP_ALIVE_MARGIN`], and at least half of N.
