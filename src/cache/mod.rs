@@ -113,6 +113,40 @@ impl CacheRequest<'_> {
     }
 }
 
+/// Why the cache neither answers nor stores a request ([`Cache::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bypass {
+    /// Not GET or HEAD.
+    Method,
+    /// A per-user rule and no user (and not an anonymous entry the rule shares).
+    Anonymous,
+    /// A GET or HEAD with a body, which the origin may read.
+    Body,
+    /// An override header the origin may honour and the rule does not key on.
+    OverrideHeader,
+    /// The client's `Cache-Control: no-cache` / `no-store`, on a rule that honours it.
+    ClientNoCache,
+}
+
+impl Bypass {
+    /// The reason's name in `Cache-Status`, logs and `cachegate explain`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bypass::Method => "method",
+            Bypass::Anonymous => "anonymous",
+            Bypass::Body => "body",
+            Bypass::OverrideHeader => "override-header",
+            Bypass::ClientNoCache => "client-no-cache",
+        }
+    }
+}
+
+impl std::fmt::Display for Bypass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Limits on the entries that may answer a request, beyond its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
@@ -149,7 +183,7 @@ pub enum Lookup {
         stale: Option<Arc<Entry>>,
     },
     /// The cache does not apply to this request; says why.
-    Bypass(&'static str),
+    Bypass(Bypass),
 }
 
 /// What the cache decides for one request, coalescing included (see [`Cache::decide`]).
@@ -175,7 +209,7 @@ pub enum Decision {
         flight: Option<FlightGuard>,
         lease: bool,
     },
-    Bypass(&'static str),
+    Bypass(Bypass),
 }
 
 fn millis_since_epoch(t: SystemTime) -> u64 {
@@ -286,21 +320,18 @@ impl Cache {
     /// Whether the cache applies to a request under `policy`: its primary key, or why not (the
     /// `Bypass` reason). Decided from the request alone, before any tier is read; `cachegate
     /// explain` reports exactly this.
-    pub fn admit(
-        policy: &CachePolicy,
-        request: &CacheRequest<'_>,
-    ) -> Result<CacheKey, &'static str> {
+    pub fn admit(policy: &CachePolicy, request: &CacheRequest<'_>) -> Result<CacheKey, Bypass> {
         if *request.method != Method::GET && *request.method != Method::HEAD {
-            return Err("method");
+            return Err(Bypass::Method);
         }
         if policy.scope == CacheScope::User
             && request.user.is_none()
             && !(policy.anonymous_shared && request.carries_no_credentials())
         {
-            return Err("anonymous");
+            return Err(Bypass::Anonymous);
         }
         if request.has_body {
-            return Err("body");
+            return Err(Bypass::Body);
         }
         // An override header the origin is allowed to see (`[server] forward_override_headers`)
         // changes its answer: unless the rule keys on it, the cache stays out of the way.
@@ -311,12 +342,12 @@ impl Cache {
             .keys()
             .any(|name| OVERRIDE_HEADERS.contains(&name.as_str()) && !policy.vary.contains(name));
         if unkeyed_override {
-            return Err("override-header");
+            return Err(Bypass::OverrideHeader);
         }
         if policy.honor_client_cache_control {
             let cc = CacheControl::parse(request.headers);
             if cc.no_cache || cc.no_store {
-                return Err("client-no-cache");
+                return Err(Bypass::ClientNoCache);
             }
         }
         Ok(Cache::primary_key(policy, request))

@@ -32,7 +32,7 @@ pub enum CachePhase {
     /// The route has no cache rule.
     #[default]
     Off,
-    Bypass(&'static str),
+    Bypass(crate::cache::Bypass),
     Hit,
     /// Served stale inside stale-while-revalidate (refreshed in the background).
     Stale,

@@ -269,7 +269,7 @@ pub async fn explain(
             key,
             shared_key,
             only: only.filter(|_| bypass.is_none()),
-            bypass,
+            bypass: bypass.map(crate::cache::Bypass::as_str),
             tags: std::mem::take(&mut ctx.cache_tags),
         });
     }
