@@ -284,7 +284,7 @@ impl Cache {
                 .time_to_live(UNCACHEABLE_FOR)
                 .build(),
             memory: MemoryTier::new(memory_capacity),
-            shared: store.filter(|s| s.kind() == "redis"),
+            shared: store.filter(|s| s.is_shared()),
             compress_above: (compress_above > 0).then_some(compress_above),
             purger,
         }

@@ -451,7 +451,7 @@ impl Purger {
     /// A purger spreading purges through `store` when it is shared (Redis); it subscribes to the
     /// other instances' purges on the current tokio runtime.
     pub fn new(store: Option<Arc<dyn Store>>) -> Arc<Purger> {
-        let shared = store.filter(|s| s.kind() == "redis");
+        let shared = store.filter(|s| s.is_shared());
         let purger = Arc::new(Purger {
             marks: Marks::new(),
             instance: uuid::Uuid::new_v4().simple().to_string(),

@@ -178,6 +178,10 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         Ok(self.entries.get(key).map(|e| e.value))
     }

@@ -47,6 +47,9 @@ impl std::error::Error for StoreError {}
 pub trait Store: Send + Sync + fmt::Debug {
     /// `"memory"` or `"redis"`, for logs and health reports.
     fn kind(&self) -> &'static str;
+    /// Whether every gateway instance sees what this store holds (Redis), so cache entries and
+    /// purges go through it; an in-process store is this instance's alone.
+    fn is_shared(&self) -> bool;
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
     /// Stores `value` under `key` for `ttl`, replacing any previous value.
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError>;

@@ -450,6 +450,10 @@ impl Store for RedisStore {
         "redis"
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let value: Option<Vec<u8>> = self
             .guarded("get", self.options.budget, |mut c| async move {
