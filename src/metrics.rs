@@ -40,6 +40,14 @@ pub struct Metrics {
     pub store_duration: HistogramVec,
     /// `cachegate_store_circuit_open`: 1 while failures keep the store bypassed.
     pub store_circuit_open: IntGauge,
+    /// `cachegate_coherent`: 1 while this instance knows it has heard every purge (with a
+    /// shared store), so it serves its in-process entries without asking Redis.
+    pub coherent: IntGauge,
+    /// `cachegate_incoherent_seconds_total`: time spent not coherent.
+    pub incoherent_seconds: prometheus::Counter,
+    /// `cachegate_write_hold_seconds`: how long writes waited for their purge to be confirmed
+    /// by every live instance (or for their leases to run out).
+    pub write_hold: Histogram,
     /// `cachegate_config_reloads_total{result}`
     pub config_reloads: IntCounterVec,
     /// `cachegate_build_info{version}`: always 1.
@@ -112,6 +120,29 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(cache_memory_evictions.clone()))
+            .expect("unique metric");
+        let coherent = gauge(
+            "cachegate_coherent",
+            "1 while this instance has heard every purge (with a shared store)",
+        );
+        let incoherent_seconds = prometheus::Counter::new(
+            "cachegate_incoherent_seconds_total",
+            "Time this instance was not sure to have heard every purge",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(incoherent_seconds.clone()))
+            .expect("unique metric");
+        let write_hold = Histogram::with_opts(
+            HistogramOpts::new(
+                "cachegate_write_hold_seconds",
+                "Time writes waited for their purge to reach every live instance",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(write_hold.clone()))
             .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new("cachegate_build_info", "Build information"),
@@ -189,6 +220,9 @@ impl Metrics {
                 STORE_BUCKETS,
             ),
             store_circuit_open,
+            coherent,
+            incoherent_seconds,
+            write_hold,
             cache_memory_entries,
             cache_memory_bytes,
             cache_memory_evictions,

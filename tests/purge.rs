@@ -390,11 +390,14 @@ async fn the_admin_api_purges_by_url_tag_prefix_and_everything() {
     );
 }
 
+/// With `may_serve_stale_for`, availability first: a write while Redis stalls returns after
+/// that long, purged here, and the purge is replayed when Redis answers.
 #[tokio::test]
 async fn a_write_while_redis_stalls_still_purges_and_is_replayed_when_it_returns() {
     let redis = Redis::start();
     let upstream = Upstream::start();
-    let a = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    let available = format!("{}may_serve_stale_for = \"1s\"\n", on_redis(&redis));
+    let a = gateway(&upstream, &available, PRODUCT_ROUTES);
     ready(&a).await;
     warm(&a, "/products/5").await;
     // The entry is in Redis too.
@@ -436,6 +439,39 @@ async fn a_write_while_redis_stalls_still_purges_and_is_replayed_when_it_returns
         text.contains(r#"cachegate_purges_total{outcome="store_error"} 1"#),
         "{text}"
     );
+}
+
+/// Strict coherence (the default): a write while Redis stalls is held until Redis takes its
+/// purge, and no instance serves the version it replaced meanwhile.
+#[tokio::test]
+async fn a_write_while_redis_stalls_is_held_until_redis_takes_its_purge() {
+    let redis = Redis::start();
+    let upstream = Upstream::start();
+    let a = Arc::new(gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES));
+    let b = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
+    ready(&a).await;
+    ready(&b).await;
+    warm(&b, "/products/5").await;
+    let before = get(&b, "/products/5").await.json()["stock"].clone();
+
+    redis.process.signal("STOP");
+    let started = Instant::now();
+    let writer = a.clone();
+    let write = tokio::spawn(async move {
+        send(&writer, Method::PATCH, "/products/5", r#"{"stock": 556}"#).await
+    });
+    // While Redis stalls, B's lease runs out: it no longer serves its copy unasked.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!write.is_finished(), "the write is held while Redis stalls");
+    let during = get(&b, "/products/5").await;
+    assert_ne!(x_cache(&during), "HIT", "B serves nothing it cannot verify");
+    redis.process.signal("CONT");
+
+    let written = write.await.unwrap();
+    assert_eq!(written.status, StatusCode::OK, "{}", a.logs());
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    let after = get(&b, "/products/5").await;
+    assert_eq!(after.json()["stock"], 556, "before: {before}");
 }
 
 /// One observed operation of the concurrency checker.

@@ -352,7 +352,14 @@ impl Admin {
                 } else {
                     StatusCode::SERVICE_UNAVAILABLE
                 };
-                json_response(status, json!({"ready": ready, "checks": detail}))
+                let mut body = json!({"ready": ready, "checks": detail});
+                // Informative, not a readiness condition: an instance without its lease still
+                // answers correctly (it asks Redis, or the origin), and taking every instance
+                // out while a Redis master fails over would turn a slowdown into an outage.
+                if let Some(coherent) = self.purger.coherent() {
+                    body["coherent"] = json!(coherent);
+                }
+                json_response(status, body)
             }
             ("GET", "/") => {
                 let mut page = response(

@@ -153,6 +153,8 @@ pub fn snapshot(cache: &Cache, store: &dyn Store, purger: &Purger, started: Inst
             "kind": store.kind(),
             "health": store.health().err().unwrap_or_else(|| "ok".to_owned()),
             "circuit_open": m.store_circuit_open.get() != 0,
+            "coherent": purger.coherent(),
+            "incoherent_seconds": m.incoherent_seconds.get(),
         },
         "purges": purges,
     })

@@ -67,7 +67,7 @@ use self::memory::MemoryTier;
 use self::policy::CachePolicy;
 use crate::config::CacheScope;
 use crate::header_rules::OVERRIDE_HEADERS;
-use crate::purge::Purger;
+use crate::purge::{Currency, Purger};
 use crate::store::Store;
 
 pub struct Cache {
@@ -298,9 +298,22 @@ impl Cache {
         }
     }
 
-    fn is_current(&self, entry: &Entry) -> bool {
-        self.purger
-            .is_current(entry.stamp, &entry.path, &entry.depends_on)
+    /// Whether an in-process entry may be served: by what this instance knows of the purges
+    /// when it holds its coherence lease, else by the marks in Redis (see
+    /// [`crate::purge::coherence`]).
+    async fn is_current(&self, entry: &Entry) -> bool {
+        match self
+            .purger
+            .currency(entry.stamp, &entry.path, &entry.depends_on)
+        {
+            Currency::Current => true,
+            Currency::Purged => false,
+            Currency::Unverified => {
+                self.purger
+                    .verify(entry.stamp, &entry.path, &entry.depends_on)
+                    .await
+            }
+        }
     }
 
     fn primary_key(policy: &CachePolicy, request: &CacheRequest<'_>) -> CacheKey {
@@ -392,13 +405,14 @@ impl Cache {
             (!cookie_bound || freshness::shared_for_everyone(&cc))
                 && (!authorized_bound || freshness::shared_despite_authorization(&cc))
         };
-        let in_memory = self.memory.get(variant.local()).filter(|e| {
-            if state(e, now) == State::Gone {
+        let in_memory = match self.memory.get(variant.local()) {
+            Some(e) if state(&e, now) == State::Gone => {
                 self.memory.remove(variant.local());
-                return false;
+                None
             }
-            self.is_current(e) && for_this_request(e)
-        });
+            Some(e) if for_this_request(&e) && self.is_current(&e).await => Some(e),
+            _ => None,
+        };
         if let Some(entry) = in_memory.as_ref().filter(|e| state(e, now) == State::Fresh) {
             return Lookup::Hit(hit("memory", entry.clone(), now));
         }

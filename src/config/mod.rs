@@ -307,6 +307,28 @@ pub struct StoreConfig {
     /// ...for this long, after which one request tries it again.
     #[serde(default = "default_circuit_open")]
     pub circuit_open: Dur,
+    /// How long an instance trusts that it has heard every purge since it last proved so to
+    /// Redis (it proves it several times per lease). A write whose purge an instance did not
+    /// acknowledge is held until that instance's lease has run out.
+    #[serde(default = "default_coherence_lease")]
+    pub coherence_lease: Dur,
+    /// `"0s"` (the default): a read that starts after a write returned never sees older data,
+    /// whatever Redis does; writes wait while Redis is unreachable. Longer: while Redis is
+    /// unreachable, instances may serve what they hold, and writes return without reaching the
+    /// other instances, for at most this long.
+    #[serde(default)]
+    pub may_serve_stale_for: Dur,
+    /// Longest a write waits for its purge to reach Redis (before it is sent to the origin, and
+    /// after); past it the client gets a 503 problem saying what happened.
+    #[serde(default = "default_max_write_hold")]
+    pub max_write_hold: Dur,
+}
+
+fn default_coherence_lease() -> Dur {
+    Dur(std::time::Duration::from_millis(500))
+}
+fn default_max_write_hold() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
 }
 
 fn default_store_timeout() -> Dur {

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
 /// A duration written as a string: `"500ms"`, `"60s"`, `"5m"`, `"1h 30m"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {

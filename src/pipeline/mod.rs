@@ -567,6 +567,19 @@ impl Gateway {
         ctx: &mut RequestCtx,
         error: &mut Option<&'static str>,
     ) -> Response<Body> {
+        if crate::purge::is_write(&head.method) && !self.purger.ready_for_write().await {
+            // Sent now, its purge could not be recorded: refuse it before the origin sees it.
+            let problem = Problem::new(
+                503,
+                "the gateway cannot reach Redis to invalidate what this write would change, so it did not send the write to the origin; retry later",
+            )
+            .with_header(RETRY_AFTER, "1");
+            let mut response = respond::problem(ctx, problem);
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         let upgrade = RequestCtx::is_upgrade(head);
         let client_upgrade = if upgrade {
             head.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -687,6 +700,18 @@ impl Gateway {
             return answer;
         }
         purging::on_response(&self.purger, &self.cache, head, ctx, &mut parts).await;
+        if ctx.purged.is_some_and(|p| p.unconfirmed.is_some()) {
+            return respond::problem(
+                ctx,
+                Problem::new(
+                    503,
+                    format!(
+                        "the origin applied this write (it answered {}), but the gateway could not reach Redis to invalidate the old version on every instance; reads elsewhere may see it until Redis is back",
+                        parts.status.as_u16()
+                    ),
+                ),
+            );
+        }
         respond::finish_headers(ctx, &mut parts.headers);
         Response::from_parts(
             parts,

@@ -23,24 +23,25 @@
 //!   further notice" (never served) and the purge is replayed through Redis when it returns, so
 //!   entries stored in Redis before the outage cannot come back.
 
+pub mod coherence;
 pub mod template;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::header::{HeaderMap, HeaderName};
 use http::Method;
 use toml::Spanned;
 
+pub use self::coherence::CoherenceSettings;
+use self::coherence::{Lease, Renewal};
 use self::template::Template;
 use crate::config::{PurgeConfigOrPaths, SpanError};
 use crate::metrics::metrics;
-use crate::store::{PurgeEvent, Store, StoreError};
+use crate::store::{Published, PurgeEvent, Store, StoreError};
 
-/// How long a writer waits for every instance to acknowledge its purge.
-const ACK_WAIT: Duration = Duration::from_millis(250);
 /// Marks kept exactly in memory; an evicted one is folded into [`Marks::buckets`].
 const MARK_CAPACITY: u64 = 1_000_000;
 /// Buckets evicted marks fold into (8 bytes each).
@@ -378,13 +379,15 @@ impl Marks {
 }
 
 /// The outcome of one purge, for the admin API and the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PurgeReport {
     /// The purge's sequence number; `None` when Redis could not be reached (local only).
     pub seq: Option<u64>,
-    /// Instances told (this one included), and how many acknowledged within the wait.
+    /// Live instances (this one included), and how many acknowledged within the wait.
     pub told: u64,
     pub acknowledged: u64,
+    /// Set when, with strict coherence, other instances may not have heard of the purge.
+    pub unconfirmed: Option<Unconfirmed>,
 }
 
 impl PurgeReport {
@@ -418,11 +421,30 @@ pub struct RecentPurge {
     pub report: PurgeReport,
 }
 
-/// Acknowledgements of this instance's purges, by sequence number.
+/// Acknowledgements of this instance's purges: who applied each, and who waits for them.
 #[derive(Default)]
 struct Acks {
-    counts: HashMap<u64, u64>,
+    by: HashMap<u64, HashSet<String>>,
     waiting: HashMap<u64, Arc<tokio::sync::Notify>>,
+}
+
+/// Whether an entry may be served, by what this instance knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Currency {
+    /// No purge it depends on came after it.
+    Current,
+    /// A purge it depends on came after it.
+    Purged,
+    /// This instance may have missed purges (its lease ran out): ask the shared store.
+    Unverified,
+}
+
+/// Why a write's purge could not be confirmed (strict coherence only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unconfirmed {
+    /// The purge could not be recorded in Redis within `max_write_hold`: other instances may
+    /// still serve what the write replaced.
+    StoreUnreachable,
 }
 
 /// Applies and spreads purges, and says whether an entry is still current.
@@ -430,9 +452,11 @@ pub struct Purger {
     marks: Marks,
     /// The shared store (Redis), when there is one.
     shared: Option<Arc<dyn Store>>,
-    /// Identifies this instance's purges in acknowledgements.
+    /// Identifies this instance's purges in acknowledgements, and its membership.
     instance: String,
     acks: Mutex<Acks>,
+    /// Whether this instance has heard every purge (see [`coherence`]).
+    lease: Lease,
     /// A local sequence, used without a shared store.
     local_seq: AtomicU64,
     /// The last purges made here, for the status page.
@@ -449,19 +473,22 @@ impl std::fmt::Debug for Purger {
 
 impl Purger {
     /// A purger spreading purges through `store` when it is shared (Redis); it subscribes to the
-    /// other instances' purges on the current tokio runtime.
-    pub fn new(store: Option<Arc<dyn Store>>) -> Arc<Purger> {
+    /// other instances' purges and keeps its lease on the current tokio runtime.
+    pub fn new(store: Option<Arc<dyn Store>>, settings: CoherenceSettings) -> Arc<Purger> {
         let shared = store.filter(|s| s.is_shared());
         let purger = Arc::new(Purger {
             marks: Marks::new(),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             acks: Mutex::default(),
+            lease: Lease::new(settings),
             local_seq: AtomicU64::new(0),
             shared,
             recent: Mutex::default(),
         });
         if let Some(events) = purger.shared.as_ref().and_then(|s| s.purge_events()) {
-            tokio::spawn(listen(Arc::downgrade(&purger), events));
+            let (renewals, renewed) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(listen(Arc::downgrade(&purger), events, renewed));
+            tokio::spawn(renew(Arc::downgrade(&purger), renewals));
             tokio::spawn(replay_pending(Arc::downgrade(&purger)));
         }
         purger
@@ -479,46 +506,95 @@ impl Purger {
         })
     }
 
+    /// With a shared store, whether this instance holds its coherence lease (`None` without
+    /// one): while it does not, in-process entries are checked against Redis before they are
+    /// served, and writes wait.
+    pub fn coherent(&self) -> Option<bool> {
+        self.shared.as_ref()?;
+        Some(self.lease.is_held())
+    }
+
     /// The stamp of a fill starting now.
     pub fn stamp(&self) -> u64 {
         self.marks.seq.load(Ordering::Acquire)
     }
 
-    /// Whether an entry stamped `stamp`, for `path`, depending on `keys`, may still be served by
-    /// what this instance knows.
-    pub fn is_current(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
-        self.marks.is_current(stamp, path, keys)
+    /// Whether an entry stamped `stamp`, for `path`, depending on `keys`, may be served by what
+    /// this instance knows (no I/O).
+    pub fn currency(&self, stamp: u64, path: &str, keys: &[String]) -> Currency {
+        let current = self.marks.is_current(stamp, path, keys);
+        match (current, self.shared.is_some() && !self.lease.is_held()) {
+            (false, _) => Currency::Purged,
+            (true, false) => Currency::Current,
+            (true, true) => Currency::Unverified,
+        }
     }
 
-    /// Like [`Purger::is_current`] for an entry read from Redis. An entry stamped before this
-    /// instance subscribed may predate purges it never heard of: for those, the marks Redis
-    /// holds for its keys are read first (if Redis cannot say, the entry is not served).
-    pub async fn is_current_shared(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
+    /// Whether an entry is current by the marks recorded in the shared store (for this
+    /// instance when it may have missed purges): `false` when the store cannot say.
+    pub async fn verify(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
         let Some(store) = &self.shared else {
-            return self.is_current(stamp, path, keys);
+            return self.marks.is_current(stamp, path, keys);
         };
-        if stamp >= self.marks.complete_from.load(Ordering::Acquire) {
-            return self.is_current(stamp, path, keys);
-        }
         match store.purge_marks(keys).await {
-            Ok(marks) => {
-                for (key, mark) in keys.iter().zip(marks) {
+            Ok(recorded) => {
+                for (key, mark) in keys.iter().zip(recorded.keys) {
                     if let Some(mark) = mark {
                         self.marks.apply(mark, std::slice::from_ref(key));
                     }
                 }
-                self.is_current(stamp, path, keys)
+                for (prefix, mark) in recorded.prefixes {
+                    self.marks.apply(mark, &[prefix_key(&prefix)]);
+                }
+                self.marks.is_current(stamp, path, keys)
             }
             Err(_) => false,
         }
     }
 
+    /// Like [`Purger::currency`] for an entry read from Redis, settled: an entry stamped before
+    /// this instance subscribed may predate purges it never heard of, and without the lease any
+    /// entry may; for those the marks Redis holds are read first (if Redis cannot say, the entry
+    /// is not served).
+    pub async fn is_current_shared(&self, stamp: u64, path: &str, keys: &[String]) -> bool {
+        match self.currency(stamp, path, keys) {
+            Currency::Purged => false,
+            Currency::Current if stamp >= self.marks.complete_from.load(Ordering::Acquire) => true,
+            Currency::Current | Currency::Unverified => self.verify(stamp, path, keys).await,
+        }
+    }
+
+    /// Waits until a write may be sent to the origin: with strict coherence on a shared store,
+    /// until this instance holds its lease (it can reach the purge sequence, so the write's
+    /// purge can be recorded), at most `max_write_hold`. `false` when it still cannot.
+    pub async fn ready_for_write(&self) -> bool {
+        let settings = *self.lease.settings();
+        if self.shared.is_none() || !settings.strict() || self.lease.is_held() {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + settings.max_write_hold;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.lease.is_held() {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Purges `keys` everywhere: marks them here, records them in Redis, tells every instance,
-    /// and waits (bounded) until all have applied them. Without Redis, or when it fails, the
-    /// purge is local and replayed through Redis later.
+    /// and holds until every live instance has applied them or must have lost its lease. With
+    /// Redis unreachable it keeps trying for `max_write_hold` (or `may_serve_stale_for`), then
+    /// purges locally and replays through Redis later.
     pub async fn purge(&self, keys: Vec<String>) -> PurgeReport {
         let at = std::time::SystemTime::now();
+        let started = Instant::now();
         let report = self.spread(keys.clone(), false).await;
+        if (self.shared.is_some() && report.seq.is_some()) || report.unconfirmed.is_some() {
+            metrics()
+                .write_hold
+                .observe(started.elapsed().as_secs_f64());
+        }
         let mut recent = self.recent.lock().expect("recent purges poisoned");
         if recent.len() == RECENT_PURGES {
             recent.pop_front();
@@ -533,15 +609,45 @@ impl Purger {
         recent.iter().cloned().collect()
     }
 
+    /// Records the purge in Redis: once for a replay, else retrying (a failover, a restart)
+    /// until the write may wait no longer.
+    async fn publish(
+        &self,
+        store: &dyn Store,
+        keys: &[String],
+        replay: bool,
+    ) -> Result<Published, StoreError> {
+        let settings = *self.lease.settings();
+        let hold = if settings.strict() {
+            settings.max_write_hold
+        } else {
+            settings.may_serve_stale_for
+        };
+        let deadline = tokio::time::Instant::now() + hold;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let published = store
+                .publish_purge(&self.instance, keys, self.stamp())
+                .await;
+            match published {
+                Ok(published) => return Ok(published),
+                Err(e) if replay || tokio::time::Instant::now() + delay >= deadline => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "purge: Redis did not take the purge; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+
     /// [`Purger::purge`]; a `replay` that fails again is not counted again.
     async fn spread(&self, keys: Vec<String>, replay: bool) -> PurgeReport {
         let m = metrics();
         if keys.is_empty() {
-            return PurgeReport {
-                seq: None,
-                told: 0,
-                acknowledged: 0,
-            };
+            return PurgeReport::default();
         }
         let Some(store) = &self.shared else {
             let seq = self.local_seq.fetch_add(1, Ordering::AcqRel) + 1;
@@ -551,44 +657,48 @@ impl Purger {
                 seq: Some(seq),
                 told: 1,
                 acknowledged: 1,
+                unconfirmed: None,
             };
         };
-        let mut published = store
-            .publish_purge(&self.instance, &keys, self.stamp())
-            .await;
-        if published.is_err() && !replay {
-            // A connection that broke since its last use (Redis restarted) fails once, then
-            // reconnects: try again before falling back to a local purge.
-            published = store
-                .publish_purge(&self.instance, &keys, self.stamp())
-                .await;
-        }
-        match published {
-            Ok((seq, told)) => {
-                self.marks.apply(seq, &keys);
-                let acknowledged = self.wait_for_acks(seq, told).await;
-                // Nobody told, not even this instance: its subscription is not up (yet).
-                let outcome = if told > 0 && acknowledged >= told {
+        match self.publish(store.as_ref(), &keys, replay).await {
+            Ok(published) => {
+                let returned = tokio::time::Instant::now();
+                self.marks.apply(published.seq, &keys);
+                let others: HashSet<String> = published
+                    .members
+                    .into_iter()
+                    .filter(|m| *m != self.instance)
+                    .collect();
+                let acknowledged = self
+                    .wait_for_acks(published.seq, &others, self.lease.release_at(returned))
+                    .await;
+                let outcome = if acknowledged == others.len() {
                     "ok"
                 } else {
-                    tracing::warn!(
-                        seq,
-                        told,
-                        acknowledged,
-                        "purge: not every instance acknowledged in time; they may serve the purged entries briefly"
+                    tracing::info!(
+                        seq = published.seq,
+                        live = others.len() + 1,
+                        acknowledged = acknowledged + 1,
+                        "purge: not every live instance acknowledged; released the write once their leases ran out"
                     );
                     "unacknowledged"
                 };
                 m.purges.with_label_values(&[outcome]).inc();
                 PurgeReport {
-                    seq: Some(seq),
-                    told,
-                    acknowledged,
+                    seq: Some(published.seq),
+                    told: others.len() as u64 + 1,
+                    acknowledged: acknowledged as u64 + 1,
+                    unconfirmed: None,
                 }
             }
             Err(e) => {
+                let strict = self.lease.settings().strict();
                 if !replay {
-                    tracing::warn!(error = %e, "purge: Redis unreachable; purged in this instance only, to be replayed");
+                    if strict {
+                        tracing::error!(error = %e, "purge: Redis did not take the purge within max_write_hold; other instances may serve what the write replaced until it is replayed");
+                    } else {
+                        tracing::warn!(error = %e, "purge: Redis unreachable; purged in this instance only, to be replayed (may_serve_stale_for)");
+                    }
                     m.purges.with_label_values(&["store_error"]).inc();
                 }
                 // Remembered (deduplicated, bounded) until the replay lands.
@@ -597,62 +707,68 @@ impl Purger {
                     seq: None,
                     told: 1,
                     acknowledged: 1,
+                    unconfirmed: (strict && !replay).then_some(Unconfirmed::StoreUnreachable),
                 }
             }
         }
     }
 
-    async fn wait_for_acks(&self, seq: u64, told: u64) -> u64 {
+    /// Waits until every instance in `others` acknowledged purge `seq`, or `deadline`; returns
+    /// how many did.
+    async fn wait_for_acks(
+        &self,
+        seq: u64,
+        others: &HashSet<String>,
+        deadline: tokio::time::Instant,
+    ) -> usize {
         let notify = Arc::new(tokio::sync::Notify::new());
         self.acks
             .lock()
             .expect("acks poisoned")
             .waiting
             .insert(seq, notify.clone());
-        let deadline = tokio::time::Instant::now() + ACK_WAIT;
         let acknowledged = loop {
             let notified = notify.notified();
-            let count = self
-                .acks
-                .lock()
-                .expect("acks poisoned")
-                .counts
-                .get(&seq)
-                .copied()
-                .unwrap_or(0);
-            if count >= told || tokio::time::Instant::now() >= deadline {
+            let count = {
+                let acks = self.acks.lock().expect("acks poisoned");
+                acks.by
+                    .get(&seq)
+                    .map_or(0, |by| by.iter().filter(|i| others.contains(*i)).count())
+            };
+            if count >= others.len() || tokio::time::Instant::now() >= deadline {
                 break count;
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         };
         let mut acks = self.acks.lock().expect("acks poisoned");
         acks.waiting.remove(&seq);
-        acks.counts.remove(&seq);
+        acks.by.remove(&seq);
         acknowledged
     }
 
-    fn acknowledged(&self, seq: u64) {
+    fn acknowledged(&self, seq: u64, by: String) {
         let mut acks = self.acks.lock().expect("acks poisoned");
-        *acks.counts.entry(seq).or_default() += 1;
+        // Kept even when nobody waits yet: an acknowledgement can arrive before the writer has
+        // the script's answer. Bounded: those of purges long past are dropped.
+        acks.by.entry(seq).or_default().insert(by);
+        if acks.by.len() > 10_000 {
+            acks.by.retain(|s, _| *s + 1_000 > seq);
+        }
         if let Some(notify) = acks.waiting.get(&seq) {
             notify.notify_one();
         }
-        // Acknowledgements that arrive after their writer gave up are not kept.
-        if acks.counts.len() > 10_000 {
-            let waiting: Vec<u64> = acks.waiting.keys().copied().collect();
-            acks.counts.retain(|seq, _| waiting.contains(seq));
-        }
     }
 
-    /// (Re)subscribed: learns the current sequence and prefix marks; after a lost subscription,
-    /// everything stamped before now is stale (purges may have been missed); replays the purges
-    /// made while Redis was unreachable.
-    async fn subscribed(self: &Arc<Self>, first: bool) {
+    /// Reads the shared state after (re)subscribing, retrying until it can. On the first
+    /// subscription only fills started before this instance knew the sequence (stamp 0) may
+    /// predate a purge. Later, purges may have been missed while unsubscribed — when the
+    /// sequence moved past the last purge heard (or went back: Redis lost its data) a keyless
+    /// purge opens a new epoch (its number is above anything seen) and everything stamped
+    /// before it is stale; when it did not, nothing was missed and the in-process tier stays.
+    async fn resync(self: &Arc<Self>, first: bool) {
         let Some(store) = &self.shared else { return };
         if !first {
-            // Purges may have been missed: nothing is served from cache until the state is read.
             self.marks.synced.store(false, Ordering::Release);
-            metrics().purges.with_label_values(&["resubscribed"]).inc();
         }
         let mut delay = Duration::from_millis(50);
         loop {
@@ -672,28 +788,34 @@ impl Purger {
         tokio::spawn(async move { purger.replay().await });
     }
 
-    /// Learns the shared sequence and prefix marks. On the first subscription only fills started
-    /// before this instance knew the sequence (stamp 0) may predate a purge. After a lost
-    /// subscription any entry may: a keyless purge opens a new epoch (its number is above
-    /// anything seen, even if Redis lost its data), and everything stamped before it is stale.
     async fn read_state(&self, store: &dyn Store, first: bool) -> Result<(), StoreError> {
-        let floor = if first {
-            None
-        } else {
-            Some(
-                store
-                    .publish_purge(&self.instance, &[], self.stamp())
-                    .await?
-                    .0,
-            )
-        };
-        let (seq, prefixes) = store.purge_state(self.stamp()).await?;
-        for (prefix, mark) in prefixes {
-            self.marks.apply(mark, &[prefix_key(&prefix)]);
+        let heard = self.lease.heard();
+        let state = store.purge_state(self.stamp()).await?;
+        for (prefix, mark) in &state.prefixes {
+            self.marks.apply(*mark, &[prefix_key(prefix)]);
         }
-        let floor = floor.unwrap_or(seq.min(1));
+        let seq = state.seq;
+        let lost_data = self.lease.epoch_changed(&state.epoch);
+        let floor = if first {
+            seq.min(1)
+        } else if seq != heard || lost_data {
+            metrics().purges.with_label_values(&["resubscribed"]).inc();
+            tracing::info!(
+                heard,
+                sequence = seq,
+                lost_data,
+                "purge: purges may have been missed; in-process entries from before now are stale"
+            );
+            store
+                .publish_purge(&self.instance, &[], self.stamp())
+                .await?
+                .seq
+        } else {
+            0
+        };
         self.marks.floor.fetch_max(floor, Ordering::AcqRel);
         self.marks.seq.fetch_max(seq.max(floor), Ordering::AcqRel);
+        self.lease.caught_up(seq.max(floor));
         // Subscribed before the state was read: every purge numbered above `seq` reaches us.
         self.marks.complete_from.fetch_min(seq, Ordering::AcqRel);
         Ok(())
@@ -731,39 +853,120 @@ async fn replay_pending(purger: std::sync::Weak<Purger>) {
     }
 }
 
-/// Applies the purge events of the shared store for as long as the purger lives.
+/// A renewal's outcome: when it was sent (the lease's clock) and what the store said.
+type Renewed = (u64, Result<(u64, String), StoreError>);
+
+/// Renews this instance's membership and lease several times per lease, for as long as the
+/// purger lives; the listener judges each answer (in order with the purges it hears).
+async fn renew(
+    purger: std::sync::Weak<Purger>,
+    renewed: tokio::sync::mpsc::UnboundedSender<Renewed>,
+) {
+    loop {
+        let Some(strong) = purger.upgrade() else {
+            return;
+        };
+        let settings = *strong.lease.settings();
+        if let Some(store) = strong.shared.clone() {
+            let sent = strong.lease.now_ms();
+            let instance = strong.instance.clone();
+            drop(strong);
+            let result = store.renew_membership(&instance, settings.lease).await;
+            if renewed.send((sent, result)).is_err() {
+                return;
+            }
+        } else {
+            return;
+        }
+        tokio::time::sleep(settings.renew_every()).await;
+    }
+}
+
+/// Applies the purge events of the shared store, and judges the lease renewals, for as long as
+/// the purger lives.
 async fn listen(
     purger: std::sync::Weak<Purger>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>,
+    mut renewals: tokio::sync::mpsc::UnboundedReceiver<Renewed>,
 ) {
     let mut first = true;
-    while let Some(event) = events.recv().await {
+    loop {
+        let (event, renewal) = tokio::select! {
+            Some(event) = events.recv() => (Some(event), None),
+            Some(renewal) = renewals.recv() => (None, Some(renewal)),
+            else => return,
+        };
         let Some(purger) = purger.upgrade() else {
             return;
         };
         match event {
-            PurgeEvent::Subscribed => {
-                purger.subscribed(first).await;
+            Some(PurgeEvent::Subscribed) => {
+                purger.resync(first).await;
                 first = false;
             }
-            PurgeEvent::Purged {
+            Some(PurgeEvent::Unsubscribed) => {
+                // Until the state is read again, entries are not served on what Redis says
+                // either: it may have lost its data.
+                purger.lease.lose();
+                purger.marks.synced.store(false, Ordering::Release);
+            }
+            Some(PurgeEvent::Purged {
                 seq,
                 instance,
                 keys,
-            } => {
+            }) => {
                 purger.marks.apply(seq, &keys);
+                if !purger.lease.hear(seq) {
+                    tracing::warn!(
+                        seq,
+                        heard = purger.lease.heard(),
+                        "purge: a purge was missed; resubscribing"
+                    );
+                    purger.lease.lose();
+                    if let Some(store) = &purger.shared {
+                        store.resubscribe();
+                    }
+                }
                 if let Some(store) = &purger.shared {
-                    if let Err(e) = store.acknowledge_purge(&instance, seq).await {
+                    if let Err(e) = store
+                        .acknowledge_purge(&instance, seq, &purger.instance)
+                        .await
+                    {
                         tracing::debug!(error = %e, "purge: could not acknowledge");
                     }
                 }
             }
-            PurgeEvent::Acknowledged { seq, instance } => {
-                if instance == purger.instance {
-                    purger.acknowledged(seq);
+            Some(PurgeEvent::Acknowledged { seq, instance, by }) if instance == purger.instance => {
+                purger.acknowledged(seq, by);
+            }
+            Some(PurgeEvent::Acknowledged { .. }) | None => {}
+        }
+        if let Some((sent, Ok((store_seq, epoch)))) = renewal {
+            match purger.lease.renewed(sent, store_seq, &epoch) {
+                Renewal::Extended | Renewal::Waiting => {}
+                Renewal::Missed => {
+                    tracing::warn!(
+                        sequence = store_seq,
+                        heard = purger.lease.heard(),
+                        "purge: a purge recorded in Redis never arrived; resubscribing"
+                    );
+                    purger.lease.lose();
+                    if let Some(store) = &purger.shared {
+                        store.resubscribe();
+                    }
+                }
+                Renewal::StoreLostData => {
+                    tracing::warn!(
+                        sequence = store_seq,
+                        heard = purger.lease.heard(),
+                        "purge: Redis lost its purge state (restarted empty, or failed over to a replica behind it); starting a new epoch"
+                    );
+                    purger.lease.lose();
+                    purger.resync(false).await;
                 }
             }
         }
+        purger.lease.observe();
     }
 }
 

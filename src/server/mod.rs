@@ -29,7 +29,7 @@ use crate::admin::Admin;
 use crate::cache::Cache;
 use crate::config::LoadedConfig;
 use crate::pipeline::Gateway;
-use crate::purge::Purger;
+use crate::purge::{CoherenceSettings, Purger};
 use crate::ratelimit::Limiter;
 use crate::reload::{reload_on_sighup, Reloader};
 use crate::snapshot::Snapshot;
@@ -123,7 +123,10 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
     let purger = {
         // Its subscription to the other instances' purges runs on the control runtime.
         let _guard = control.enter();
-        Purger::new(Some(store.clone()))
+        Purger::new(
+            Some(store.clone()),
+            coherence_settings(config.store.as_ref()),
+        )
     };
     let cache = Arc::new(Cache::new(
         config.cache.memory_capacity.0,
@@ -209,6 +212,18 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
 }
 
 /// Binds `address` now, so a clash is reported before anything starts.
+/// The coherence settings of `[store]` (the defaults without one).
+fn coherence_settings(store: Option<&crate::config::StoreConfig>) -> CoherenceSettings {
+    match store {
+        Some(store) => CoherenceSettings {
+            lease: store.coherence_lease.0,
+            may_serve_stale_for: store.may_serve_stale_for.0,
+            max_write_hold: store.max_write_hold.0,
+        },
+        None => CoherenceSettings::default(),
+    }
+}
+
 fn bind(address: &str) -> Result<std::net::TcpListener, String> {
     let listener = std::net::TcpListener::bind(address).map_err(|e| {
         format!(

@@ -91,29 +91,45 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Records a purge of `keys` by `instance` (see [`crate::purge`]): takes the next purge
     /// sequence number — above `after`, the highest the instance has seen, even if the store
     /// lost its data — marks every key with it and publishes the purge to every instance.
-    /// Returns the number and how many instances were told. Shared stores only.
+    /// Shared stores only.
     async fn publish_purge(
         &self,
         _instance: &str,
         _keys: &[String],
         _after: u64,
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<Published, StoreError> {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 
-    /// The marks recorded for `keys`, in order (`None`: never purged, or forgotten).
-    async fn purge_marks(&self, _keys: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+    /// The marks recorded for `keys`, in order (`None`: never purged, or forgotten), and every
+    /// prefix mark.
+    async fn purge_marks(&self, _keys: &[String]) -> Result<RecordedMarks, StoreError> {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 
     /// The current purge sequence number — first raised to `at_least` if it is lower (the store
-    /// lost its data: the sequence must never go back) — and every prefix mark.
-    async fn purge_state(&self, _at_least: u64) -> Result<(u64, Vec<(String, u64)>), StoreError> {
+    /// lost its data: the sequence must never go back) —, the epoch and every prefix mark.
+    async fn purge_state(&self, _at_least: u64) -> Result<PurgeState, StoreError> {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 
-    /// Tells `instance` this one has applied its purge `seq`.
-    async fn acknowledge_purge(&self, _instance: &str, _seq: u64) -> Result<(), StoreError> {
+    /// Keeps `instance` a live member for `lease` (a purge waits for its acknowledgement) and
+    /// returns the current purge sequence number and epoch.
+    async fn renew_membership(
+        &self,
+        _instance: &str,
+        _lease: Duration,
+    ) -> Result<(u64, String), StoreError> {
+        Err(StoreError::Unavailable("not a shared store".to_owned()))
+    }
+
+    /// Tells `writer` that instance `by` has applied its purge `seq`.
+    async fn acknowledge_purge(
+        &self,
+        _writer: &str,
+        _seq: u64,
+        _by: &str,
+    ) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 
@@ -122,6 +138,34 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn purge_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {
         None
     }
+
+    /// Replaces the purge subscription with a new one (the old one may be silently dead).
+    fn resubscribe(&self) {}
+}
+
+/// A purge recorded in the shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    /// The live members (instance ids, the writer's own included) when it was recorded.
+    pub members: Vec<String>,
+}
+
+/// The purge state of the shared store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeState {
+    pub seq: u64,
+    /// Changes when the store loses its data.
+    pub epoch: String,
+    pub prefixes: Vec<(String, u64)>,
+}
+
+/// Purge marks read from the shared store: one per key asked (`None`: never purged, or
+/// forgotten), and every prefix mark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordedMarks {
+    pub keys: Vec<Option<u64>>,
+    pub prefixes: Vec<(String, u64)>,
 }
 
 /// What the shared store reports about purges.
@@ -129,14 +173,20 @@ pub trait Store: Send + Sync + fmt::Debug {
 pub enum PurgeEvent {
     /// The subscription is (again) in place; purges published while it was not were missed.
     Subscribed,
+    /// The subscription was lost (a new one is being made).
+    Unsubscribed,
     /// An instance purged `keys` with sequence number `seq`.
     Purged {
         seq: u64,
         instance: String,
         keys: Vec<String>,
     },
-    /// Some instance applied `instance`'s purge `seq`.
-    Acknowledged { seq: u64, instance: String },
+    /// Instance `by` applied `instance`'s purge `seq`.
+    Acknowledged {
+        seq: u64,
+        instance: String,
+        by: String,
+    },
 }
 
 /// Builds the configured store. A Redis store starts connecting in the background on the current

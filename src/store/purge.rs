@@ -1,10 +1,14 @@
 //! Purges through Redis: the sequence, the marks and the pub/sub channels of [`crate::purge`].
 //!
-//! Every purge key lives under one hash tag, `{cachegate-purge}`, so the purge script runs on a
-//! Redis Cluster too (all its keys in one slot). Pub/sub goes through a dedicated connection. On
-//! a cluster it goes to the master that owns that slot: the script publishes there, and
-//! `PUBLISH` counts only the subscribers of the node it runs on — the number a writer waits
-//! for in acknowledgements.
+//! Every purge key lives under one hash tag, `{cachegate-purge}`, so the scripts run on a Redis
+//! Cluster too (all their keys in one slot). Pub/sub goes through a dedicated connection, to any
+//! live node (a cluster forwards every message to every node): first the master of that slot,
+//! then the others, so a dead node costs one reconnection, not a restart.
+//!
+//! Which instances are live is kept in Redis too: each renews its membership (a sorted set
+//! scored by expiry, in Redis's own clock) with its lease, and a purge returns the members it
+//! must hear from. A dead instance drops out when its membership expires, so it never holds a
+//! write for longer than one lease.
 
 use std::time::Duration;
 
@@ -19,16 +23,21 @@ pub const SEQ_KEY: &str = "{cachegate-purge}:seq";
 pub const PREFIXES_KEY: &str = "{cachegate-purge}:prefixes";
 /// Purge marks, one per key.
 pub const MARK_PREFIX: &str = "{cachegate-purge}:mark:";
+/// A random id written when the purge keys are first created: a different one means Redis
+/// lost its data (restarted empty, or failed over to a replica that had not heard of it).
+pub const EPOCH_KEY: &str = "{cachegate-purge}:epoch";
+/// Live instances: instance id scored by the time (ms, Redis's clock) its membership expires.
+pub const MEMBERS_KEY: &str = "{cachegate-purge}:members";
 /// Purges: `seq instance key...`, one per line.
 pub const PURGE_CHANNEL: &str = "cachegate:purge";
-/// Acknowledgements: `seq instance`.
+/// Acknowledgements: `seq writer acknowledger`.
 pub const ACK_CHANNEL: &str = "cachegate:purge-ack";
 /// How long a mark is kept: longer than any entry lives in Redis (see the cache's cap).
 pub const MARK_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// KEYS: seq, prefixes, then one mark key per purged key. ARGV: channel, mark ttl (s), the
-/// highest sequence number the caller has seen, the message head (`instance`), then the purged
-/// keys. Returns `{seq, instances told}`.
+/// KEYS: seq, prefixes, members, then one mark key per purged key. ARGV: channel, mark ttl (s),
+/// the highest sequence number the caller has seen, the message head (`instance`), then the
+/// purged keys. Returns `{seq, subscribers told, live member...}`.
 pub const PURGE_SCRIPT: &str = r"
 local seq = redis.call('INCR', KEYS[1])
 local seen = tonumber(ARGV[3])
@@ -38,7 +47,7 @@ if seq <= seen then
 end
 for i = 5, #ARGV do
   local key = ARGV[i]
-  redis.call('SET', KEYS[i - 2], seq, 'EX', ARGV[2])
+  redis.call('SET', KEYS[i - 1], seq, 'EX', ARGV[2])
   if string.sub(key, 1, 7) == 'prefix:' then
     redis.call('HSET', KEYS[2], string.sub(key, 8), seq)
   end
@@ -48,23 +57,57 @@ for i = 5, #ARGV do
   message = message .. '\n' .. ARGV[i]
 end
 local told = redis.call('PUBLISH', ARGV[1], message)
-return {seq, told}
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local reply = {seq, told}
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], ms, '+inf')) do
+  table.insert(reply, member)
+end
+return reply
 ";
 
-/// KEYS: seq. ARGV: a sequence number already seen. Raises the sequence to it if lower (Redis
-/// lost its data), and returns the sequence.
+/// KEYS: seq, members, epoch. ARGV: instance, lease (ms), an epoch id to write if there is
+/// none. Renews the instance's membership for one lease, forgets expired members, and returns
+/// `{seq, epoch}`: the purge sequence is the renewal's proof that the instance has heard every
+/// purge numbered up to it, the epoch that Redis still has the data it was heard from.
+pub const RENEW_SCRIPT: &str = r"
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
+redis.call('PEXPIRE', KEYS[2], 86400000)
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[3], epoch)
+end
+return {tonumber(redis.call('GET', KEYS[1]) or '0'), epoch}
+";
+
+/// KEYS: seq, epoch. ARGV: a sequence number already seen, an epoch id to write if there is
+/// none. Raises the sequence to the number seen if lower (Redis lost its data), and returns
+/// `{seq, epoch}`.
 pub const RAISE_SCRIPT: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[2], epoch)
+end
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 local seen = tonumber(ARGV[1])
 if seq < seen then
   redis.call('SET', KEYS[1], seen)
-  return seen
+  seq = seen
 end
-return seq
+return {seq, epoch}
 ";
 
 pub fn purge_script() -> Script {
     Script::new(PURGE_SCRIPT)
+}
+
+pub fn renew_script() -> Script {
+    Script::new(RENEW_SCRIPT)
 }
 
 pub fn mark_key(key: &str) -> String {
@@ -82,22 +125,28 @@ fn parse(channel: &str, payload: &str) -> Option<PurgeEvent> {
             instance,
             keys: lines.map(str::to_owned).collect(),
         }),
-        ACK_CHANNEL => Some(PurgeEvent::Acknowledged { seq, instance }),
+        ACK_CHANNEL => Some(PurgeEvent::Acknowledged {
+            seq,
+            instance,
+            by: lines.next()?.to_owned(),
+        }),
         _ => None,
     }
 }
 
-pub fn ack_message(instance: &str, seq: u64) -> String {
-    format!("{seq}\n{instance}")
+pub fn ack_message(writer: &str, seq: u64, by: &str) -> String {
+    format!("{seq}\n{writer}\n{by}")
 }
 
-/// Where to subscribe: one server, or the cluster master owning the purge keys' slot.
+/// Where to subscribe: one server, or any node of a cluster.
 #[derive(Clone)]
 pub struct Subscription {
-    /// A server URL (on a cluster, a seed node's).
-    pub url: String,
+    /// Server URLs (on a cluster, the seed nodes').
+    pub urls: Vec<String>,
     pub tls_ca_pem: Option<Vec<u8>>,
     pub cluster: bool,
+    /// Notified to drop the subscription and make a new one (it may be silently dead).
+    pub reconnect: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Subscription {
@@ -114,49 +163,78 @@ impl Subscription {
         }
     }
 
-    /// The client to subscribe with: on a cluster, asks the seed which master owns the slot of
-    /// the purge keys.
-    async fn resolve(&self) -> redis::RedisResult<redis::Client> {
-        let seed = self.client(&self.url)?;
+    /// The nodes to try, in order: on a cluster, the master owning the purge keys' slot (as
+    /// the first seed that answers says), then every master and replica it knows, then the
+    /// seeds; on one server, its URL.
+    async fn candidates(&self) -> Vec<String> {
         if !self.cluster {
-            return Ok(seed);
+            return self.urls.clone();
         }
-        let mut connection = seed.get_multiplexed_async_connection().await?;
-        let slot: i64 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(SEQ_KEY)
-            .query_async(&mut connection)
-            .await?;
-        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut connection)
-            .await?;
-        for range in ranges {
-            let redis::Value::Array(fields) = range else {
+        let mut found = Vec::new();
+        for seed in &self.urls {
+            let Ok(client) = self.client(seed) else {
                 continue;
             };
-            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
-                (fields.first(), fields.get(1))
+            let connect = tokio::time::timeout(
+                Duration::from_millis(500),
+                client.get_multiplexed_async_connection(),
+            );
+            let Ok(Ok(mut connection)) = connect.await else {
+                continue;
+            };
+            let slots = async {
+                let slot: i64 = redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(SEQ_KEY)
+                    .query_async(&mut connection)
+                    .await?;
+                let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut connection)
+                    .await?;
+                Ok::<_, redis::RedisError>((slot, ranges))
+            };
+            let Ok(Ok((slot, ranges))) =
+                tokio::time::timeout(Duration::from_millis(500), slots).await
             else {
                 continue;
             };
-            if !(*start..=*end).contains(&slot) {
-                continue;
-            }
-            if let Some(redis::Value::Array(master)) = fields.get(2) {
-                let host = match master.first() {
-                    Some(redis::Value::BulkString(bytes)) => {
-                        String::from_utf8_lossy(bytes).into_owned()
-                    }
-                    _ => continue,
-                };
-                let Some(redis::Value::Int(port)) = master.get(1) else {
+            for range in ranges {
+                let redis::Value::Array(fields) = range else {
                     continue;
                 };
-                return self.client(&with_address(&self.url, &host, *port as u16));
+                let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+                    (fields.first(), fields.get(1))
+                else {
+                    continue;
+                };
+                let owner = (*start..=*end).contains(&slot);
+                for (position, node) in fields.iter().skip(2).enumerate() {
+                    let redis::Value::Array(node) = node else {
+                        continue;
+                    };
+                    let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
+                        (node.first(), node.get(1))
+                    else {
+                        continue;
+                    };
+                    let url = with_address(seed, &String::from_utf8_lossy(host), *port as u16);
+                    if owner && position == 0 {
+                        found.retain(|u| *u != url);
+                        found.insert(0, url);
+                    } else if !found.contains(&url) {
+                        found.push(url);
+                    }
+                }
+            }
+            break;
+        }
+        for seed in &self.urls {
+            if !found.contains(seed) {
+                found.push(seed.clone());
             }
         }
-        Ok(seed)
+        found
     }
 }
 
@@ -176,45 +254,56 @@ fn with_address(url: &str, host: &str, port: u16) -> String {
     format!("{scheme}://{credentials}{host}:{port}{tail}")
 }
 
-/// Keeps a subscription to both channels, reconnecting when it drops, and forwards the events;
-/// each (re)subscription is announced with [`PurgeEvent::Subscribed`]. Ends when the receiver
-/// is dropped.
+/// Keeps a subscription to both channels and forwards the events: each subscription made is
+/// announced with [`PurgeEvent::Subscribed`], each one lost with [`PurgeEvent::Unsubscribed`].
+/// A lost one is replaced at once through the next node that answers; only when none does, it
+/// waits (100 ms, doubling up to 2 s) before the next round. Ends when the receiver is dropped.
 pub async fn subscribe(
     subscription: Subscription,
     events: tokio::sync::mpsc::UnboundedSender<PurgeEvent>,
 ) {
     let mut delay = Duration::from_millis(100);
     loop {
-        let client = subscription.resolve().await;
-        match async { client?.get_async_pubsub().await }.await {
-            Ok(mut pubsub) => {
-                let subscribed = async {
-                    pubsub.subscribe(PURGE_CHANNEL).await?;
-                    pubsub.subscribe(ACK_CHANNEL).await
+        for url in subscription.candidates().await {
+            let connect = async {
+                let client = subscription.client(&url)?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(PURGE_CHANNEL).await?;
+                pubsub.subscribe(ACK_CHANNEL).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let mut pubsub = match tokio::time::timeout(Duration::from_secs(1), connect).await {
+                Ok(Ok(pubsub)) => pubsub,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, url = %crate::config::values::redact_url(&url), "purge: could not subscribe");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            delay = Duration::from_millis(100);
+            if events.send(PurgeEvent::Subscribed).is_err() {
+                return;
+            }
+            let mut messages = pubsub.on_message();
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    () = subscription.reconnect.notified() => None,
                 };
-                match subscribed.await {
-                    Ok(()) => {
-                        delay = Duration::from_millis(100);
-                        if events.send(PurgeEvent::Subscribed).is_err() {
-                            return;
-                        }
-                        let mut messages = pubsub.on_message();
-                        while let Some(message) = messages.next().await {
-                            let Ok(payload) = message.get_payload::<String>() else {
-                                continue;
-                            };
-                            if let Some(event) = parse(message.get_channel_name(), &payload) {
-                                if events.send(event).is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        tracing::warn!("purge: lost the Redis subscription; resubscribing");
+                let Some(message) = message else { break };
+                let Ok(payload) = message.get_payload::<String>() else {
+                    continue;
+                };
+                if let Some(event) = parse(message.get_channel_name(), &payload) {
+                    if events.send(event).is_err() {
+                        return;
                     }
-                    Err(e) => tracing::debug!(error = %e, "purge: could not subscribe"),
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "purge: could not connect to subscribe"),
+            tracing::warn!(url = %crate::config::values::redact_url(&url), "purge: lost the Redis subscription; resubscribing");
+            if events.send(PurgeEvent::Unsubscribed).is_err() {
+                return;
+            }
         }
         if events.is_closed() {
             return;
@@ -251,10 +340,11 @@ mod tests {
             })
         );
         assert_eq!(
-            parse(ACK_CHANNEL, &ack_message("abc", 7)),
+            parse(ACK_CHANNEL, &ack_message("abc", 7, "def")),
             Some(PurgeEvent::Acknowledged {
                 seq: 7,
-                instance: "abc".into()
+                instance: "abc".into(),
+                by: "def".into()
             })
         );
         assert_eq!(parse(PURGE_CHANNEL, "x\nabc"), None);

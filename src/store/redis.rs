@@ -19,7 +19,7 @@ use crate::metrics::metrics;
 
 use super::gcra::{GcraOutcome, GcraRequest, REFUND_SCRIPT, SCRIPT};
 use super::purge;
-use super::{PurgeEvent, Store, StoreError};
+use super::{Published, PurgeEvent, PurgeState, RecordedMarks, Store, StoreError};
 
 /// How often the background task checks that Redis answers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -136,6 +136,7 @@ pub struct RedisStore {
     refund: Script,
     purge: Script,
     purge_raise: Script,
+    renew: Script,
     /// Where the purge subscription connects.
     pubsub: purge::Subscription,
     subscribed: AtomicBool,
@@ -188,6 +189,7 @@ impl RedisStore {
             refund: Script::new(REFUND_SCRIPT),
             purge: super::purge::purge_script(),
             purge_raise: Script::new(super::purge::RAISE_SCRIPT),
+            renew: super::purge::renew_script(),
             pubsub,
             subscribed: AtomicBool::new(false),
         });
@@ -217,9 +219,10 @@ impl RedisStore {
             health: manager()?,
         };
         let pubsub = purge::Subscription {
-            url: url.to_owned(),
+            urls: vec![url.to_owned()],
             tls_ca_pem: options.tls_ca_pem.clone(),
             cluster: false,
+            reconnect: Arc::default(),
         };
         Ok(RedisStore::new(
             crate::config::values::redact_url(url),
@@ -237,9 +240,10 @@ impl RedisStore {
         redis::cluster::ClusterClient::new(nodes.to_vec())
             .map_err(|e| StoreError::Backend(format!("invalid redis_cluster: {e}")))?;
         let pubsub = purge::Subscription {
-            url: nodes.first().cloned().unwrap_or_default(),
+            urls: nodes.to_vec(),
             tls_ca_pem: options.tls_ca_pem.clone(),
             cluster: true,
+            reconnect: Arc::default(),
         };
         let display = format!(
             "cluster[{}]",
@@ -278,8 +282,39 @@ impl RedisStore {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        self.run(name, budget, true, op).await
+    }
+
+    /// Runs an operation of the purge protocol: within its budget but past the circuit breaker,
+    /// which is there to spare requests the wait on a failing store. The protocol's calls are
+    /// few, and each answer matters: a renewal keeps this instance coherent, a purge releases a
+    /// write. On a cluster the breaker may be open because another node failed.
+    async fn coherence_op<T, F, Fut>(
+        &self,
+        name: &'static str,
+        budget: Duration,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.run(name, budget, false, op).await
+    }
+
+    async fn run<T, F, Fut>(
+        &self,
+        name: &'static str,
+        budget: Duration,
+        through_circuit: bool,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let m = metrics();
-        if !self.circuit.allow() {
+        if through_circuit && !self.circuit.allow() {
             m.store_operations
                 .with_label_values(&[name, "circuit_open"])
                 .inc();
@@ -298,7 +333,9 @@ impl RedisStore {
             self.connection()
         };
         let Some(connection) = connection else {
-            self.circuit.record(false);
+            if through_circuit {
+                self.circuit.record(false);
+            }
             m.store_operations
                 .with_label_values(&[name, "not_connected"])
                 .inc();
@@ -319,8 +356,10 @@ impl RedisStore {
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
         m.store_operations.with_label_values(&[name, label]).inc();
-        self.circuit
-            .record(!matches!(result, Err(StoreError::Unavailable(_))));
+        if through_circuit {
+            self.circuit
+                .record(!matches!(result, Err(StoreError::Unavailable(_))));
+        }
         result
     }
 
@@ -432,6 +471,11 @@ async fn watch_health(store: Weak<RedisStore>) {
     }
 }
 
+/// A fresh epoch id, written by whichever script finds none.
+fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 fn outcomes_from(values: &[i64]) -> Vec<GcraOutcome> {
     values
         .chunks_exact(4)
@@ -529,10 +573,10 @@ impl Store for RedisStore {
         instance: &str,
         keys: &[String],
         after: u64,
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<Published, StoreError> {
         let script = &self.purge;
-        let (seq, told): (u64, u64) = self
-            .guarded(
+        let reply: Vec<redis::Value> = self
+            .coherence_op(
                 "purge",
                 PURGE_BUDGET.max(self.options.budget),
                 |mut c| async move {
@@ -540,6 +584,7 @@ impl Store for RedisStore {
                     invocation
                         .key(purge::SEQ_KEY)
                         .key(purge::PREFIXES_KEY)
+                        .key(purge::MEMBERS_KEY)
                         .arg(purge::PURGE_CHANNEL)
                         .arg(purge::MARK_TTL.as_secs())
                         .arg(after)
@@ -551,39 +596,86 @@ impl Store for RedisStore {
                 },
             )
             .await?;
-        Ok((seq, told))
+        let malformed =
+            || StoreError::Backend("the purge script answered in a bad shape".to_owned());
+        let seq = match reply.first() {
+            Some(redis::Value::Int(seq)) => u64::try_from(*seq).map_err(|_| malformed())?,
+            _ => return Err(malformed()),
+        };
+        let members = reply
+            .iter()
+            .skip(2)
+            .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .collect();
+        Ok(Published { seq, members })
     }
 
-    async fn purge_marks(&self, keys: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
+    async fn purge_marks(&self, keys: &[String]) -> Result<RecordedMarks, StoreError> {
         let marks: Vec<String> = keys.iter().map(|k| purge::mark_key(k)).collect();
         let marks = &marks;
-        self.guarded("purge_marks", self.options.budget, |mut c| async move {
-            redis::cmd("MGET").arg(marks).query_async(&mut c).await
-        })
-        .await
+        let (keys, prefixes): (Vec<Option<u64>>, Vec<(String, u64)>) = self
+            .coherence_op("purge_marks", self.options.budget, |mut c| async move {
+                let keys = if marks.is_empty() {
+                    Vec::new()
+                } else {
+                    redis::cmd("MGET").arg(marks).query_async(&mut c).await?
+                };
+                let prefixes = c.hgetall(purge::PREFIXES_KEY).await?;
+                Ok((keys, prefixes))
+            })
+            .await?;
+        Ok(RecordedMarks { keys, prefixes })
     }
 
-    async fn purge_state(&self, at_least: u64) -> Result<(u64, Vec<(String, u64)>), StoreError> {
+    async fn purge_state(&self, at_least: u64) -> Result<PurgeState, StoreError> {
         let raise = &self.purge_raise;
-        self.guarded("purge_state", PURGE_BUDGET, |mut c| async move {
-            let seq: u64 = raise
+        let candidate = new_epoch();
+        let candidate = &candidate;
+        self.coherence_op("purge_state", PURGE_BUDGET, |mut c| async move {
+            let (seq, epoch): (u64, String) = raise
                 .key(purge::SEQ_KEY)
+                .key(purge::EPOCH_KEY)
                 .arg(at_least)
+                .arg(candidate)
                 .invoke_async(&mut c)
                 .await?;
             let prefixes: Vec<(String, u64)> = c.hgetall(purge::PREFIXES_KEY).await?;
-            Ok((seq, prefixes))
+            Ok(PurgeState {
+                seq,
+                epoch,
+                prefixes,
+            })
         })
         .await
     }
 
-    async fn acknowledge_purge(&self, instance: &str, seq: u64) -> Result<(), StoreError> {
-        let message = purge::ack_message(instance, seq);
+    async fn renew_membership(
+        &self,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<(u64, String), StoreError> {
+        let renew = &self.renew;
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        let candidate = new_epoch();
+        let candidate = &candidate;
+        self.coherence_op("purge_renew", lease, |mut c| async move {
+            renew
+                .key(purge::SEQ_KEY)
+                .key(purge::MEMBERS_KEY)
+                .key(purge::EPOCH_KEY)
+                .arg(instance)
+                .arg(lease_ms)
+                .arg(candidate)
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn acknowledge_purge(&self, writer: &str, seq: u64, by: &str) -> Result<(), StoreError> {
+        let message = purge::ack_message(writer, seq, by);
         let message = &message;
-        self.guarded("purge_ack", PURGE_BUDGET, |mut c| async move {
+        self.coherence_op("purge_ack", PURGE_BUDGET, |mut c| async move {
             redis::cmd("PUBLISH")
                 .arg(purge::ACK_CHANNEL)
                 .arg(message)
@@ -592,6 +684,10 @@ impl Store for RedisStore {
                 .map(drop)
         })
         .await
+    }
+
+    fn resubscribe(&self) {
+        self.pubsub.reconnect.notify_one();
     }
 
     fn purge_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {

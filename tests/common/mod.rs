@@ -711,14 +711,21 @@ where
     }
 }
 
-/// A three-node Redis Cluster (no replicas) on loopback, created with `redis-cli --cluster create`.
+/// A Redis Cluster of three masters on loopback, created with `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<Redis>,
 }
 
 impl RedisCluster {
+    /// Three masters, no replicas.
     pub fn start() -> RedisCluster {
-        let nodes: Vec<Redis> = (0..3)
+        RedisCluster::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each (`cluster-node-timeout 2000`, so a replica
+    /// takes over a dead master within a few seconds).
+    pub fn start_with_replicas(replicas: usize) -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3 * (1 + replicas))
             .map(|_| {
                 let port = free_port();
                 let port_text = port.to_string();
@@ -731,6 +738,9 @@ impl RedisCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    // A replica takes over however long ago it last heard its master.
+                    "--cluster-replica-validity-factor",
+                    "0",
                 ];
                 Redis::start_with(port, &args)
             })
@@ -742,7 +752,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("running redis-cli --cluster create");
         assert!(
@@ -750,18 +760,77 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        let cluster = RedisCluster { nodes };
+        assert!(
+            cluster.wait_ok(&[], READY_TIMEOUT),
+            "the cluster never reached cluster_state:ok"
+        );
+        // Replicas count once their first sync is done (a replica that never synced cannot
+        // take over).
         let deadline = Instant::now() + READY_TIMEOUT;
-        while !nodes
+        while cluster
+            .nodes
             .iter()
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            .filter(|n| {
+                n.cli(&["INFO", "replication"])
+                    .contains("master_link_status:up")
+            })
+            .count()
+            < 3 * replicas
         {
-            assert!(
-                Instant::now() < deadline,
-                "the cluster never reached cluster_state:ok"
-            );
+            assert!(Instant::now() < deadline, "replicas never synced");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    /// Waits until every node but those in `skip` reports `cluster_state:ok`.
+    pub fn wait_ok(&self, skip: &[usize], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !skip.contains(i))
+                .all(|(_, n)| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            if ok {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        RedisCluster { nodes }
+    }
+
+    /// The index of the node that is master of `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .expect("a slot");
+        for (i, node) in self.nodes.iter().enumerate() {
+            let info = node.cli(&["CLUSTER", "NODES"]);
+            // A dead node answers nothing.
+            let Some(myself) = info.lines().find(|l| l.contains("myself")) else {
+                continue;
+            };
+            if !myself.contains("master") {
+                continue;
+            }
+            let owns = myself.split_whitespace().skip(8).any(|range| {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                match (start.parse::<u16>(), end.parse::<u16>()) {
+                    (Ok(start), Ok(end)) => (start..=end).contains(&slot),
+                    _ => false,
+                }
+            });
+            if owns {
+                return i;
+            }
+        }
+        panic!("no master owns slot {slot}");
     }
 
     /// Seed URLs for `[store] redis_cluster`.
