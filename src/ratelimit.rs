@@ -6,6 +6,7 @@
 //! case `X-Forwarded-For` (or `Forwarded`) is read from the right, skipping trusted hops.
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -247,8 +248,13 @@ pub struct Verdict {
 /// Decides rate limits against the store, falling back per policy when it fails.
 pub struct Limiter {
     store: Arc<dyn Store>,
-    /// The in-process fallback, used when the store fails and a policy says `local`.
+    /// The in-process fallback, used when the store fails and a policy says `local`: keys start
+    /// exhausted, and it is emptied each time the store starts failing.
     local: GcraTable,
+    /// Whether the store answered the last rate-limit call.
+    store_answered: std::sync::atomic::AtomicBool,
+    /// Whether the local share was ever used (then it is consulted after the store too).
+    fell_back: std::sync::atomic::AtomicBool,
     prefix: String,
     instances: u32,
     auth_failures: Option<Limit>,
@@ -294,7 +300,9 @@ impl Limiter {
     ) -> Limiter {
         Limiter {
             store,
-            local: GcraTable::default(),
+            local: GcraTable::starting_exhausted(),
+            store_answered: std::sync::atomic::AtomicBool::new(true),
+            fell_back: std::sync::atomic::AtomicBool::new(false),
             prefix: prefix.to_owned(),
             instances: instances.max(1),
             auth_failures,
@@ -411,9 +419,32 @@ impl Limiter {
     pub async fn check(&self, policy: &RateLimitPolicy, facts: &RequestFacts<'_>) -> Verdict {
         let requests = self.requests(&policy.scope, &policy.limits, facts, 1);
         match self.store.rate_limit(&requests, true).await {
-            Ok(outcomes) => verdict(&policy.limits, &outcomes, 1, "store"),
+            Ok(outcomes) => {
+                self.store_answered.store(true, Ordering::Relaxed);
+                let shared = verdict(&policy.limits, &outcomes, 1, "store");
+                if !shared.allowed || !self.fell_back.load(Ordering::Relaxed) {
+                    return shared;
+                }
+                // Back from a fallback: the shared bucket has not seen what this instance
+                // admitted meanwhile, so until its local share has replenished, that must
+                // admit too (or the fleet would admit a whole burst more).
+                let share = self.instances;
+                let requests = self.requests(&policy.scope, &policy.limits, facts, share);
+                match self.local.check_live(&requests, true) {
+                    Some(local) if local.iter().any(|o| !o.allowed) => {
+                        verdict(&policy.limits, &local, share, "local")
+                    }
+                    _ => shared,
+                }
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "rate limit: store failed; applying on_store_error");
+                self.fell_back.store(true, Ordering::Relaxed);
+                if self.store_answered.swap(false, Ordering::Relaxed) {
+                    // A new outage: what the table knew from an earlier one is stale, and keys
+                    // must start exhausted again (the shared bucket may be empty now).
+                    self.local.clear();
+                }
                 match policy.on_store_error {
                     OnStoreError::Local => {
                         let share = self.instances;

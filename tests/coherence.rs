@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, Client, Gateway, RedisCluster, Upstream};
+use common::{free_port, Client, Gateway, Redis, RedisCluster, Upstream};
 use hyper::{Method, StatusCode};
 
 const ROUTES: &str = r#"
@@ -159,18 +159,19 @@ impl Run {
 }
 
 /// Four writers and eight readers on products 1–4 through random instances for `length`;
-/// `failure` runs (on a blocking thread) at `fail_at`.
-async fn check(
+/// `failure` runs (on a blocking thread) at `fail_at`, and what it returns is kept until the
+/// end.
+async fn check<T: Send + 'static>(
     gateways: &[Arc<Gateway>],
     length: Duration,
     fail_at: Duration,
-    failure: impl FnOnce() + Send + 'static,
-) -> Run {
+    failure: impl FnOnce() -> T + Send + 'static,
+) -> (Run, T) {
     let start = Instant::now();
     let until = start + length;
     let failing = tokio::spawn(async move {
         tokio::time::sleep(fail_at).await;
-        tokio::task::spawn_blocking(failure).await.unwrap();
+        tokio::task::spawn_blocking(failure).await.unwrap()
     });
     let mut tasks = Vec::new();
     for worker in 0..12u64 {
@@ -237,8 +238,8 @@ async fn check(
             run.reads.extend(seen);
         }
     }
-    failing.await.unwrap();
-    run
+    let kept = failing.await.unwrap();
+    (run, kept)
 }
 
 async fn four_gateways(upstream: &Upstream, store: &str) -> Vec<Arc<Gateway>> {
@@ -258,7 +259,7 @@ async fn no_stale_read_while_the_purge_master_fails_over() {
     let gateways = four_gateways(&upstream, &on_cluster(&cluster)).await;
     let victim = cluster.master_of("{cachegate-purge}:seq");
     let pid = cluster.nodes[victim].process.pid();
-    let run = check(
+    let (run, ()) = check(
         &gateways,
         Duration::from_secs(12),
         Duration::from_secs(3),
@@ -297,7 +298,7 @@ async fn no_stale_read_while_another_master_fails_over() {
         })
         .expect("another master");
     let pid = cluster.nodes[victim].process.pid();
-    let run = check(
+    let (run, ()) = check(
         &gateways,
         Duration::from_secs(12),
         Duration::from_secs(3),
@@ -312,4 +313,236 @@ async fn no_stale_read_while_another_master_fails_over() {
     assert!(cluster.wait_ok(&[victim], Duration::from_secs(10)));
     run.assert_coherent("another master killed", &gateways);
     cluster.nodes.remove(victim);
+}
+
+fn on_redis(port: u16) -> String {
+    format!("[store]\nredis_url = \"redis://127.0.0.1:{port}\"\ntimeout = \"100ms\"\n")
+}
+
+fn kill(pid: u32) {
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+}
+
+/// The only Redis dies and comes back empty a second later: the purge sequence, the marks and
+/// the shared entries are gone, and no instance serves what a returned write replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_stale_read_when_redis_restarts_with_its_data_lost() {
+    let port = free_port();
+    let redis = Redis::start_on(port);
+    let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "5"]);
+    let gateways = four_gateways(&upstream, &on_redis(port)).await;
+    let pid = redis.process.pid();
+    let (run, _restarted) = check(
+        &gateways,
+        Duration::from_secs(10),
+        Duration::from_secs(3),
+        move || {
+            kill(pid);
+            std::thread::sleep(Duration::from_secs(1));
+            Redis::start_on(port)
+        },
+    )
+    .await;
+    drop(redis);
+    run.assert_coherent("Redis restarted empty", &gateways);
+}
+
+/// A TCP relay between one instance and Redis that the test can stall: while cut, bytes stop
+/// flowing both ways (connections stay open, as in a network partition).
+struct Relay {
+    port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    while flag.load(Ordering::Acquire) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(pump(cr, sw, flag.clone()));
+                    tokio::spawn(pump(sr, cw, flag));
+                });
+            }
+        });
+        Relay { port, cut }
+    }
+}
+
+/// Copies `from` to `to`, holding the bytes while `cut` is set.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while cut.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One instance is cut off from Redis for three seconds while the others are not: it stops
+/// serving what it cannot verify, its writes wait, the others' writes wait one lease for it,
+/// and no read anywhere sees what a returned write replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_stale_read_while_one_instance_is_cut_off_from_redis() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port).await;
+    let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "5"]);
+    let mut gateways = vec![Arc::new(gateway(&upstream, &on_redis(relay.port)))];
+    gateways.extend((0..3).map(|_| Arc::new(gateway(&upstream, &on_redis(redis.port)))));
+    for gw in &gateways {
+        ready(gw).await;
+    }
+    let cut = relay.cut.clone();
+    let (run, ()) = check(
+        &gateways,
+        Duration::from_secs(10),
+        Duration::from_secs(3),
+        move || {
+            cut.store(true, std::sync::atomic::Ordering::Release);
+            std::thread::sleep(Duration::from_secs(3));
+            cut.store(false, std::sync::atomic::Ordering::Release);
+        },
+    )
+    .await;
+    run.assert_coherent("one instance cut off", &gateways);
+}
+
+/// A limit of 10 a second shared by four instances through a Redis Cluster, saturated from
+/// every instance, while the master holding its key fails over: in every one-second window
+/// the fleet admits what it admits while Redis is healthy — no fresh burst per instance when
+/// each falls back to its local share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shared_rate_limit_holds_while_its_master_fails_over() {
+    let cluster = RedisCluster::start_with_replicas(1);
+    let upstream = Upstream::start();
+    let routes = r#"
+[rate_limit]
+instances = 4
+[[routes]]
+path = "/products"
+methods = ["GET"]
+rate_limit = { limits = [ { rate = "10/second", key = "ip", name = "fleet" } ], on_store_error = "local" }
+"#;
+    let config = format!("{}{routes}", on_cluster(&cluster));
+    let gateways: Vec<Arc<Gateway>> = (0..4)
+        .map(|_| {
+            Arc::new(Gateway::start(&format!(
+                r#"
+[server]
+threads = 1
+[[listeners]]
+address = "127.0.0.1:{{port}}"
+[admin]
+address = "127.0.0.1:{}"
+[upstream]
+addresses = ["{}"]
+{config}
+"#,
+                free_port(),
+                upstream.url()
+            )))
+        })
+        .collect();
+    for gw in &gateways {
+        ready(gw).await;
+    }
+    let client = Client::new();
+    client.get(&gateways[0].url("/products")).await;
+    let key = cluster
+        .keys("*fleet*")
+        .pop()
+        .expect("the limit's key in Redis");
+    let victim = cluster.master_of(&key);
+    let pid = cluster.nodes[victim].process.pid();
+
+    let start = Instant::now();
+    let until = start + Duration::from_secs(8);
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        kill(pid);
+    });
+    let mut tasks = Vec::new();
+    for worker in 0..8usize {
+        let gateways = gateways.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::new();
+            let mut admitted = Vec::new();
+            let mut other = Vec::new();
+            let mut i = worker;
+            while Instant::now() < until {
+                i += 1;
+                let resp = client.get(&gateways[i % 4].url("/products")).await;
+                match resp.status.as_u16() {
+                    200 => admitted.push(start.elapsed()),
+                    429 => {}
+                    status => other.push(status),
+                }
+            }
+            (admitted, other)
+        }));
+    }
+    let mut admitted = Vec::new();
+    for task in tasks {
+        let (mut a, other) = task.await.unwrap();
+        assert!(
+            other.is_empty(),
+            "answers other than 200 and 429: {other:?}"
+        );
+        admitted.append(&mut a);
+    }
+    killer.await.unwrap();
+    admitted.sort();
+    // The fleet's admissions, run through the limit itself (GCRA: a burst of 10, then one per
+    // 100 ms): how far past its burst the fleet ever went. A healthy shared limit goes nowhere
+    // past it; the local shares may each admit one early where their intervals fall.
+    let interval = Duration::from_millis(100);
+    let mut tat = Duration::ZERO;
+    let (mut worst, mut worst_at) = (0.0f64, Duration::ZERO);
+    for at in &admitted {
+        tat = tat.max(*at) + interval;
+        let used = (tat - *at).as_secs_f64() / interval.as_secs_f64();
+        if used - 10.0 > worst {
+            worst = used - 10.0;
+            worst_at = *at;
+        }
+    }
+    eprintln!(
+        "rate limit: {} admitted in 8 s; at most {worst:.1} past the burst (at {worst_at:?})",
+        admitted.len()
+    );
+    assert!(
+        worst <= 4.0,
+        "the fleet admitted {worst:.1} past the limit's burst at {worst_at:?}"
+    );
 }

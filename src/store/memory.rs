@@ -31,6 +31,8 @@ pub struct GcraTable {
     epoch: Instant,
     /// Keys per shard (see [`SHARD_CAPACITY`]).
     capacity: usize,
+    /// Whether a key not in the table starts with its burst used up (a fallback's table).
+    absent_is_exhausted: bool,
 }
 
 impl Default for GcraTable {
@@ -46,6 +48,61 @@ impl GcraTable {
             hasher: RandomState::new(),
             epoch: Instant::now(),
             capacity,
+            absent_is_exhausted: false,
+        }
+    }
+
+    /// A table in which every key starts with its burst used up: a rate limit's fallback while
+    /// the shared store fails. The fleet's shared bucket may have been empty when the store
+    /// failed, so starting full would let every instance admit a fresh burst on top of it.
+    pub fn starting_exhausted() -> GcraTable {
+        GcraTable {
+            absent_is_exhausted: true,
+            ..GcraTable::default()
+        }
+    }
+
+    /// Like [`GcraTable::check`], but only limits whose key is in the table and not yet
+    /// replenished count (the others admit without a trace); `None` when none is. For the first
+    /// moments after a fallback: the shared store's bucket has not seen what was admitted
+    /// locally, so both must admit.
+    pub fn check_live(&self, limits: &[GcraRequest], consume: bool) -> Option<Vec<GcraOutcome>> {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let live: Vec<GcraRequest> = limits
+            .iter()
+            .filter(|l| {
+                let shard = self.shards[self.shard_of(&l.key)]
+                    .lock()
+                    .expect("gcra shard poisoned");
+                shard.get(&l.key).is_some_and(|tat| *tat > now)
+            })
+            .cloned()
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let decided = self.check(&live, consume);
+        let mut decided = live.iter().zip(decided).peekable();
+        Some(
+            limits
+                .iter()
+                .map(|limit| match decided.peek() {
+                    Some((l, _)) if l.key == limit.key => decided.next().expect("peeked").1,
+                    _ => GcraOutcome {
+                        allowed: true,
+                        remaining: limit.burst,
+                        reset_us: 0,
+                        retry_after_us: 0,
+                    },
+                })
+                .collect(),
+        )
+    }
+
+    /// Forgets every key (the next fallback starts from scratch).
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().expect("gcra shard poisoned").clear();
         }
     }
 }
@@ -88,7 +145,11 @@ impl GcraTable {
                     format!("\0overflow:{}:{}", limit.interval_us, limit.burst)
                 }
             };
-            decisions.push(decide(map.get(&key).copied(), now, limit));
+            let stored = map.get(&key).copied().or_else(|| {
+                self.absent_is_exhausted
+                    .then(|| now + limit.interval_us.max(1) * u64::from(limit.burst.max(1)))
+            });
+            decisions.push(decide(stored, now, limit));
             keys.push(key);
         }
         if consume && decisions.iter().all(|(o, _)| o.allowed) {

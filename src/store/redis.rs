@@ -63,9 +63,22 @@ struct Circuit {
     threshold: u32,
     open_for: Duration,
     epoch: Instant,
+    /// What it guards, for logs: `Redis`, or a cluster node's address.
+    name: String,
 }
 
 impl Circuit {
+    fn new(name: String, threshold: u32, open_for: Duration) -> Circuit {
+        Circuit {
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            threshold: threshold.max(1),
+            open_for,
+            epoch: Instant::now(),
+            name,
+        }
+    }
+
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
@@ -93,14 +106,14 @@ impl Circuit {
         if ok {
             self.failures.store(0, Ordering::Relaxed);
             if self.open_until.swap(0, Ordering::AcqRel) != 0 {
-                metrics().store_circuit_open.set(0);
-                tracing::info!("store: circuit closed; using the store again");
+                metrics().store_circuit_open.dec();
+                tracing::info!(node = %self.name, "store: circuit closed; using the store again");
             }
         } else if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold {
             let until = self.now() + self.open_for.as_millis() as u64;
             if self.open_until.swap(until, Ordering::AcqRel) == 0 {
-                metrics().store_circuit_open.set(1);
-                tracing::warn!(open_for = ?self.open_for, "store: circuit open after repeated failures; bypassing the store");
+                metrics().store_circuit_open.inc();
+                tracing::warn!(node = %self.name, open_for = ?self.open_for, "store: circuit open after repeated failures; bypassing it");
             }
         }
     }
@@ -122,7 +135,28 @@ enum Backend {
     Cluster {
         nodes: Vec<String>,
         connection: ArcSwapOption<ClusterConnection>,
+        /// Slot ranges and the circuit of the master serving each (from `CLUSTER SLOTS`,
+        /// refreshed with every health check), so one dead master opens only its own circuit.
+        slots: arc_swap::ArcSwap<Vec<SlotRange>>,
     },
+}
+
+/// Slots `start..=end` and the circuit of the master that serves them.
+struct SlotRange {
+    start: u16,
+    end: u16,
+    master: String,
+    circuit: Arc<Circuit>,
+}
+
+/// The cluster slot of a key (CRC16 of its hash tag, or of the key, mod 16384).
+fn slot_of(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|b| *b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
 }
 
 pub struct RedisStore {
@@ -131,7 +165,8 @@ pub struct RedisStore {
     backend: Backend,
     connected: AtomicBool,
     options: RedisOptions,
-    circuit: Circuit,
+    /// The circuit of a single server (on a cluster, used until the slots are known).
+    own_circuit: Arc<Circuit>,
     gcra: Script,
     refund: Script,
     purge: Script,
@@ -177,13 +212,11 @@ impl RedisStore {
             display_url,
             backend,
             connected: AtomicBool::new(false),
-            circuit: Circuit {
-                failures: AtomicU32::new(0),
-                open_until: AtomicU64::new(0),
-                threshold: options.circuit_failures.max(1),
-                open_for: options.circuit_open,
-                epoch: Instant::now(),
-            },
+            own_circuit: Arc::new(Circuit::new(
+                "Redis".to_owned(),
+                options.circuit_failures,
+                options.circuit_open,
+            )),
             options,
             gcra: Script::new(SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
@@ -256,6 +289,7 @@ impl RedisStore {
         let backend = Backend::Cluster {
             nodes: nodes.to_vec(),
             connection: ArcSwapOption::empty(),
+            slots: arc_swap::ArcSwap::from_pointee(Vec::new()),
         };
         Ok(RedisStore::new(display, backend, options, pubsub))
     }
@@ -265,24 +299,108 @@ impl RedisStore {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// Whether failures opened the circuit (the store is being bypassed).
+    /// Whether failures opened a circuit (the store, or on a cluster one node, is being
+    /// bypassed).
     pub fn circuit_open(&self) -> bool {
-        self.circuit.is_open()
+        match &self.backend {
+            Backend::Cluster { slots, .. } => {
+                self.own_circuit.is_open() || slots.load().iter().any(|r| r.circuit.is_open())
+            }
+            Backend::Single { .. } => self.own_circuit.is_open(),
+        }
+    }
+
+    /// The circuit guarding calls on `key`: on a cluster, that of the master serving its slot
+    /// (the store's own until the slots are known).
+    fn circuit_for(&self, key: &str) -> Arc<Circuit> {
+        if let Backend::Cluster { slots, .. } = &self.backend {
+            let slot = slot_of(key);
+            let ranges = slots.load();
+            if let Some(range) = ranges.iter().find(|r| (r.start..=r.end).contains(&slot)) {
+                return range.circuit.clone();
+            }
+        }
+        self.own_circuit.clone()
+    }
+
+    /// Learns which master serves which slots (after a failover, the promoted replica).
+    /// Circuits are kept per master address.
+    async fn refresh_slots(&self) -> Result<(), StoreError> {
+        let Backend::Cluster { slots, .. } = &self.backend else {
+            return Ok(());
+        };
+        let Some(mut connection) = self.health_connection() else {
+            return Ok(());
+        };
+        let reply = tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Vec<redis::Value>>(&mut connection),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable("CLUSTER SLOTS timed out".to_owned()))?
+        .map_err(backend_error)?;
+        let known = slots.load();
+        let mut ranges = Vec::new();
+        for range in reply {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let (
+                Some(redis::Value::Int(start)),
+                Some(redis::Value::Int(end)),
+                Some(redis::Value::Array(master)),
+            ) = (fields.first(), fields.get(1), fields.get(2))
+            else {
+                continue;
+            };
+            let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
+                (master.first(), master.get(1))
+            else {
+                continue;
+            };
+            let master = format!("{}:{port}", String::from_utf8_lossy(host));
+            let circuit = known
+                .iter()
+                .chain(ranges.iter())
+                .find(|r: &&SlotRange| r.master == master)
+                .map(|r| r.circuit.clone())
+                .unwrap_or_else(|| {
+                    Arc::new(Circuit::new(
+                        master.clone(),
+                        self.options.circuit_failures,
+                        self.options.circuit_open,
+                    ))
+                });
+            ranges.push(SlotRange {
+                start: *start as u16,
+                end: *end as u16,
+                master,
+                circuit,
+            });
+        }
+        if !ranges.is_empty() {
+            slots.store(Arc::new(ranges));
+        }
+        Ok(())
     }
 
     /// Runs `op` (named for metrics) on a connection within the budget, through the circuit
-    /// breaker.
+    /// breaker of the node serving `key`.
     async fn guarded<T, F, Fut>(
         &self,
         name: &'static str,
         budget: Duration,
+        key: &str,
         op: F,
     ) -> Result<T, StoreError>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        self.run(name, budget, true, op).await
+        let circuit = self.circuit_for(key);
+        self.run(name, budget, Some(&circuit), op).await
     }
 
     /// Runs an operation of the purge protocol: within its budget but past the circuit breaker,
@@ -299,14 +417,14 @@ impl RedisStore {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        self.run(name, budget, false, op).await
+        self.run(name, budget, None, op).await
     }
 
     async fn run<T, F, Fut>(
         &self,
         name: &'static str,
         budget: Duration,
-        through_circuit: bool,
+        circuit: Option<&Circuit>,
         op: F,
     ) -> Result<T, StoreError>
     where
@@ -314,7 +432,7 @@ impl RedisStore {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let m = metrics();
-        if through_circuit && !self.circuit.allow() {
+        if circuit.is_some_and(|c| !c.allow()) {
             m.store_operations
                 .with_label_values(&[name, "circuit_open"])
                 .inc();
@@ -333,8 +451,8 @@ impl RedisStore {
             self.connection()
         };
         let Some(connection) = connection else {
-            if through_circuit {
-                self.circuit.record(false);
+            if let Some(circuit) = circuit {
+                circuit.record(false);
             }
             m.store_operations
                 .with_label_values(&[name, "not_connected"])
@@ -356,9 +474,8 @@ impl RedisStore {
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
         m.store_operations.with_label_values(&[name, label]).inc();
-        if through_circuit {
-            self.circuit
-                .record(!matches!(result, Err(StoreError::Unavailable(_))));
+        if let Some(circuit) = circuit {
+            circuit.record(!matches!(result, Err(StoreError::Unavailable(_))));
         }
         result
     }
@@ -380,7 +497,10 @@ impl RedisStore {
     }
 
     async fn ensure_cluster_connection(&self) -> Result<(), StoreError> {
-        let Backend::Cluster { nodes, connection } = &self.backend else {
+        let Backend::Cluster {
+            nodes, connection, ..
+        } = &self.backend
+        else {
             return Ok(());
         };
         if connection.load().is_some() {
@@ -451,7 +571,10 @@ async fn watch_health(store: Weak<RedisStore>) {
             Err(e) => Err(e),
         };
         if reachable.is_ok() {
-            strong.circuit.record(true);
+            strong.own_circuit.record(true);
+            if let Err(e) = strong.refresh_slots().await {
+                tracing::debug!(error = %e, "store: could not read the cluster's slots");
+            }
         }
         let was = strong.connected.swap(reachable.is_ok(), Ordering::Relaxed);
         match (&reachable, was) {
@@ -500,7 +623,7 @@ impl Store for RedisStore {
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let value: Option<Vec<u8>> = self
-            .guarded("get", self.options.budget, |mut c| async move {
+            .guarded("get", self.options.budget, key, |mut c| async move {
                 c.get(key).await
             })
             .await?;
@@ -509,7 +632,7 @@ impl Store for RedisStore {
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError> {
         let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.guarded("set", self.options.budget, |mut c| async move {
+        self.guarded("set", self.options.budget, key, |mut c| async move {
             redis::cmd("SET")
                 .arg(key)
                 .arg(value.as_ref())
@@ -529,7 +652,7 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let reply: Option<String> = self
-            .guarded("set_nx", self.options.budget, |mut c| async move {
+            .guarded("set_nx", self.options.budget, key, |mut c| async move {
                 redis::cmd("SET")
                     .arg(key)
                     .arg(value.as_ref())
@@ -545,7 +668,7 @@ impl Store for RedisStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let removed: u64 = self
-            .guarded("delete", self.options.budget, |mut c| async move {
+            .guarded("delete", self.options.budget, key, |mut c| async move {
                 c.del(key).await
             })
             .await?;
@@ -761,10 +884,12 @@ impl Store for RedisStore {
     ) -> Result<Vec<GcraOutcome>, StoreError> {
         let script = &self.gcra;
         let budget = self.options.budget;
+        // On a cluster, the breaker of the first limit's node guards the call.
+        let first_key = limits.first().map_or("", |l| l.key.as_str());
         match &self.backend {
             Backend::Single { .. } => {
                 let values: Vec<i64> = self
-                    .guarded("rate_limit", budget, |mut c| async move {
+                    .guarded("rate_limit", budget, first_key, |mut c| async move {
                         let mut invocation = script.prepare_invoke();
                         invocation.arg(u8::from(consume));
                         for limit in limits {
@@ -780,7 +905,7 @@ impl Store for RedisStore {
             }
             Backend::Cluster { .. } => {
                 let values: Vec<Vec<i64>> = self
-                    .guarded("rate_limit", budget, |c| async move {
+                    .guarded("rate_limit", budget, first_key, |c| async move {
                         let calls = limits.iter().map(|limit| {
                             let mut c = c.clone();
                             async move {
@@ -808,7 +933,7 @@ impl Store for RedisStore {
                         .map(|(l, _)| l)
                         .collect();
                     let refunded = self
-                        .guarded("rate_limit_refund", budget, |c| async move {
+                        .guarded("rate_limit_refund", budget, first_key, |c| async move {
                             let calls = admitted.into_iter().map(|limit| {
                                 let mut c = c.clone();
                                 async move {
@@ -849,14 +974,18 @@ mod tests {
     }
 
     #[test]
+    fn slots_are_those_redis_computes() {
+        // `CLUSTER KEYSLOT` on a real server gives these.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("{cachegate-purge}:seq"), 8129);
+        assert_eq!(slot_of("{}x"), 10595, "an empty tag: the whole key");
+        assert_eq!(slot_of("a{user1000}.following"), 3443);
+        assert_eq!(slot_of("x{}y{z}"), 15453, "only the first braces count");
+    }
+
+    #[test]
     fn circuit_opens_after_failures_and_lets_one_trial_through() {
-        let circuit = Circuit {
-            failures: AtomicU32::new(0),
-            open_until: AtomicU64::new(0),
-            threshold: 2,
-            open_for: Duration::from_millis(30),
-            epoch: Instant::now(),
-        };
+        let circuit = Circuit::new("test".to_owned(), 2, Duration::from_millis(30));
         circuit.record(false);
         assert!(circuit.allow(), "one failure is below the threshold");
         circuit.record(false);
