@@ -485,7 +485,11 @@ impl Purger {
             shared,
             recent: Mutex::default(),
         });
-        if let Some(events) = purger.shared.as_ref().and_then(|s| s.purge_events()) {
+        let events = purger
+            .shared
+            .as_ref()
+            .and_then(|s| s.purge_events(&purger.instance));
+        if let Some(events) = events {
             let (renewals, renewed) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(listen(Arc::downgrade(&purger), events, renewed));
             tokio::spawn(renew(Arc::downgrade(&purger), renewals));

@@ -133,9 +133,12 @@ pub trait Store: Send + Sync + fmt::Debug {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 
-    /// The stream of purge events from every instance; `None` for stores that are not shared,
-    /// and after the first call.
-    fn purge_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {
+    /// The stream of purge events from every instance, and acknowledgements of `instance`'s
+    /// purges; `None` for stores that are not shared, and after the first call.
+    fn purge_events(
+        &self,
+        _instance: &str,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {
         None
     }
 

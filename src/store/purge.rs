@@ -30,8 +30,14 @@ pub const EPOCH_KEY: &str = "{cachegate-purge}:epoch";
 pub const MEMBERS_KEY: &str = "{cachegate-purge}:members";
 /// Purges: `seq instance key...`, one per line.
 pub const PURGE_CHANNEL: &str = "cachegate:purge";
-/// Acknowledgements: `seq writer acknowledger`.
-pub const ACK_CHANNEL: &str = "cachegate:purge-ack";
+/// Acknowledgements go to the writer's own channel, this prefix and its instance id (so a purge
+/// costs one message per instance, not one per pair of instances): `seq writer acknowledger`.
+pub const ACK_CHANNEL_PREFIX: &str = "cachegate:purge-ack:";
+
+/// The channel where `instance` hears acknowledgements of its purges.
+pub fn ack_channel(instance: &str) -> String {
+    format!("{ACK_CHANNEL_PREFIX}{instance}")
+}
 /// How long a mark is kept: longer than any entry lives in Redis (see the cache's cap).
 pub const MARK_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -119,19 +125,23 @@ fn parse(channel: &str, payload: &str) -> Option<PurgeEvent> {
     let mut lines = payload.split('\n');
     let seq = lines.next()?.parse().ok()?;
     let instance = lines.next()?.to_owned();
-    match channel {
-        PURGE_CHANNEL => Some(PurgeEvent::Purged {
+    if channel == PURGE_CHANNEL {
+        return Some(PurgeEvent::Purged {
             seq,
             instance,
             keys: lines.map(str::to_owned).collect(),
-        }),
-        ACK_CHANNEL => Some(PurgeEvent::Acknowledged {
-            seq,
-            instance,
-            by: lines.next()?.to_owned(),
-        }),
-        _ => None,
+        });
     }
+    channel
+        .starts_with(ACK_CHANNEL_PREFIX)
+        .then(|| {
+            Some(PurgeEvent::Acknowledged {
+                seq,
+                instance,
+                by: lines.next()?.to_owned(),
+            })
+        })
+        .flatten()
 }
 
 pub fn ack_message(writer: &str, seq: u64, by: &str) -> String {
@@ -254,12 +264,14 @@ fn with_address(url: &str, host: &str, port: u16) -> String {
     format!("{scheme}://{credentials}{host}:{port}{tail}")
 }
 
-/// Keeps a subscription to both channels and forwards the events: each subscription made is
+/// Keeps a subscription to the purge channel and `instance`'s acknowledgement channel, and
+/// forwards the events: each subscription made is
 /// announced with [`PurgeEvent::Subscribed`], each one lost with [`PurgeEvent::Unsubscribed`].
 /// A lost one is replaced at once through the next node that answers; only when none does, it
 /// waits (100 ms, doubling up to 2 s) before the next round. Ends when the receiver is dropped.
 pub async fn subscribe(
     subscription: Subscription,
+    instance: String,
     events: tokio::sync::mpsc::UnboundedSender<PurgeEvent>,
 ) {
     let mut delay = Duration::from_millis(100);
@@ -269,7 +281,7 @@ pub async fn subscribe(
                 let client = subscription.client(&url)?;
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(PURGE_CHANNEL).await?;
-                pubsub.subscribe(ACK_CHANNEL).await?;
+                pubsub.subscribe(ack_channel(&instance)).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let mut pubsub = match tokio::time::timeout(Duration::from_secs(1), connect).await {
@@ -340,7 +352,7 @@ mod tests {
             })
         );
         assert_eq!(
-            parse(ACK_CHANNEL, &ack_message("abc", 7, "def")),
+            parse(&ack_channel("abc"), &ack_message("abc", 7, "def")),
             Some(PurgeEvent::Acknowledged {
                 seq: 7,
                 instance: "abc".into(),

@@ -800,7 +800,7 @@ impl Store for RedisStore {
         let message = &message;
         self.coherence_op("purge_ack", PURGE_BUDGET, |mut c| async move {
             redis::cmd("PUBLISH")
-                .arg(purge::ACK_CHANNEL)
+                .arg(purge::ack_channel(writer))
                 .arg(message)
                 .query_async::<u64>(&mut c)
                 .await
@@ -813,12 +813,19 @@ impl Store for RedisStore {
         self.pubsub.reconnect.notify_one();
     }
 
-    fn purge_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {
+    fn purge_events(
+        &self,
+        instance: &str,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<PurgeEvent>> {
         if self.subscribed.swap(true, Ordering::AcqRel) {
             return None;
         }
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(purge::subscribe(self.pubsub.clone(), events));
+        tokio::spawn(purge::subscribe(
+            self.pubsub.clone(),
+            instance.to_owned(),
+            events,
+        ));
         Some(receiver)
     }
 
