@@ -474,6 +474,36 @@ async fn a_write_while_redis_stalls_is_held_until_redis_takes_its_purge() {
     assert_eq!(after.json()["stock"], 556, "before: {before}");
 }
 
+/// Live instances are members in Redis (a write waits for each one's acknowledgement); one that
+/// stops on SIGTERM leaves at once, so writes elsewhere do not wait a lease for it.
+#[tokio::test]
+async fn a_stopping_instance_leaves_the_live_members() {
+    let redis = Redis::start();
+    let upstream = Upstream::start();
+    // A long lease: without leaving, B would stay a member for seconds.
+    let store = format!("{}coherence_lease = \"5s\"\n", on_redis(&redis));
+    let a = gateway(&upstream, &store, PRODUCT_ROUTES);
+    let mut b = gateway(&upstream, &store, PRODUCT_ROUTES);
+    ready(&a).await;
+    ready(&b).await;
+    let members = || {
+        redis
+            .cli(&["ZRANGE", "{cachegate-purge}:members", "0", "-1"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    assert!(
+        common::eventually(Duration::from_secs(5), || async { members() == 2 }).await,
+        "both instances are members"
+    );
+    b.process.signal("TERM");
+    assert!(b.process.wait_exit(Duration::from_secs(10)).is_some());
+    assert_eq!(members(), 1, "B left when it stopped: {}", b.logs());
+    let written = send(&a, Method::PATCH, "/products/5", r#"{"stock": 9}"#).await;
+    assert_eq!(written.status, StatusCode::OK);
+}
+
 /// One observed operation of the concurrency checker.
 #[derive(Debug, Clone, Copy)]
 struct Observed {

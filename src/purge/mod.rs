@@ -518,6 +518,15 @@ impl Purger {
         Some(self.lease.is_held())
     }
 
+    /// Leaves the live members (a stopping instance): writes no longer wait for it.
+    pub async fn leave(&self) {
+        if let Some(store) = &self.shared {
+            if let Err(e) = store.leave_membership(&self.instance).await {
+                tracing::debug!(error = %e, "purge: could not leave the live members");
+            }
+        }
+    }
+
     /// The stamp of a fill starting now.
     pub fn stamp(&self) -> u64 {
         self.marks.seq.load(Ordering::Acquire)

@@ -157,7 +157,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         ));
         (listener, admin)
     });
-    let gateway = Gateway::new(shared, limiter, cache, purger);
+    let gateway = Gateway::new(shared, limiter, cache, purger.clone());
     let mut listeners = Vec::new();
     for (listener, std_listener) in config.listeners.get_ref().iter().zip(bound) {
         let address = listener.address.get_ref().as_str();
@@ -205,6 +205,11 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         grace_period,
         terminate,
     ));
+    // Drained: writes elsewhere stop waiting for this instance's acknowledgements at once,
+    // not one lease later.
+    control.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(1), purger.leave()).await;
+    });
     runtime.shutdown_timeout(config.server.shutdown_timeout.0);
     control.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");

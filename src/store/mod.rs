@@ -123,6 +123,11 @@ pub trait Store: Send + Sync + fmt::Debug {
         Err(StoreError::Unavailable("not a shared store".to_owned()))
     }
 
+    /// Removes `instance` from the live members (it is stopping).
+    async fn leave_membership(&self, _instance: &str) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("not a shared store".to_owned()))
+    }
+
     /// Tells `writer` that instance `by` has applied its purge `seq`.
     async fn acknowledge_purge(
         &self,

@@ -795,6 +795,18 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn leave_membership(&self, instance: &str) -> Result<(), StoreError> {
+        self.coherence_op("purge_leave", PURGE_BUDGET, |mut c| async move {
+            redis::cmd("ZREM")
+                .arg(purge::MEMBERS_KEY)
+                .arg(instance)
+                .query_async::<u64>(&mut c)
+                .await
+                .map(drop)
+        })
+        .await
+    }
+
     async fn acknowledge_purge(&self, writer: &str, seq: u64, by: &str) -> Result<(), StoreError> {
         let message = purge::ack_message(writer, seq, by);
         let message = &message;
