@@ -69,7 +69,8 @@ fn percentile(mut values: Vec<Duration>, q: f64) -> Duration {
     values[((values.len() - 1) as f64 * q) as usize]
 }
 
-async fn origin_total(client: &HttpClient, upstream: &str) -> u64 {
+/// Reads of one product that reached the origin (cache misses and refreshes).
+async fn origin_reads(client: &HttpClient, upstream: &str) -> u64 {
     let (_, stats) = send(
         client,
         hyper::Method::GET,
@@ -103,6 +104,7 @@ async fn main() {
     let gateways: Arc<Vec<String>> = Arc::new(args[5..].to_vec());
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
+    let origin_start = origin_reads(&client, &upstream).await;
     let start = Instant::now();
     let ops = Arc::new(Mutex::new(Vec::<Op>::new()));
     let admitted = Arc::new(Mutex::new(Vec::<Duration>::new()));
@@ -161,7 +163,7 @@ async fn main() {
 
     // The failure, then the probe until the store is healthy again.
     tokio::time::sleep(fail_at.saturating_sub(start.elapsed())).await;
-    let origin_before = origin_total(&client, &upstream).await;
+    let origin_before = origin_reads(&client, &upstream).await;
     let failed_at = start.elapsed();
     tokio::task::spawn_blocking(move || run_shell(&fail))
         .await
@@ -178,9 +180,9 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let origin_at_ok = origin_total(&client, &upstream).await;
+    let origin_at_ok = origin_reads(&client, &upstream).await;
     while tasks.join_next().await.is_some() {}
-    let origin_end = origin_total(&client, &upstream).await;
+    let origin_end = origin_reads(&client, &upstream).await;
     let ok_at = ok_at.unwrap_or(length);
 
     let ops = ops.lock().unwrap().clone();
@@ -253,6 +255,20 @@ async fn main() {
         }
         at += Duration::from_millis(250);
     }
+    let series: Vec<String> = (0..24)
+        .map(|i| {
+            let from = ok_at.saturating_sub(Duration::from_secs(1)) + Duration::from_millis(250) * i;
+            let count = reads
+                .iter()
+                .filter(|o| o.started >= from && o.started < from + Duration::from_millis(250))
+                .count();
+            format!("{:.0}", count as f64 * 4.0)
+        })
+        .collect();
+    println!(
+        "reads/s in 250 ms steps from 1 s before the store's recovery: {}",
+        series.join(" ")
+    );
     match recovered {
         Some(after) => println!(
             "read throughput back to 90% of before within {:.2} s of the store's recovery",
@@ -260,11 +276,13 @@ async fn main() {
         ),
         None => println!("read throughput did not come back to 90% of before"),
     }
-    let normal_rate = (origin_end - origin_at_ok) as f64 / spans[2].as_secs_f64();
+    let before_rate = (origin_before - origin_start) as f64 / failed_at.as_secs_f64();
+    let after_rate = (origin_end - origin_at_ok) as f64 / spans[2].as_secs_f64();
     let during = (origin_at_ok - origin_before) as f64;
     println!(
-        "origin requests during the failure: {during:.0} ({:.0} more than at the rate after it)",
-        during - normal_rate * spans[1].as_secs_f64()
+        "origin reads/s: before {before_rate:.0}, during {:.0}, after {after_rate:.0} ({:.0} more during the failure than at the rate before it)",
+        during / spans[1].as_secs_f64(),
+        during - before_rate * spans[1].as_secs_f64()
     );
     let mut admitted = admitted.lock().unwrap().clone();
     admitted.sort();

@@ -88,6 +88,9 @@ pub struct Lease {
     store_epoch: Mutex<Option<String>>,
     /// Since when the lease has not been held (for the metric), or `None` while held.
     lost_at: Mutex<Option<Instant>>,
+    /// Whether the last renewal failed (the purge keys cannot be reached): asking Redis about
+    /// an entry's marks would fail too, so it is not tried.
+    unreachable: AtomicBool,
     /// Whether the first renewal happened (before it the instance is not coherent, and it is
     /// not counted as time spent incoherent).
     started: AtomicBool,
@@ -103,6 +106,7 @@ impl Lease {
             waiting: Mutex::new(None),
             store_epoch: Mutex::new(None),
             lost_at: Mutex::new(None),
+            unreachable: AtomicBool::new(false),
             started: AtomicBool::new(false),
         }
     }
@@ -119,6 +123,16 @@ impl Lease {
     /// Whether this instance may trust what it knows of the purges now.
     pub fn is_held(&self) -> bool {
         self.now_ms() < self.until_ms.load(Ordering::Acquire)
+    }
+
+    /// Records whether the last renewal reached Redis.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.unreachable.store(!reachable, Ordering::Release);
+    }
+
+    /// Whether the purge keys could be reached at the last renewal.
+    pub fn reachable(&self) -> bool {
+        !self.unreachable.load(Ordering::Acquire)
     }
 
     /// The highest purge number heard in order.
@@ -161,15 +175,17 @@ impl Lease {
         changed
     }
 
-    /// A renewal sent at `sent_ms` found the store's sequence at `store_seq`, in `epoch`.
-    pub fn renewed(&self, sent_ms: u64, store_seq: u64, epoch: &str) -> Renewal {
-        let heard = self.heard();
+    /// A renewal sent at `sent_ms`, when purges up to `heard_then` had been heard, found the
+    /// store's sequence at `store_seq`, in `epoch`. (Purges heard since may be numbered above
+    /// what the store said: the renewal ran before them.)
+    pub fn renewed(&self, sent_ms: u64, heard_then: u64, store_seq: u64, epoch: &str) -> Renewal {
         let known = self.store_epoch.lock().expect("lease poisoned").clone();
-        if store_seq < heard || known.as_deref().is_some_and(|k| k != epoch) {
+        if store_seq < heard_then || known.as_deref().is_some_and(|k| k != epoch) {
             return Renewal::StoreLostData;
         }
+        let heard = self.heard();
         let mut waiting = self.waiting.lock().expect("lease poisoned");
-        if store_seq == heard {
+        if store_seq <= heard {
             *waiting = None;
             self.extend(sent_ms);
             return Renewal::Extended;
@@ -217,12 +233,16 @@ impl Lease {
             (true, Some(since)) => {
                 m.incoherent_seconds.inc_by(since.elapsed().as_secs_f64());
                 *lost_at = None;
+                tracing::info!("purge: coherent again");
             }
             (false, Some(since)) => {
                 m.incoherent_seconds.inc_by(since.elapsed().as_secs_f64());
                 *lost_at = Some(Instant::now());
             }
-            (false, None) => *lost_at = Some(Instant::now()),
+            (false, None) => {
+                *lost_at = Some(Instant::now());
+                tracing::info!("purge: not coherent: in-process entries are checked against Redis until the lease is renewed");
+            }
             (true, None) => {}
         }
     }
@@ -256,12 +276,12 @@ mod tests {
         assert!(!lease.is_held(), "not held before the first renewal");
         lease.caught_up(3);
         assert!(!lease.epoch_changed("e1"), "the first epoch seen");
-        assert_eq!(lease.renewed(lease.now_ms(), 3, "e1"), Renewal::Extended);
+        assert_eq!(lease.renewed(lease.now_ms(), 3, 3, "e1"), Renewal::Extended);
         assert!(lease.is_held());
         lease.lose();
         assert!(!lease.is_held());
         // Purge 4 is recorded but not heard yet: no extension until it arrives.
-        assert_eq!(lease.renewed(lease.now_ms(), 4, "e1"), Renewal::Waiting);
+        assert_eq!(lease.renewed(lease.now_ms(), 3, 4, "e1"), Renewal::Waiting);
         assert!(!lease.is_held());
         assert!(lease.hear(4));
         assert!(lease.is_held(), "extended from the renewal's send time");
@@ -272,23 +292,25 @@ mod tests {
         let lease = lease();
         lease.caught_up(1);
         let sent = lease.now_ms();
-        assert_eq!(lease.renewed(sent, 2, "e"), Renewal::Waiting);
+        assert_eq!(lease.renewed(sent, 1, 2, "e"), Renewal::Waiting);
         assert_eq!(
-            lease.renewed(sent + 100, 2, "e"),
+            lease.renewed(sent + 100, 1, 2, "e"),
             Renewal::Waiting,
             "patience"
         );
-        assert_eq!(lease.renewed(sent + 300, 2, "e"), Renewal::Missed);
+        assert_eq!(lease.renewed(sent + 300, 1, 2, "e"), Renewal::Missed);
         assert!(!lease.hear(3), "2 was skipped");
+        // Heard after the renewal was sent: not a sign of lost data.
+        assert_eq!(lease.renewed(sent + 400, 1, 1, "e"), Renewal::Extended);
         assert!(lease.hear(2) && lease.hear(3));
         assert_eq!(
-            lease.renewed(lease.now_ms(), 1, "e"),
+            lease.renewed(lease.now_ms(), 3, 1, "e"),
             Renewal::StoreLostData
         );
         lease.epoch_changed("e");
-        assert_eq!(lease.renewed(lease.now_ms(), 3, "e"), Renewal::Extended);
+        assert_eq!(lease.renewed(lease.now_ms(), 3, 3, "e"), Renewal::Extended);
         assert_eq!(
-            lease.renewed(lease.now_ms(), 3, "f"),
+            lease.renewed(lease.now_ms(), 3, 3, "f"),
             Renewal::StoreLostData,
             "a new epoch"
         );
@@ -300,7 +322,7 @@ mod tests {
             lease: Duration::from_millis(30),
             ..CoherenceSettings::default()
         });
-        assert_eq!(lease.renewed(lease.now_ms(), 0, "e"), Renewal::Extended);
+        assert_eq!(lease.renewed(lease.now_ms(), 0, 0, "e"), Renewal::Extended);
         assert!(lease.is_held());
         std::thread::sleep(Duration::from_millis(40));
         assert!(!lease.is_held());

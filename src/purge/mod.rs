@@ -549,6 +549,11 @@ impl Purger {
         let Some(store) = &self.shared else {
             return self.marks.is_current(stamp, path, keys);
         };
+        if !self.lease.reachable() {
+            // The last renewal could not reach the purge keys: neither would this (a failover
+            // in progress); miss at once rather than wait out the store's budget per read.
+            return false;
+        }
         match store.purge_marks(keys).await {
             Ok(recorded) => {
                 for (key, mark) in keys.iter().zip(recorded.keys) {
@@ -793,7 +798,8 @@ impl Purger {
                 Err(e) => {
                     tracing::debug!(error = %e, "purge: could not read the purge sequence; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    // Short: the state is one cheap call, and every instance waits on it.
+                    delay = (delay * 2).min(Duration::from_millis(250));
                 }
             }
         }
@@ -866,8 +872,9 @@ async fn replay_pending(purger: std::sync::Weak<Purger>) {
     }
 }
 
-/// A renewal's outcome: when it was sent (the lease's clock) and what the store said.
-type Renewed = (u64, Result<(u64, String), StoreError>);
+/// A renewal's outcome: when it was sent (the lease's clock), the last purge heard then, and
+/// what the store said.
+type Renewed = (u64, u64, Result<(u64, String), StoreError>);
 
 /// Renews this instance's membership and lease several times per lease, for as long as the
 /// purger lives; the listener judges each answer (in order with the purges it hears).
@@ -882,10 +889,11 @@ async fn renew(
         let settings = *strong.lease.settings();
         if let Some(store) = strong.shared.clone() {
             let sent = strong.lease.now_ms();
+            let heard = strong.lease.heard();
             let instance = strong.instance.clone();
             drop(strong);
             let result = store.renew_membership(&instance, settings.lease).await;
-            if renewed.send((sent, result)).is_err() {
+            if renewed.send((sent, heard, result)).is_err() {
                 return;
             }
         } else {
@@ -954,8 +962,11 @@ async fn listen(
             }
             Some(PurgeEvent::Acknowledged { .. }) | None => {}
         }
-        if let Some((sent, Ok((store_seq, epoch)))) = renewal {
-            match purger.lease.renewed(sent, store_seq, &epoch) {
+        if let Some((_, _, result)) = &renewal {
+            purger.lease.set_reachable(result.is_ok());
+        }
+        if let Some((sent, heard, Ok((store_seq, epoch)))) = renewal {
+            match purger.lease.renewed(sent, heard, store_seq, &epoch) {
                 Renewal::Extended | Renewal::Waiting => {}
                 Renewal::Missed => {
                     tracing::warn!(

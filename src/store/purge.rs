@@ -268,7 +268,7 @@ fn with_address(url: &str, host: &str, port: u16) -> String {
 /// forwards the events: each subscription made is
 /// announced with [`PurgeEvent::Subscribed`], each one lost with [`PurgeEvent::Unsubscribed`].
 /// A lost one is replaced at once through the next node that answers; only when none does, it
-/// waits (100 ms, doubling up to 2 s) before the next round. Ends when the receiver is dropped.
+/// waits (100 ms, doubling up to 500 ms) before the next round. Ends when the receiver is dropped.
 pub async fn subscribe(
     subscription: Subscription,
     instance: String,
@@ -321,7 +321,7 @@ pub async fn subscribe(
             return;
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 

@@ -510,9 +510,15 @@ impl RedisStore {
         if let Some(pem) = &self.options.tls_ca_pem {
             builder = builder.certs(tls_certificates(pem));
         }
+        // Few, quick retries inside the client (its defaults wait over a second between them):
+        // every call has its own budget above, and a failover's new master should be found
+        // as soon as the cluster reports it.
         let client = builder
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
+            .retries(2)
+            .min_retry_wait(20)
+            .max_retry_wait(200)
             .build()
             .map_err(backend_error)?;
         let conn = client.get_async_connection().await.map_err(backend_error)?;

@@ -727,7 +727,10 @@ impl RedisCluster {
     pub fn start_with_replicas(replicas: usize) -> RedisCluster {
         let nodes: Vec<Redis> = (0..3 * (1 + replicas))
             .map(|_| {
-                let port = free_port();
+                // A cluster node also listens on its port + 10000 (the cluster bus).
+                let port = std::iter::repeat_with(free_port)
+                    .find(|p| *p <= 55_000)
+                    .expect("a free port");
                 let port_text = port.to_string();
                 let args = [
                     "--port",
