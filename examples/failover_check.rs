@@ -257,7 +257,8 @@ async fn main() {
     }
     let series: Vec<String> = (0..24)
         .map(|i| {
-            let from = ok_at.saturating_sub(Duration::from_secs(1)) + Duration::from_millis(250) * i;
+            let from =
+                ok_at.saturating_sub(Duration::from_secs(1)) + Duration::from_millis(250) * i;
             let count = reads
                 .iter()
                 .filter(|o| o.started >= from && o.started < from + Duration::from_millis(250))

@@ -759,11 +759,20 @@ async fn large_entries_are_compressed_in_redis() {
     assert_eq!(upstream.served("GET /__bytes/{n}").await, 1);
 }
 
+/// With `may_serve_stale_for`, the in-process tier keeps serving when Redis is gone (another
+/// instance's write may then go unseen here for that long).
 #[tokio::test]
 async fn without_redis_the_cache_keeps_working_in_process() {
     let redis = common::Redis::start();
     let upstream = Upstream::start();
-    let gw = gateway_on_redis(&upstream, free_port(), &redis);
+    let gw = gateway(
+        &upstream,
+        free_port(),
+        &format!(
+            "[store]\nredis_url = \"{}\"\ntimeout = \"200ms\"\nmay_serve_stale_for = \"1m\"\n[[routes]]\npath = \"/products/{{id}}\"\ncache = {{ ttl = \"30s\" }}\n",
+            redis.url()
+        ),
+    );
     assert_eq!(x_cache(&get(&gw, "/products/5", &[]).await), "MISS");
     drop(redis);
     for id in [5, 6] {
@@ -781,6 +790,30 @@ async fn without_redis_the_cache_keeps_working_in_process() {
     );
     assert_eq!(x_cache(&get(&gw, "/products/6", &[]).await), "HIT");
     assert_eq!(upstream.served("GET /products/{id}").await, 2);
+}
+
+/// Strict coherence (the default): with Redis gone, this instance cannot know whether another
+/// wrote, so its in-process entries are not served — every read still answers, from the origin.
+#[tokio::test]
+async fn without_redis_strict_coherence_serves_from_the_origin() {
+    let redis = common::Redis::start();
+    let upstream = Upstream::start();
+    let gw = gateway_on_redis(&upstream, free_port(), &redis);
+    assert_eq!(x_cache(&get(&gw, "/products/5", &[]).await), "MISS");
+    assert_eq!(x_cache(&get(&gw, "/products/5", &[]).await), "HIT");
+    drop(redis);
+    // The lease (500 ms) runs out.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..3 {
+        let resp = get(&gw, "/products/5", &[]).await;
+        assert_eq!(resp.status, StatusCode::OK, "no client sees an error");
+        assert_ne!(
+            x_cache(&resp),
+            "HIT",
+            "nothing served that cannot be verified"
+        );
+    }
+    assert_eq!(upstream.served("GET /products/{id}").await, 4);
 }
 
 #[tokio::test]

@@ -214,7 +214,10 @@ impl Lease {
     /// The subscription was lost or a purge was missed: stop trusting what is known now, and
     /// forget renewals in flight (they proved nothing about the purges to come).
     pub fn lose(&self) {
-        self.until_ms.store(0, Ordering::Release);
+        // With `may_serve_stale_for`, what is held may still be served for that long.
+        let grace = self.settings.may_serve_stale_for.as_millis() as u64;
+        let until = if grace == 0 { 0 } else { self.now_ms() + grace };
+        self.until_ms.fetch_min(until, Ordering::AcqRel);
         *self.waiting.lock().expect("lease poisoned") = None;
         self.observe();
     }

@@ -927,9 +927,11 @@ async fn listen(
             }
             Some(PurgeEvent::Unsubscribed) => {
                 // Until the state is read again, entries are not served on what Redis says
-                // either: it may have lost its data.
+                // either: it may have lost its data (unless stale answers are allowed).
                 purger.lease.lose();
-                purger.marks.synced.store(false, Ordering::Release);
+                if purger.lease.settings().strict() {
+                    purger.marks.synced.store(false, Ordering::Release);
+                }
             }
             Some(PurgeEvent::Purged {
                 seq,
