@@ -453,6 +453,10 @@ async fn a_write_while_redis_stalls_is_held_until_redis_takes_its_purge() {
     ready(&b).await;
     warm(&b, "/products/5").await;
     let before = get(&b, "/products/5").await.json()["stock"].clone();
+    let admin = |path: &str| format!("http://127.0.0.1:{}{path}", b.admin_port());
+    let status = Client::new().get(&admin("/status.json")).await.json();
+    assert_eq!(status["store"]["coherent"], true, "{status}");
+    assert!(metric(&b, "cachegate_coherent 1").await);
 
     redis.process.signal("STOP");
     let started = Instant::now();
@@ -465,6 +469,9 @@ async fn a_write_while_redis_stalls_is_held_until_redis_takes_its_purge() {
     assert!(!write.is_finished(), "the write is held while Redis stalls");
     let during = get(&b, "/products/5").await;
     assert_ne!(x_cache(&during), "HIT", "B serves nothing it cannot verify");
+    let readyz = Client::new().get(&admin("/readyz")).await.json();
+    assert_eq!(readyz["coherent"], false, "{readyz}");
+    assert!(metric(&b, "cachegate_coherent 0").await);
     redis.process.signal("CONT");
 
     let written = write.await.unwrap();

@@ -492,6 +492,12 @@ impl Cache {
         let mut lease = false;
         let flight = match self.join_flight(&primary) {
             None => None,
+            // Without its coherence lease this instance could not serve another instance's
+            // entry unverified (and verifying fails while Redis does): waiting for one would only
+            // hold the read until the other's lease ends. Fetch instead.
+            Some(Flight::Leader(guard)) if fetching && self.purger.coherent() == Some(false) => {
+                Some(guard)
+            }
             Some(Flight::Leader(guard)) if fetching => {
                 lease = self.take_lease(&primary).await;
                 if !lease {

@@ -156,6 +156,10 @@ impl Cache {
         let deadline = tokio::time::Instant::now() + LEASE_TTL;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LEASE_POLL).await;
+            if self.purger.coherent() == Some(false) {
+                // The other's entry could not be served here now (see `Cache::decide`).
+                return None;
+            }
             if let Lookup::Hit(found) = self.lookup(policy, request).await {
                 return Some(found);
             }
