@@ -492,10 +492,9 @@ impl Cache {
         let mut lease = false;
         let flight = match self.join_flight(&primary) {
             None => None,
-            // Without its coherence lease this instance could not serve another instance's
-            // entry unverified (and verifying fails while Redis does): waiting for one would only
-            // hold the read until the other's lease ends. Fetch instead.
-            Some(Flight::Leader(guard)) if fetching && self.purger.coherent() == Some(false) => {
+            // Waiting for another instance's entry that could not be used or stored would only
+            // hold the read until the other's fill lease ends: fetch instead.
+            Some(Flight::Leader(guard)) if fetching && !self.may_wait_for_others(&primary) => {
                 Some(guard)
             }
             Some(Flight::Leader(guard)) if fetching => {
@@ -526,6 +525,16 @@ impl Cache {
             flight,
             lease,
         }
+    }
+
+    /// Whether waiting for another instance's fill can pay off: not while this instance has no
+    /// coherence lease (it could not serve the other's entry unverified), nor while the shared
+    /// tier's node for the entry is failing (the other could not store it).
+    fn may_wait_for_others(&self, primary: &CacheKey) -> bool {
+        let Some(store) = &self.shared else {
+            return true;
+        };
+        self.purger.coherent() != Some(false) && !store.is_failing(&shared::entry_key(primary))
     }
 
     /// The age of an entry now, in seconds: its age when stored plus its time here.

@@ -50,6 +50,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Whether every gateway instance sees what this store holds (Redis), so cache entries and
     /// purges go through it; an in-process store is this instance's alone.
     fn is_shared(&self) -> bool;
+    /// Whether calls on `key` are being refused for repeated failures (its circuit, on a
+    /// cluster its node's, is open): callers skip work that needs the key.
+    fn is_failing(&self, _key: &str) -> bool {
+        false
+    }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
     /// Stores `value` under `key` for `ttl`, replacing any previous value.
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError>;

@@ -193,8 +193,28 @@ fn tls_certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
     }
 }
 
+/// What a Redis error means for the caller: the store (or, on a cluster, a node) is not there —
+/// counted by the circuit breaker —, or it answered with an error.
 fn backend_error(e: RedisError) -> StoreError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    use redis::{ErrorKind, ServerErrorKind};
+    // A cluster mid-failover answers with these (or the client finds no connection for the
+    // slot) until the replica takes over: the node is unavailable, not the request wrong.
+    let failing_over = e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::MasterDown
+                        | ServerErrorKind::BusyLoading
+                        | ServerErrorKind::ReadOnly
+                )
+        );
+    if failing_over
+        || e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+    {
         StoreError::Unavailable(e.to_string())
     } else {
         StoreError::Backend(e.to_string())
@@ -595,8 +615,15 @@ async fn watch_health(store: Weak<RedisStore>) {
             }
             (Ok(()), true) => {}
         }
+        // While a node's circuit is open, look at the slots often: a failover's new master
+        // gets a fresh circuit as soon as the cluster names it.
+        let pause = if strong.circuit_open() {
+            Duration::from_millis(250)
+        } else {
+            HEALTH_INTERVAL
+        };
         drop(strong);
-        tokio::time::sleep(HEALTH_INTERVAL).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -625,6 +652,10 @@ impl Store for RedisStore {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn is_failing(&self, key: &str) -> bool {
+        self.circuit_for(key).is_open()
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
