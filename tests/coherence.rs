@@ -250,69 +250,60 @@ async fn four_gateways(upstream: &Upstream, store: &str) -> Vec<Arc<Gateway>> {
     gateways
 }
 
-/// The master holding the purge sequence dies: writes wait for the replica to take over, and
-/// no instance serves what a returned write replaced.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn no_stale_read_while_the_purge_master_fails_over() {
-    let mut cluster = RedisCluster::start_with_replicas(1);
+/// Four instances on a six-node cluster, writers and readers for 12 s, and at 3 s the master
+/// `pick` chooses is SIGKILLed. Returns what the run saw, the instances, the cluster and the
+/// victim's index.
+async fn run_with_a_master_killed(
+    pick: impl FnOnce(&RedisCluster) -> usize,
+) -> (Run, Vec<Arc<Gateway>>, RedisCluster, usize) {
+    let cluster = RedisCluster::start_with_replicas(1);
     let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "5"]);
     let gateways = four_gateways(&upstream, &on_cluster(&cluster)).await;
-    let victim = cluster.master_of("{cachegate-purge}:seq");
+    let victim = pick(&cluster);
     let pid = cluster.nodes[victim].process.pid();
     let (run, ()) = check(
         &gateways,
         Duration::from_secs(12),
         Duration::from_secs(3),
-        move || {
-            std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status()
-                .expect("kill");
-        },
+        move || kill(pid),
     )
     .await;
+    (run, gateways, cluster, victim)
+}
+
+/// The master holding the purge sequence dies: writes wait for the replica to take over, and
+/// no instance serves what a returned write replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_stale_read_while_the_purge_master_fails_over() {
+    let (run, gateways, cluster, victim) =
+        run_with_a_master_killed(|cluster| cluster.master_of("{cachegate-purge}:seq")).await;
     assert!(
         cluster.wait_ok(&[victim], Duration::from_secs(10)),
         "the replica took over"
     );
     assert_ne!(cluster.master_of("{cachegate-purge}:seq"), victim);
     run.assert_coherent("purge master killed", &gateways);
-    cluster.nodes.remove(victim);
 }
 
 /// A master holding cache entries (not the purge sequence) dies: the rest of the cluster keeps
 /// working, and no instance serves what a returned write replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_stale_read_while_another_master_fails_over() {
-    let mut cluster = RedisCluster::start_with_replicas(1);
-    let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "5"]);
-    let gateways = four_gateways(&upstream, &on_cluster(&cluster)).await;
-    let purge_master = cluster.master_of("{cachegate-purge}:seq");
-    let victim = (0..cluster.nodes.len())
-        .find(|&i| {
-            i != purge_master
-                && cluster.nodes[i]
-                    .cli(&["CLUSTER", "NODES"])
-                    .lines()
-                    .any(|l| l.contains("myself") && l.contains("master"))
-        })
-        .expect("another master");
-    let pid = cluster.nodes[victim].process.pid();
-    let (run, ()) = check(
-        &gateways,
-        Duration::from_secs(12),
-        Duration::from_secs(3),
-        move || {
-            std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status()
-                .expect("kill");
-        },
-    )
+    let (run, gateways, cluster, victim) = run_with_a_master_killed(|cluster| {
+        let purge_master = cluster.master_of("{cachegate-purge}:seq");
+        (0..cluster.nodes.len())
+            .find(|&i| {
+                i != purge_master
+                    && cluster.nodes[i]
+                        .cli(&["CLUSTER", "NODES"])
+                        .lines()
+                        .any(|l| l.contains("myself") && l.contains("master"))
+            })
+            .expect("another master")
+    })
     .await;
     assert!(cluster.wait_ok(&[victim], Duration::from_secs(10)));
     run.assert_coherent("another master killed", &gateways);
-    cluster.nodes.remove(victim);
 }
 
 fn on_redis(port: u16) -> String {
