@@ -672,6 +672,71 @@ cache = { ttl = "60s" }
     );
 }
 
+/// How many times the gateway matched a path against its routes (debug builds report it).
+async fn route_matches(gw: &Gateway) -> u64 {
+    let url = format!("http://127.0.0.1:{}/status.json", gw.admin_port());
+    let status = Client::new().get(&url).await.json();
+    status["debug"]["route_matches"]
+        .as_u64()
+        .expect("debug builds report debug.route_matches")
+}
+
+#[tokio::test]
+async fn every_request_matches_its_route_once() {
+    let upstream = Upstream::start();
+    let gw = gateway(
+        &upstream,
+        "",
+        r#"
+[[routes]]
+path = "/products"
+methods = ["GET", "HEAD"]
+cache = { ttl = "60s", tags = ["products"] }
+[[routes]]
+path = "/products"
+methods = ["POST"]
+purge = { tags = ["products"] }
+[[routes]]
+path = "/products/{id:int}"
+methods = ["GET", "HEAD"]
+cache = { ttl = "60s", tags = ["product:{id}"] }
+[[routes]]
+path = "/products/{id:int}"
+methods = ["PUT", "PATCH", "DELETE"]
+purge = { paths = ["/products"], tags = ["product:{id}"], write_through = true }
+"#,
+    );
+    ready(&gw).await;
+    let before = route_matches(&gw).await;
+    // A miss, a hit, a write that purges by path and tag and writes through, a read of what it
+    // wrote, and a write the route refuses: one match each.
+    get(&gw, "/products/1").await;
+    assert_eq!(x_cache(&get(&gw, "/products/01").await), "HIT");
+    let patched = send(&gw, Method::PATCH, "/products/1", r#"{"stock": 3}"#).await;
+    assert_eq!(patched.status, StatusCode::OK);
+    assert_eq!(x_cache(&get(&gw, "/products/1").await), "HIT");
+    get(&gw, "/products").await;
+    assert_eq!(
+        route_matches(&gw).await - before,
+        5,
+        "one match per request"
+    );
+
+    // A create names another path in `Location`: that path is matched too (for its canonical
+    // form), the request's own path still once.
+    let before = route_matches(&gw).await;
+    let created = send(
+        &gw,
+        Method::POST,
+        "/products",
+        r#"{"name": "N", "description": "d", "price": 1, "stock": 1}"#,
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert!(created.header("location").is_some());
+    assert_eq!(route_matches(&gw).await - before, 2);
+}
+
 #[tokio::test]
 async fn the_purge_method_on_the_main_port_is_off_unless_configured_and_needs_the_token() {
     let upstream = Upstream::start();

@@ -143,7 +143,8 @@ pub fn snapshot(cache: &Cache, store: &dyn Store, purger: &Purger, started: Inst
             })
         })
         .collect();
-    json!({
+    #[allow(unused_mut)]
+    let mut status = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "now_ms": unix_ms(SystemTime::now()),
         "uptime_secs": started.elapsed().as_secs(),
@@ -157,5 +158,12 @@ pub fn snapshot(cache: &Cache, store: &dyn Store, purger: &Purger, started: Inst
             "incoherent_seconds": m.incoherent_seconds.get(),
         },
         "purges": purges,
-    })
+    });
+    // Debug builds only: how often paths were matched, so a test can prove one match a request.
+    #[cfg(debug_assertions)]
+    {
+        let matches = crate::routing::MATCHES.load(std::sync::atomic::Ordering::Relaxed);
+        status["debug"] = json!({ "route_matches": matches });
+    }
+    status
 }

@@ -134,12 +134,15 @@ fn not_modified(req: &Parts, entry: &Entry) -> bool {
 /// stale-while-revalidate, or filled by the request this one waited for) is answered here.
 pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> Step {
     let snapshot = ctx.snapshot.clone();
-    let Some(policy) = &snapshot.routes.policy(ctx.route).cache else {
+    let Some(policy) = &snapshot.routes.policy(ctx.route.id).cache else {
         return ControlFlow::Continue(());
     };
     if !policy.tags.is_empty() {
-        let params = snapshot.routes.params(req.uri.path());
-        ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
+        ctx.cache_tags = policy
+            .tags
+            .iter()
+            .map(|t| t.expand(&ctx.route.params))
+            .collect();
     }
     let decision = cache.decide(policy, &cache_request(req, ctx)).await;
     match decision {
@@ -206,7 +209,7 @@ pub fn needs_request_headers(ctx: &RequestCtx) -> bool {
 fn count(ctx: &RequestCtx, result: &str, tier: &str) {
     ctx.snapshot
         .routes
-        .metrics(ctx.route)
+        .metrics(ctx.route.id)
         .cache_result(result, tier);
 }
 
@@ -313,7 +316,7 @@ pub fn on_response(
     response: &mut http::response::Parts,
 ) -> Option<Response<Body>> {
     let snapshot = ctx.snapshot.clone();
-    let policy = snapshot.routes.policy(ctx.route).cache.as_ref()?;
+    let policy = snapshot.routes.policy(ctx.route.id).cache.as_ref()?;
     match &ctx.cache {
         CachePhase::Miss(miss) => {
             let (primary, start) = (miss.primary.clone(), miss.start);

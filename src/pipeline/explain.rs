@@ -189,7 +189,7 @@ pub async fn explain(
         return Ok(report);
     }
     report.canonical_path = Some(head.uri.path().to_owned());
-    report.route = ctx.route.map(|id| {
+    report.route = ctx.route.id.map(|id| {
         let route = snapshot.routes.route(id);
         RouteReport {
             name: route.name.clone(),
@@ -197,7 +197,7 @@ pub async fn explain(
         }
     });
     Gateway::identify_and_sanitize(&mut head, &mut ctx);
-    let policy = snapshot.routes.policy(ctx.route);
+    let policy = snapshot.routes.policy(ctx.route.id);
 
     let (auth, refused) = explain_auth(&snapshot, &policy.auth, &mut head, &mut ctx).await;
     report.auth = Some(auth);
@@ -230,8 +230,11 @@ pub async fn explain(
 
     if let Some(rule) = &policy.cache {
         if !rule.tags.is_empty() {
-            let params = snapshot.routes.params(head.uri.path());
-            ctx.cache_tags = rule.tags.iter().map(|t| t.expand(&params)).collect();
+            ctx.cache_tags = rule
+                .tags
+                .iter()
+                .map(|t| t.expand(&ctx.route.params))
+                .collect();
         }
         let request = caching::cache_request(&head, &ctx);
         let admitted = Cache::admit(rule, &request);
@@ -275,8 +278,7 @@ pub async fn explain(
     }
 
     if purge::is_write(&head.method) {
-        let path = head.uri.path();
-        let mut keys = policy.purge.keys_for(path, || snapshot.routes.params(path));
+        let mut keys = policy.purge.keys_for(head.uri.path(), &ctx.route.params);
         keys.sort_unstable();
         keys.dedup();
         report.purge = Some(PurgeReport {

@@ -39,7 +39,7 @@ use crate::problem::Problem;
 use crate::purge::Purger;
 use crate::ratelimit::{Limiter, RequestFacts, Verdict};
 use crate::routing::canonical::{canonical_method, canonical_path};
-use crate::routing::RouteId;
+use crate::routing::Matched;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::body::RequestBody;
 use crate::upstream::UpstreamError;
@@ -84,7 +84,9 @@ pub struct RequestCtx {
     /// The configuration this request runs on, from start to end.
     pub snapshot: Arc<Snapshot>,
     pub request_id: String,
-    pub route: Option<RouteId>,
+    /// The route step's match (route, read route, path parameters): made once, read by every
+    /// later step.
+    pub route: Matched,
     /// The client's address: the peer, or what a trusted proxy says.
     pub client_ip: IpAddr,
     pub connection: Connection,
@@ -124,7 +126,7 @@ impl RequestCtx {
             trace,
             snapshot,
             request_id,
-            route: None,
+            route: Matched::default(),
             client_ip: connection.peer.ip(),
             connection,
             rate_limit: None,
@@ -155,12 +157,13 @@ impl RequestCtx {
 
     /// The policy the request runs under: its route's, or the defaults'.
     pub fn route_policy(&self) -> &crate::routing::Policy {
-        self.snapshot.routes.policy(self.route)
+        self.snapshot.routes.policy(self.route.id)
     }
 
     /// The matched route's name, `-` when none matched.
     pub fn route_name(&self) -> &str {
         self.route
+            .id
             .map_or("-", |id| self.snapshot.routes.route(id).name.as_str())
     }
 
@@ -448,8 +451,8 @@ impl Gateway {
                 return ControlFlow::Break(respond::problem(ctx, problem));
             }
         }
-        ctx.route = resolution.route;
-        if ctx.route.is_some() || ctx.snapshot.routes.unmatched == Unmatched::Pass {
+        ctx.route = resolution.matched;
+        if ctx.route.id.is_some() || ctx.snapshot.routes.unmatched == Unmatched::Pass {
             return ControlFlow::Continue(());
         }
         let problem = if resolution.allowed.is_empty() {
@@ -496,7 +499,7 @@ impl Gateway {
         let Some(authenticator) = &snapshot.auth else {
             return ControlFlow::Continue(());
         };
-        let policy = &snapshot.routes.policy(ctx.route).auth;
+        let policy = &snapshot.routes.policy(ctx.route.id).auth;
         // An address that has failed too often may not try new tokens for a while.
         let guarded =
             policy.mode != crate::config::AuthMode::None && self.limiter.limits_auth_failures();
@@ -536,7 +539,7 @@ impl Gateway {
     /// itself when one is exhausted.
     async fn rate_limit(&self, head: &Parts, ctx: &mut RequestCtx) -> Step {
         let snapshot = ctx.snapshot.clone();
-        let Some(policy) = &snapshot.routes.policy(ctx.route).rate_limit else {
+        let Some(policy) = &snapshot.routes.policy(ctx.route.id).rate_limit else {
             return ControlFlow::Continue(());
         };
         let facts = RequestFacts {
@@ -791,7 +794,7 @@ fn sanitize(head: &mut Parts, ctx: &RequestCtx, trusted_peer: bool) {
     let snapshot = &ctx.snapshot;
     let vary = snapshot
         .routes
-        .policy(ctx.route)
+        .policy(ctx.route.id)
         .cache
         .as_ref()
         .map_or(&[][..], |c| c.vary.as_slice());
@@ -800,7 +803,7 @@ fn sanitize(head: &mut Parts, ctx: &RequestCtx, trusted_peer: bool) {
             || vary.iter().any(|h| h == name)
     };
     // Only the protocols the route allows may be asked of the origin (never h2c).
-    let allowed = &snapshot.routes.policy(ctx.route).upgrades;
+    let allowed = &snapshot.routes.policy(ctx.route.id).upgrades;
     let upgrade =
         forwarding::filter_upgrade(&mut head.headers, allowed) && RequestCtx::is_upgrade(head);
     forwarding::sanitize_request(

@@ -31,12 +31,12 @@ pub async fn on_response(
         return;
     }
     let snapshot = ctx.snapshot.clone();
-    let rule = &snapshot.routes.policy(ctx.route).purge;
+    let rule = &snapshot.routes.policy(ctx.route.id).purge;
     if !rule.triggers(response.status.as_u16()) {
         return;
     }
     let path = req.uri.path();
-    let mut keys = rule.keys_for(path, || snapshot.routes.params(path));
+    let mut keys = rule.keys_for(path, &ctx.route.params);
     keys.extend(purge::invalidated_tags(&response.headers).map(|t| tag_key(&t)));
     let host = request_host(req);
     for name in [LOCATION, CONTENT_LOCATION] {
@@ -58,10 +58,11 @@ pub async fn on_response(
 /// Whether a write-through may need the client's request headers after the origin answered: a
 /// `PUT` or `PATCH` to a path whose reads are cached.
 pub fn may_write_through(req: &Parts, ctx: &RequestCtx) -> bool {
-    let routes = &ctx.snapshot.routes;
     matches!(req.method, Method::PUT | Method::PATCH)
-        && routes
-            .policy(routes.find(&Method::GET, req.uri.path()))
+        && ctx
+            .snapshot
+            .routes
+            .policy(ctx.route.read_id)
             .cache
             .is_some()
 }
@@ -93,13 +94,15 @@ fn write_through(
         return;
     }
     let snapshot = ctx.snapshot.clone();
-    let read_route = snapshot.routes.find(&Method::GET, path);
-    let Some(policy) = &snapshot.routes.policy(read_route).cache else {
+    let Some(policy) = &snapshot.routes.policy(ctx.route.read_id).cache else {
         return;
     };
     if !policy.tags.is_empty() {
-        let params = snapshot.routes.params(path);
-        ctx.cache_tags = policy.tags.iter().map(|t| t.expand(&params)).collect();
+        ctx.cache_tags = policy
+            .tags
+            .iter()
+            .map(|t| t.expand(&ctx.route.params))
+            .collect();
     }
     super::caching::write_through(cache, req, ctx, policy, response, seq);
 }

@@ -18,7 +18,7 @@ pub fn finish(mut f: Finish) {
     let duration = ctx.started.elapsed();
 
     let m = metrics();
-    let route_metrics = ctx.snapshot.routes.metrics(ctx.route);
+    let route_metrics = ctx.snapshot.routes.metrics(ctx.route.id);
     route_metrics.request(&f.method, f.status, duration);
     if let Some(upstream) = ctx.upstream_elapsed {
         route_metrics.upstream(upstream);

@@ -174,21 +174,19 @@ impl PurgeRule {
     }
 
     /// The keys a triggering write to `path` purges by the rule alone: the path itself, and the
-    /// rule's paths and tags filled in from the path's parameters (`params` is asked only when
-    /// the rule has templates). The origin's answer can add more (`Cache-Group-Invalidation`,
+    /// rule's paths and tags filled in from the path's parameters (the route step's
+    /// [`crate::routing::Matched::params`]). The origin's answer can add more (`Cache-Group-Invalidation`,
     /// `Location`).
-    pub fn keys_for(
-        &self,
-        path: &str,
-        params: impl FnOnce() -> Vec<(String, String)>,
-    ) -> Vec<String> {
+    pub fn keys_for(&self, path: &str, params: &[(String, String)]) -> Vec<String> {
         let mut keys = vec![path_key(path)];
-        if !self.paths.is_empty() || !self.tags.is_empty() {
-            let params = params();
-            keys.extend(self.paths.iter().map(|t| path_key(&t.expand(&params))));
-            keys.extend(self.tags.iter().map(|t| tag_key(&t.expand(&params))));
-        }
+        keys.extend(self.paths.iter().map(|t| path_key(&t.expand(params))));
+        keys.extend(self.tags.iter().map(|t| tag_key(&t.expand(params))));
         keys
+    }
+
+    /// Whether [`PurgeRule::keys_for`] reads the path's parameters.
+    pub fn expands_params(&self) -> bool {
+        !self.paths.is_empty() || !self.tags.is_empty()
     }
 
     /// When a write purges, in words (for `cachegate explain`).

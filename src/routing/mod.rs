@@ -6,7 +6,10 @@
 //! `7`, so the gateway rewrites the path to `/products/7` before anything keys on it, and a write
 //! to `/products/07` purges what a read of `/products/7` cached.
 //!
-//! Every later phase reads the matched route's policy; nothing re-matches paths.
+//! The pipeline's route step calls [`RouteTable::resolve`] once per request; its [`Matched`]
+//! (the route, the route a read of the same path takes, the path's parameters) travels with the
+//! request, and every later step — tags, purges, write-through — reads it instead of matching
+//! again. Only a *different* path (a `Location` target) is matched on its own.
 
 pub mod canonical;
 
@@ -188,6 +191,21 @@ impl CompiledTemplate {
         })
     }
 
+    /// The parameters of a path that matched this template, typed ones in canonical form.
+    fn canonical_params(&self, params: &matchit::Params<'_, '_>) -> Vec<(String, String)> {
+        params
+            .iter()
+            .map(|(name, value)| {
+                let typed = self.types.iter().find(|(n, _)| n == name);
+                let value = match typed {
+                    Some((_, ParamType::Int)) => canonical_int(value).unwrap_or(value.into()),
+                    _ => value.into(),
+                };
+                (name.to_owned(), value.into_owned())
+            })
+            .collect()
+    }
+
     /// `path` (which matched this template) with its typed parameters in canonical form, when
     /// that differs from the path as it came.
     fn rewrite(&self, params: &matchit::Params<'_, '_>) -> Option<String> {
@@ -298,13 +316,41 @@ pub type RouteId = usize;
 struct TemplateRoutes {
     ids: Vec<RouteId>,
     template: CompiledTemplate,
+    /// Some route here expands its parameters (cache tags, purge paths or tags): the match
+    /// keeps them.
+    wants_params: bool,
+    /// The route a `GET` of this template takes: the read a write here purges or writes through.
+    read_route: Option<RouteId>,
+}
+
+/// One request's match, made once by the route step and carried with the request.
+#[derive(Debug, Default, Clone)]
+pub struct Matched {
+    /// The matched route; `None` for the defaults.
+    pub id: Option<RouteId>,
+    /// The route a `GET` of the same path takes (whose cache a write purges and writes through).
+    pub read_id: Option<RouteId>,
+    /// The path's parameters (name, canonical value), kept when a route on the template expands
+    /// them; empty otherwise.
+    pub params: Vec<(String, String)>,
+}
+
+/// How many times this process matched a path against the router. Debug builds only: it lets a
+/// test prove that a request is matched once.
+#[cfg(debug_assertions)]
+pub static MATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[inline]
+fn count_match() {
+    #[cfg(debug_assertions)]
+    MATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Where a request's canonical path and method lead.
 #[derive(Debug, Default)]
 pub struct Resolution {
-    /// The matched route; `None` for the defaults.
-    pub route: Option<RouteId>,
+    /// The matched route, the read route and the parameters.
+    pub matched: Matched,
     /// The path with its typed parameters in canonical form, when that changed it.
     pub rewritten: Option<String>,
     /// When the path matched a template but no route there takes the method: the methods that
@@ -411,7 +457,9 @@ impl RouteTable {
                 .iter_mut()
                 .find(|t| t.template.path == compiled.path)
             {
-                Some(TemplateRoutes { ids, template: t }) => {
+                Some(TemplateRoutes {
+                    ids, template: t, ..
+                }) => {
                     if t.trailing_slash != compiled.trailing_slash {
                         errors.push(SpanError::new(
                             config.path.span(),
@@ -449,12 +497,26 @@ impl RouteTable {
                 None => by_template.push(TemplateRoutes {
                     ids: vec![id],
                     template: compiled,
+                    wants_params: false,
+                    read_route: None,
                 }),
             }
             spans.push(config.path.span());
             routes.push(route);
         }
 
+        for entry in &mut by_template {
+            entry.read_route = entry
+                .ids
+                .iter()
+                .copied()
+                .find(|&id| routes[id].accepts(&Method::GET));
+            entry.wants_params = entry.ids.iter().any(|&id| {
+                let policy = &routes[id].policy;
+                policy.cache.as_ref().is_some_and(|c| !c.tags.is_empty())
+                    || policy.purge.expands_params()
+            });
+        }
         let warnings = slash_conventions(&by_template, &routes, &spans);
         let mut router = matchit::Router::new();
         for entry in by_template {
@@ -496,8 +558,10 @@ impl RouteTable {
     }
 
     /// Routes a request by its canonical path: the route, the path with typed parameters in
-    /// canonical form, and, when only the method failed to match, the methods that would.
+    /// canonical form, and, when only the method failed to match, the methods that would. The
+    /// pipeline calls this once per request (see [`Matched`]).
     pub fn resolve(&self, method: &Method, path: &str) -> Resolution {
+        count_match();
         let Ok(matched) = self.router.at(path) else {
             return Resolution::default();
         };
@@ -520,39 +584,37 @@ impl RouteTable {
         } else {
             entry.template.rewrite(&matched.params)
         };
+        let params = if entry.wants_params {
+            entry.template.canonical_params(&matched.params)
+        } else {
+            Vec::new()
+        };
         Resolution {
-            route,
+            matched: Matched {
+                id: route,
+                read_id: entry.read_route,
+                params,
+            },
             rewritten,
             allowed,
             template_slash: Some(entry.template.trailing_slash),
         }
     }
 
-    /// The route for a canonical path, or `None` when the default policy applies.
-    pub fn find(&self, method: &Method, path: &str) -> Option<RouteId> {
-        self.resolve(method, path).route
-    }
-
-    /// A path as the gateway keys and purges it: canonical, with typed parameters rewritten.
-    /// `None` when the path has no canonical form.
+    /// Another path (a `Location` target, a path to purge) as the gateway keys and purges it:
+    /// canonical, with typed parameters rewritten. `None` when the path has no canonical form.
+    /// Matches that path: never call it for the request's own path, which the route step
+    /// already matched.
     pub fn canonical_target(&self, path: &str) -> Option<String> {
         let path = canonical::canonical_path(path, &self.paths).ok()?;
-        match self.resolve(&Method::GET, &path).rewritten {
-            Some(rewritten) => Some(rewritten),
-            None => Some(path.into_owned()),
-        }
-    }
-
-    /// The path parameters of `path` by the route template it matches (name, value).
-    pub fn params(&self, path: &str) -> Vec<(String, String)> {
-        match self.router.at(path) {
-            Ok(matched) => matched
-                .params
-                .iter()
-                .map(|(name, value)| (name.to_owned(), value.to_owned()))
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        count_match();
+        let rewritten = self.router.at(&path).ok().and_then(|matched| {
+            let template = &matched.value.template;
+            (!template.types.is_empty())
+                .then(|| template.rewrite(&matched.params))
+                .flatten()
+        });
+        Some(rewritten.unwrap_or_else(|| path.into_owned()))
     }
 
     pub fn route(&self, id: RouteId) -> &Route {
@@ -732,13 +794,28 @@ mod tests {
             PathRules::default(),
         )
         .unwrap();
-        assert_eq!(table.find(&Method::GET, "/products/7"), Some(1));
-        assert_eq!(table.find(&Method::DELETE, "/products/7"), Some(2));
-        assert_eq!(table.find(&Method::POST, "/products/7"), None);
-        assert_eq!(table.find(&Method::GET, "/products/special"), Some(3));
-        assert_eq!(table.find(&Method::GET, "/files/a/b"), Some(0));
-        assert_eq!(table.find(&Method::GET, "/files/readme"), Some(4));
-        assert_eq!(table.find(&Method::GET, "/other"), None);
+        assert_eq!(
+            table.resolve(&Method::GET, "/products/7").matched.id,
+            Some(1)
+        );
+        assert_eq!(
+            table.resolve(&Method::DELETE, "/products/7").matched.id,
+            Some(2)
+        );
+        assert_eq!(table.resolve(&Method::POST, "/products/7").matched.id, None);
+        assert_eq!(
+            table.resolve(&Method::GET, "/products/special").matched.id,
+            Some(3)
+        );
+        assert_eq!(
+            table.resolve(&Method::GET, "/files/a/b").matched.id,
+            Some(0)
+        );
+        assert_eq!(
+            table.resolve(&Method::GET, "/files/readme").matched.id,
+            Some(4)
+        );
+        assert_eq!(table.resolve(&Method::GET, "/other").matched.id, None);
     }
 
     #[test]
@@ -785,7 +862,7 @@ mod tests {
                 .origin_path(canonical, sent_slash)
         };
         // One route and one key for both spellings; the origin gets the template's.
-        assert_eq!(table.find(&Method::GET, "/items"), Some(0));
+        assert_eq!(table.resolve(&Method::GET, "/items").matched.id, Some(0));
         assert_eq!(
             origin(&Method::GET, "/items", false).as_deref(),
             Some("/items/")
@@ -843,7 +920,7 @@ mod tests {
         )
         .unwrap();
         let r = table.resolve(&Method::PUT, "/products/007");
-        assert_eq!(r.route, Some(1));
+        assert_eq!(r.matched.id, Some(1));
         assert_eq!(r.rewritten.as_deref(), Some("/products/7"));
         assert_eq!(
             table
@@ -855,9 +932,12 @@ mod tests {
         assert_eq!(table.resolve(&Method::GET, "/products/7").rewritten, None);
         assert_eq!(table.resolve(&Method::GET, "/products/abc").rewritten, None);
         let r = table.resolve(&Method::DELETE, "/products/7");
-        assert_eq!((r.route, r.allowed), (None, vec![Method::GET, Method::PUT]));
         assert_eq!(
-            table.find(&Method::GET, "/files/a/b"),
+            (r.matched.id, r.allowed),
+            (None, vec![Method::GET, Method::PUT])
+        );
+        assert_eq!(
+            table.resolve(&Method::GET, "/files/a/b").matched.id,
             Some(2),
             "templates are folded too"
         );
