@@ -8,22 +8,26 @@
 //! - [`policy`]: a route's compiled cache rule.
 //! - [`memory`]: the in-process tier (L1).
 //! - [`range`]: byte ranges answered from a stored response.
+//! - [`txn`]: one request's transaction, from lookup to stored entry — what the pipeline drives.
+//! - [`serve`]: a stored entry as the response (conditions, ranges, labels).
+//! - [`refresh`]: stale-while-revalidate's background refresh, through an [`refresh::Origin`].
 //! - `shared`: the Redis tier (L2) and the fill leases between instances.
 //! - `coalesce`: one origin request per missed resource in process (flights, hit-for-miss).
 //! - `fill`: whether a response is stored, capturing it, storing it, `304` updates.
 //!
 //! This file is the facade: [`Cache::decide`] (lookup, then coalescing and leases) and the
-//! entry states.
+//! entry states; [`Cache::begin`] starts a request's [`txn::Transaction`].
 //!
 //! With Redis as the store, entries are also written to Redis (L2) in the [`entry`] encoding and
 //! shared by every gateway instance; an L2 hit fills L1. A corrupt or foreign L2 entry is a miss,
 //! and a slow or unreachable Redis only means L2 is skipped (the store's budget and circuit
 //! breaker bound the wait).
 //!
-//! The pipeline asks [`Cache::decide`] after authentication and rate limiting (so a refused
-//! request never touches the cache), serves hits itself, and on a miss lets the response stream
-//! to the client while [`Fill`] captures it (up to `max_object`) for [`Cache::store_local`] and
-//! [`Cache::store_shared`].
+//! The pipeline calls [`Cache::begin`] after authentication and rate limiting (so a refused
+//! request never touches the cache), sends the [`serve::Served`] entry of a hit, and on a miss
+//! hands the transaction the origin's response head and body chunks while it streams to the
+//! client; the transaction's [`Fill`] captures it (up to `max_object`) for
+//! [`Cache::store_local`] and [`Cache::store_shared`].
 //!
 //! Past freshness an entry goes through these states (RFC 9111 §4, RFC 5861):
 //! 1. inside `stale_while_revalidate`: served at once, and one background request refreshes it;
@@ -43,6 +47,9 @@ pub mod key;
 pub mod memory;
 pub mod policy;
 pub mod range;
+pub mod refresh;
+pub mod serve;
+pub mod txn;
 
 mod coalesce;
 mod fill;

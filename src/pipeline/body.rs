@@ -1,29 +1,29 @@
-//! The body of every response the gateway sends, and the end of every request.
+//! The body of every response the gateway sends, and the signal that ends every request.
 //!
 //! A response is either written by the gateway (hits, problems: `Full`) or streamed from the
-//! origin (`Upstream`), which may be captured for the cache on the way and whose connection goes
-//! back to its pool when the last byte has been read. Either way the body owns the request's
-//! [`Finish`]: when hyper drops the body — sent in full, or abandoned by a client that went away
-//! — the request's metrics and access-log line are written, its shared-tier write and fill lease
-//! are settled. So there is exactly one place a request ends, whatever path it took.
+//! origin (`Upstream`), whose connection goes back to its pool when the last byte has been read
+//! and which is cut off when the origin stalls past `read_timeout`. The body tells its
+//! [`Watcher`] — the request it belongs to — each origin chunk, the origin's clean end, and,
+//! when hyper drops it (sent in full, or abandoned by a client that went away), the
+//! [`Outcome`]. The pipeline's end step runs from that last call, so there is exactly one place
+//! a request ends, whatever path it took. This module depends on no other step.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 
-use super::{caching, telemetry, Gateway, RequestCtx};
 use crate::upstream::body::BoxError;
 use crate::upstream::pool::Pooled;
 
 /// A response body (see the module docs).
 pub struct Body {
     kind: Kind,
-    finish: Option<Box<Finish>>,
+    watcher: Option<Box<dyn Watcher>>,
+    outcome: Outcome,
 }
 
 enum Kind {
@@ -43,33 +43,42 @@ struct Streamed {
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// What ends a request: the context its steps filled in, and what was sent.
-pub struct Finish {
-    pub gateway: Arc<Gateway>,
-    pub ctx: RequestCtx,
-    pub status: u16,
-    pub method: http::Method,
-    pub uri: http::Uri,
+/// How a response body went, told to its [`Watcher`] when the body is dropped.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome {
     /// Body bytes handed to the client.
     pub sent: u64,
-    /// Why the exchange failed, when it did (a `cachegate_upstream_errors_total` kind).
+    /// Why the origin's body failed, when it did (a `cachegate_upstream_errors_total` kind).
     pub error: Option<&'static str>,
-    /// The response body ended cleanly (so what it filled may be shared).
+    /// The body ended cleanly (so what it filled may be shared).
     pub complete: bool,
+}
+
+/// What the request behind a response hears from its body. The body knows nothing of caches or
+/// logs: the pipeline's watcher turns these into the cache's capture and the request's end.
+pub trait Watcher: Send {
+    /// A chunk of the origin's body, on its way to the client.
+    fn data(&mut self, chunk: &Bytes);
+    /// The origin's body ended cleanly (before the client may have read it all).
+    fn end(&mut self);
+    /// The body is gone — sent, or abandoned by the client: the request is over.
+    fn done(self: Box<Self>, outcome: Outcome);
 }
 
 impl Body {
     pub fn full(bytes: Bytes) -> Body {
         Body {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
-            finish: None,
+            watcher: None,
+            outcome: Outcome::default(),
         }
     }
 
     pub fn empty() -> Body {
         Body {
             kind: Kind::Full(None),
-            finish: None,
+            watcher: None,
+            outcome: Outcome::default(),
         }
     }
 
@@ -89,26 +98,25 @@ impl Body {
                 read_timeout,
                 idle: None,
             })),
-            finish: None,
+            watcher: None,
+            outcome: Outcome::default(),
         }
     }
 
-    /// Attaches the request's end.
-    pub fn with_finish(mut self, mut finish: Box<Finish>) -> Body {
+    /// Attaches the request that watches this body.
+    pub fn watched_by(mut self, watcher: Box<dyn Watcher>) -> Body {
+        self.watcher = Some(watcher);
         match &self.kind {
-            Kind::Full(None) => finish.complete = true,
+            Kind::Full(None) => self.outcome.complete = true,
             Kind::Full(Some(_)) => {}
             // Nothing to stream (HEAD, 204, 304): done already, and hyper may never poll it.
             Kind::Upstream(streamed)
                 if streamed.first.is_none() && streamed.inner.is_end_stream() =>
             {
-                self.finish = Some(finish);
                 self.end_of_stream();
-                return self;
             }
             Kind::Upstream(_) => {}
         }
-        self.finish = Some(finish);
         self
     }
 }
@@ -127,10 +135,8 @@ impl hyper::body::Body for Body {
                 let Some(bytes) = bytes.take() else {
                     return Poll::Ready(None);
                 };
-                if let Some(f) = &mut this.finish {
-                    f.sent += bytes.len() as u64;
-                    f.complete = true;
-                }
+                this.outcome.sent += bytes.len() as u64;
+                this.outcome.complete = true;
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Kind::Upstream(streamed) => {
@@ -146,9 +152,7 @@ impl hyper::body::Body for Body {
                             .get_or_insert_with(|| Box::pin(tokio::time::sleep(read_timeout)));
                         if idle.as_mut().poll(cx).is_ready() {
                             streamed.connection = None;
-                            if let Some(f) = &mut this.finish {
-                                f.error = Some("ReadTimedout");
-                            }
+                            this.outcome.error = Some("ReadTimedout");
                             return Poll::Ready(Some(Err(
                                 "the origin's response body stalled past read_timeout".into(),
                             )));
@@ -157,9 +161,11 @@ impl hyper::body::Body for Body {
                     }
                     Poll::Ready(Some(Ok(frame))) => {
                         streamed.idle = None;
-                        if let (Some(data), Some(f)) = (frame.data_ref(), &mut this.finish) {
-                            f.sent += data.len() as u64;
-                            caching::on_body(&f.gateway.cache, &mut f.ctx, Some(data), false);
+                        if let Some(data) = frame.data_ref() {
+                            this.outcome.sent += data.len() as u64;
+                            if let Some(watcher) = &mut this.watcher {
+                                watcher.data(data);
+                            }
                         }
                         if streamed.inner.is_end_stream() {
                             this.end_of_stream();
@@ -172,9 +178,7 @@ impl hyper::body::Body for Body {
                     }
                     Poll::Ready(Some(Err(e))) => {
                         streamed.connection = None;
-                        if let Some(f) = &mut this.finish {
-                            f.error = Some("ReadError");
-                        }
+                        this.outcome.error = Some("ReadError");
                         Poll::Ready(Some(Err(Box::new(e))))
                     }
                 }
@@ -217,10 +221,10 @@ impl Body {
                 connection.release();
             }
         }
-        if let Some(f) = &mut self.finish {
-            if !f.complete {
-                f.complete = true;
-                caching::on_body(&f.gateway.cache, &mut f.ctx, None, true);
+        if !self.outcome.complete {
+            self.outcome.complete = true;
+            if let Some(watcher) = &mut self.watcher {
+                watcher.end();
             }
         }
     }
@@ -228,8 +232,8 @@ impl Body {
 
 impl Drop for Body {
     fn drop(&mut self) {
-        if let Some(finish) = self.finish.take() {
-            telemetry::finish(*finish);
+        if let Some(watcher) = self.watcher.take() {
+            watcher.done(self.outcome);
         }
     }
 }

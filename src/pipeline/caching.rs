@@ -1,85 +1,26 @@
-//! The cache step's glue: look up after rate limiting and answer hits (and `304`s) directly; on a
-//! miss, plan the fill from the origin's response and capture its body on the way to the client.
-//!
-//! When the origin's answer means "use what you have" — a `304` to a revalidation, or a 5xx while
-//! a stale-if-error entry is kept — [`on_response`] returns the stored entry's response instead
-//! of the origin's.
+//! The cache step's glue: the request as the cache sees it, and the cache's
+//! [`Transaction`](crate::cache::txn) driven at the pipeline's moments — lookup after rate
+//! limiting, the origin's failure or response head, the write-through of a write. Everything the
+//! cache decides stays in [`crate::cache`]; this file turns its answers into responses and
+//! metrics, and lends it the upstream for background refreshes.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use std::ops::ControlFlow;
-
-use http::header::{
-    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    LAST_MODIFIED, TRANSFER_ENCODING,
-};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
-use http::{Method, Response};
+use http::{HeaderMap, Response, Uri};
+use http_body_util::{BodyExt, Limited};
 
 use super::body::Body;
-use super::forwarding::{add_validators, request_host};
-use super::respond::{self, Serving, CACHE_STATUS, X_CACHE};
-use super::{RequestCtx, Step};
-use crate::cache::entry::Entry;
-use crate::cache::key::CacheKey;
-use crate::cache::range::{self, RangeAnswer};
-use crate::cache::{Cache, CacheRequest, Decision, Fill, FillStart, FlightGuard, Hit, SharedWrite};
-
-/// Where a request stands with the cache.
-#[derive(Default)]
-pub enum CachePhase {
-    /// The route has no cache rule.
-    #[default]
-    Off,
-    Bypass(crate::cache::Bypass),
-    Hit,
-    /// Served stale inside stale-while-revalidate (refreshed in the background).
-    Stale,
-    /// Forwarded to the origin.
-    Miss(Box<Miss>),
-}
-
-/// A request the cache forwarded to the origin.
-pub struct Miss {
-    primary: crate::cache::key::CacheKey,
-    /// When the request was forwarded, and the purge sequence then.
-    start: FillStart,
-    /// Captures the response when it may be stored.
-    fill: Option<Fill>,
-    /// Held while this request leads the fetch for its key. Dropped — waking the requests that
-    /// wait for it — as soon as its entry is stored, or the response turns out not storable.
-    flight: Option<FlightGuard>,
-    /// A stale entry still kept: revalidated with the origin when it has a validator, served
-    /// when the origin fails inside its stale-if-error window.
-    stale: Option<Arc<Entry>>,
-    /// The upstream request carries the stale entry's validators.
-    revalidating: bool,
-    /// This instance holds the cross-instance fill lease for the key.
-    lease: bool,
-    /// A stored entry answered instead of the origin's response: `Some(true)` the origin
-    /// confirmed it (`304`), `Some(false)` stale-if-error.
-    answered: Option<bool>,
-    /// Stored in process; to be written to the shared tier when the request ends.
-    shared_write: Option<SharedWrite>,
-}
-
-impl CachePhase {
-    /// For the access log.
-    pub fn label(&self) -> &'static str {
-        match self {
-            CachePhase::Off => "-",
-            CachePhase::Bypass(_) => "bypass",
-            CachePhase::Hit => "hit",
-            CachePhase::Stale => "stale",
-            CachePhase::Miss(miss) => match miss.answered {
-                Some(true) => "revalidated",
-                Some(false) => "stale",
-                None => "miss",
-            },
-        }
-    }
-}
+use super::forwarding::request_host;
+use super::{forwarding, respond, RequestCtx, Step};
+use crate::cache::refresh::{Fetched, Fetching, Origin, Refresh, RefreshError, RefreshRequest};
+use crate::cache::serve::Served;
+use crate::cache::txn::{Begun, RefreshTicket};
+use crate::cache::{Cache, CacheRequest};
+use crate::snapshot::Snapshot;
+use crate::upstream::body::RequestBody;
 
 /// Whether a request announces a body: a length above zero, or chunked framing.
 fn has_body(req: &Parts) -> bool {
@@ -90,6 +31,7 @@ fn has_body(req: &Parts) -> bool {
             .is_some_and(|v| v.as_bytes() != b"0")
 }
 
+/// The request as the cache sees it.
 pub(super) fn cache_request<'a>(req: &'a Parts, ctx: &'a RequestCtx) -> CacheRequest<'a> {
     CacheRequest {
         method: &req.method,
@@ -105,33 +47,8 @@ pub(super) fn cache_request<'a>(req: &'a Parts, ctx: &'a RequestCtx) -> CacheReq
     }
 }
 
-/// `If-None-Match` (weak comparison, RFC 9110 §13.1.2) or, without it, `If-Modified-Since`.
-fn not_modified(req: &Parts, entry: &Entry) -> bool {
-    if let Some(condition) = req.headers.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        let Some(etag) = entry.headers.get(ETAG).and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        let etag = etag.trim_start_matches("W/");
-        return condition
-            .split(',')
-            .map(str::trim)
-            .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag);
-    }
-    let since = req
-        .headers
-        .get(IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    let modified = entry
-        .headers
-        .get(LAST_MODIFIED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
-}
-
-/// Asks the cache ([`Cache::decide`], which owns coalescing and leases); a hit (fresh,
-/// stale-while-revalidate, or filled by the request this one waited for) is answered here.
+/// The cache step: begins the request's transaction; a hit (fresh, stale-while-revalidate, or
+/// filled by the request this one waited for) is answered here.
 pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> Step {
     let snapshot = ctx.snapshot.clone();
     let Some(policy) = &snapshot.routes.policy(ctx.route.id).cache else {
@@ -144,66 +61,27 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             .map(|t| t.expand(&ctx.route.params))
             .collect();
     }
-    let decision = cache.decide(policy, &cache_request(req, ctx)).await;
-    match decision {
-        Decision::Hit(hit) => {
-            count(ctx, "hit", hit.tier);
-            ctx.cache = CachePhase::Hit;
-            ControlFlow::Break(serve_hit(req, ctx, hit, false))
-        }
-        Decision::Stale {
-            hit,
-            primary,
-            refresh,
-        } => {
-            count(ctx, "stale", hit.tier);
-            if let Some(guard) = refresh {
-                let refresh = super::refresh::Refresh::new(
-                    cache.clone(),
-                    policy.clone(),
-                    primary,
-                    hit.entry.clone(),
-                    req,
-                    ctx,
-                    guard,
-                );
+    let (txn, begun) = cache.begin(policy, &cache_request(req, ctx)).await;
+    ctx.cache = txn;
+    match begun {
+        Begun::Serve { served, refresh } => {
+            count(ctx, ctx.cache.label(), served.tier);
+            if let Some(ticket) = refresh {
+                let refresh = refresh_of(cache, &snapshot, policy, ticket, req, ctx);
                 tokio::spawn(refresh.run());
             }
-            ctx.cache = CachePhase::Stale;
-            ControlFlow::Break(serve_hit(req, ctx, hit, true))
+            ControlFlow::Break(respond::entry(ctx, &served))
         }
-        Decision::Miss {
-            primary,
-            stale,
-            flight,
-            lease,
-        } => {
-            count(ctx, "miss", "memory");
-            ctx.cache = CachePhase::Miss(Box::new(Miss {
-                primary,
-                start: cache.fill_start(),
-                fill: None,
-                flight,
-                stale,
-                revalidating: false,
-                lease,
-                answered: None,
-                shared_write: None,
-            }));
-            ControlFlow::Continue(())
-        }
-        Decision::Bypass(reason) => {
-            count(ctx, "bypass", "-");
-            ctx.cache = CachePhase::Bypass(reason);
+        Begun::Forward => {
+            let tier = if ctx.cache.needs_request_headers() {
+                "memory"
+            } else {
+                "-"
+            };
+            count(ctx, ctx.cache.label(), tier);
             ControlFlow::Continue(())
         }
     }
-}
-
-/// Whether the steps after the upstream read the client's request headers (a miss plans its
-/// fill from them).
-pub fn needs_request_headers(ctx: &RequestCtx) -> bool {
-    matches!(ctx.cache, CachePhase::Miss(_))
 }
 
 fn count(ctx: &RequestCtx, result: &str, tier: &str) {
@@ -213,103 +91,26 @@ fn count(ctx: &RequestCtx, result: &str, tier: &str) {
         .cache_result(result, tier);
 }
 
-/// On a miss with a kept stale entry that has a validator, turns the upstream request into a
-/// revalidation: the entry's `ETag` / `Last-Modified` replace the client's own conditions (the
-/// client's are answered from the refreshed entry).
-pub fn on_upstream_request(ctx: &mut RequestCtx, upstream_headers: &mut HeaderMap) {
-    if let CachePhase::Miss(miss) = &mut ctx.cache {
-        if let Some(entry) = miss.stale.as_ref().filter(|e| e.has_validator()) {
-            add_validators(entry, upstream_headers);
-            miss.revalidating = true;
-        }
-    }
+/// A stored entry that answers instead of the origin, counted and as the response.
+fn answer(ctx: &RequestCtx, served: &Served) -> Response<Body> {
+    count(ctx, ctx.cache.label(), served.tier);
+    respond::entry(ctx, served)
 }
 
-/// Serves a stored entry as a hit (`stale`: inside stale-while-revalidate), answering the
-/// client's own conditions from it.
-fn serve_hit(req: &Parts, ctx: &RequestCtx, hit: Hit, stale: bool) -> Response<Body> {
-    let unchanged = not_modified(req, &hit.entry);
-    let (detail, x_cache) = if stale {
-        ("; detail=stale-while-revalidate", "STALE")
-    } else {
-        ("", "HIT")
-    };
-    let cache_status = format!("cachegate; hit; ttl={}{detail}", hit.ttl_secs);
-    let serving = Serving {
-        status: if unchanged { 304 } else { hit.entry.status },
-        age_secs: hit.age_secs,
-        cache_status: &cache_status,
-        x_cache,
-        not_modified: unchanged,
-        head_only: req.method == Method::HEAD,
-        range: range_of(req, &hit.entry, unchanged),
-    };
-    respond::entry(ctx, &hit.entry, serving)
+/// The origin could not be reached or timed out (`status` 502 or 504): the stale-if-error entry
+/// answers, when there is one.
+pub fn origin_failed(ctx: &mut RequestCtx, req: &Parts, status: u16) -> Option<Response<Body>> {
+    // Taken out while the request borrows the context.
+    let mut txn = std::mem::take(&mut ctx.cache);
+    let served = txn.origin_failed(&cache_request(req, ctx), status);
+    ctx.cache = txn;
+    Some(answer(ctx, &served?))
 }
 
-/// The part of a stored complete `200` a `GET` asks for with `Range` (RFC 9110 §14).
-fn range_of(req: &Parts, entry: &Entry, not_modified: bool) -> RangeAnswer {
-    if req.method != Method::GET || not_modified || entry.status != 200 {
-        return RangeAnswer::Full;
-    }
-    range::answer(&req.headers, &entry.headers, entry.body.len() as u64)
-}
-
-/// The entry the origin confirmed with a `304`, as the response.
-fn serve_revalidated(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<Body> {
-    count(ctx, "revalidated", "origin");
-    let unchanged = not_modified(req, entry);
-    let ttl = entry.fresh_for_ms / 1000;
-    let cache_status = format!("cachegate; fwd=stale; fwd-status=304; stored; ttl={ttl}");
-    let serving = Serving {
-        status: if unchanged { 304 } else { entry.status },
-        age_secs: Cache::age_secs(entry),
-        cache_status: &cache_status,
-        x_cache: "REVALIDATED",
-        not_modified: unchanged,
-        head_only: req.method == Method::HEAD,
-        range: range_of(req, entry, unchanged),
-    };
-    respond::entry(ctx, entry, serving)
-}
-
-/// stale-if-error: when the origin could not be reached or timed out (`status` 502 or 504),
-/// the stale entry kept for that answers. `None` when there is none.
-pub fn serve_stale_on_error(
-    ctx: &mut RequestCtx,
-    req: &Parts,
-    status: u16,
-) -> Option<Response<Body>> {
-    if !matches!(status, 502 | 504) {
-        return None;
-    }
-    let CachePhase::Miss(miss) = &mut ctx.cache else {
-        return None;
-    };
-    let entry = miss.stale.clone().filter(|e| Cache::usable_on_error(e))?;
-    miss.answered = Some(false);
-    miss.flight = None;
-    Some(stale_on_error(req, ctx, &entry))
-}
-
-fn stale_on_error(req: &Parts, ctx: &RequestCtx, entry: &Entry) -> Response<Body> {
-    count(ctx, "stale", "memory");
-    let serving = Serving {
-        status: entry.status,
-        age_secs: Cache::age_secs(entry),
-        cache_status: "cachegate; fwd=stale; detail=stale-if-error",
-        x_cache: "STALE",
-        not_modified: false,
-        head_only: req.method == Method::HEAD,
-        range: range_of(req, entry, false),
-    };
-    respond::entry(ctx, entry, serving)
-}
-
-/// On a miss, decides from the origin's response whether to capture it, and labels the
-/// response for the client (`Cache-Status`, `X-Cache`). Returns the stored entry's response
-/// when it answers instead of the origin's (a `304` to a revalidation, stale-if-error on a 5xx).
-pub fn on_response(
+/// The origin's response head: the transaction plans its fill and labels the response. Returns
+/// the stored entry's response when it answers instead (a `304` to a revalidation,
+/// stale-if-error on a 5xx).
+pub fn response(
     cache: &Cache,
     req: &Parts,
     ctx: &mut RequestCtx,
@@ -317,176 +118,125 @@ pub fn on_response(
 ) -> Option<Response<Body>> {
     let snapshot = ctx.snapshot.clone();
     let policy = snapshot.routes.policy(ctx.route.id).cache.as_ref()?;
-    match &ctx.cache {
-        CachePhase::Miss(miss) => {
-            let (primary, start) = (miss.primary.clone(), miss.start);
-            let status = response.status.as_u16();
-            if let Some(entry) = miss.stale.clone() {
-                if miss.revalidating && status == 304 {
-                    let (entry, shared) = cache.revalidated(
-                        policy,
-                        &primary,
-                        &cache_request(req, ctx),
-                        &entry,
-                        &response.headers,
-                        start,
-                    );
-                    if let CachePhase::Miss(miss) = &mut ctx.cache {
-                        miss.answered = Some(true);
-                        miss.shared_write = shared;
-                        miss.flight = None;
-                    }
-                    return Some(serve_revalidated(req, ctx, &entry));
-                }
-                if status >= 500 && Cache::usable_on_error(&entry) {
-                    if let CachePhase::Miss(miss) = &mut ctx.cache {
-                        miss.answered = Some(false);
-                        miss.flight = None;
-                    }
-                    return Some(stale_on_error(req, ctx, &entry));
-                }
-            }
-            let fill = cache.plan_fill(
-                policy,
-                &primary,
-                &cache_request(req, ctx),
-                status,
-                &response.headers,
-                start,
-            );
-            let label = if fill.is_some() {
-                "cachegate; fwd=miss; stored"
-            } else {
-                "cachegate; fwd=miss"
-            };
-            response
-                .headers
-                .insert(CACHE_STATUS, HeaderValue::from_static(label));
-            response
-                .headers
-                .insert(X_CACHE, HeaderValue::from_static("MISS"));
-            cache.note_storable(&primary, fill.is_some());
-            if let CachePhase::Miss(miss) = &mut ctx.cache {
-                if fill.is_none() {
-                    // Nothing will be stored: the waiting requests go to the origin now.
-                    miss.flight = None;
-                }
-                miss.fill = fill;
-            }
-        }
-        CachePhase::Bypass(reason) => {
-            if let Ok(value) =
-                HeaderValue::from_str(&format!("cachegate; fwd=bypass; detail={reason}"))
-            {
-                response.headers.insert(CACHE_STATUS, value);
-            }
-            response
-                .headers
-                .insert(X_CACHE, HeaderValue::from_static("BYPASS"));
-        }
-        CachePhase::Off | CachePhase::Hit | CachePhase::Stale => {}
-    }
-    None
+    let mut txn = std::mem::take(&mut ctx.cache);
+    let served = txn.response(
+        cache,
+        policy,
+        &cache_request(req, ctx),
+        response.status.as_u16(),
+        &mut response.headers,
+    );
+    ctx.cache = txn;
+    Some(answer(ctx, &served?))
 }
 
-/// Write-through: captures the response to a write as the GET entry of its URL, stamped with the
-/// write's purge sequence number `stamp`. Returns whether it will be stored.
+/// Write-through: the response to a write becomes the GET entry of its URL under the read
+/// route's rule, stamped with the write's purge sequence `stamp`.
 pub fn write_through(
     cache: &Cache,
     req: &Parts,
     ctx: &mut RequestCtx,
-    policy: &crate::cache::policy::CachePolicy,
     response: &http::response::Parts,
     stamp: u64,
-) -> bool {
+) {
+    let snapshot = ctx.snapshot.clone();
+    let Some(policy) = &snapshot.routes.policy(ctx.route.read_id).cache else {
+        return;
+    };
+    if !policy.tags.is_empty() {
+        ctx.cache_tags = policy
+            .tags
+            .iter()
+            .map(|t| t.expand(&ctx.route.params))
+            .collect();
+    }
     // The entry serves the read route's audience, not the writer: the writer's credentials do not
     // decide whether it may be stored (the rule's opt-in does).
     let mut headers = req.headers.clone();
     headers.remove(AUTHORIZATION);
     let request = CacheRequest {
-        method: &Method::GET,
-        scheme: ctx.connection.scheme(),
-        host: request_host(req),
-        path: req.uri.path(),
-        query: req.uri.query(),
+        method: &http::Method::GET,
         headers: &headers,
-        user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
         authorized: false,
         has_body: false,
-        tags: &ctx.cache_tags,
+        ..cache_request(req, ctx)
     };
-    let start = FillStart {
-        sent_at: std::time::SystemTime::now(),
-        stamp,
-    };
-    let Some((primary, fill)) =
-        cache.plan_write_through(policy, &request, &response.headers, start)
-    else {
-        return false;
-    };
-    ctx.cache = CachePhase::Miss(Box::new(Miss {
-        primary,
-        start,
-        fill: Some(fill),
-        flight: None,
-        stale: None,
-        revalidating: false,
-        lease: false,
-        answered: None,
-        shared_write: None,
-    }));
-    true
-}
-
-/// Captures a body chunk of a response being filled, giving up past `max_object`; when the last
-/// chunk has arrived, stores the entry in process — before the client has read it, and waking
-/// the requests that wait for this fill at once.
-pub fn on_body(cache: &Cache, ctx: &mut RequestCtx, chunk: Option<&Bytes>, end_of_stream: bool) {
-    if let CachePhase::Miss(miss) = &mut ctx.cache {
-        if let (Some(f), Some(chunk)) = (miss.fill.as_mut(), chunk) {
-            if !f.push(chunk) {
-                miss.fill = None;
-                miss.flight = None;
-            }
-        }
-        if end_of_stream {
-            if let Some(mut f) = miss.fill.take() {
-                f.complete = true;
-                miss.shared_write = cache.store_local(f).and_then(|(_, shared)| shared);
-            }
-            miss.flight = None;
-        }
+    if let Some(txn) = cache.write_through(policy, &request, &response.headers, stamp) {
+        ctx.cache = txn;
     }
 }
 
-/// What is left to do once the response is over: the shared-tier write (unless it failed), then
-/// the end of the fill lease.
-pub struct AfterResponse {
-    shared_write: Option<SharedWrite>,
-    lease: Option<CacheKey>,
-}
-
-impl AfterResponse {
-    pub async fn run(self, cache: Arc<Cache>) {
-        if let Some(write) = self.shared_write {
-            cache.store_shared(write).await;
-        }
-        if let Some(primary) = self.lease {
-            cache.release_lease(&primary).await;
-        }
-    }
-}
-
-/// The request is over: what remains for the cache, if anything (see [`AfterResponse`]).
-pub fn on_done(ctx: &mut RequestCtx, failed: bool) -> Option<AfterResponse> {
-    let CachePhase::Miss(miss) = &mut ctx.cache else {
-        return None;
+/// A background refresh of a stale entry, carrying the headers the proxied request would have
+/// carried (forwarding headers, forwarded claims, this request's trace context).
+fn refresh_of(
+    cache: &Arc<Cache>,
+    snapshot: &Arc<Snapshot>,
+    policy: &crate::cache::policy::CachePolicy,
+    ticket: RefreshTicket,
+    req: &Parts,
+    ctx: &RequestCtx,
+) -> Refresh {
+    let mut upstream_headers = req.headers.clone();
+    forwarding::upstream_request(
+        &mut upstream_headers,
+        &forwarding::Forwarded {
+            client_ip: ctx.connection.peer.ip(),
+            proto: ctx.connection.scheme(),
+            request_id: &ctx.request_id,
+            upgrade: false,
+        },
+    );
+    // The origin sees the refresh as part of the request that triggered it.
+    ctx.trace.propagate(&mut upstream_headers);
+    let request = RefreshRequest {
+        uri: req.uri.clone(),
+        origin_uri: ctx.origin_uri(&req.uri),
+        upstream_headers,
+        client_headers: req.headers.clone(),
+        host: request_host(req).map(str::to_owned),
+        scheme: ctx.connection.scheme(),
+        authorized: ctx.identity.is_some() || req.headers.contains_key(AUTHORIZATION),
+        user: ctx.identity.as_ref().and_then(|i| i.subject.clone()),
+        tags: ctx.cache_tags.clone(),
+        route: ctx.route_name().to_owned(),
     };
-    miss.flight = None;
-    let shared_write = miss.shared_write.take().filter(|_| !failed);
-    let lease = std::mem::take(&mut miss.lease).then(|| miss.primary.clone());
-    (shared_write.is_some() || lease.is_some()).then_some(AfterResponse {
-        shared_write,
-        lease,
-    })
+    Refresh::new(
+        cache.clone(),
+        Arc::new(Upstream(snapshot.clone())),
+        policy.clone(),
+        ticket,
+        request,
+        snapshot.upstream.read_timeout,
+    )
+}
+
+/// The configured upstream, as a refresh's origin.
+struct Upstream(Arc<Snapshot>);
+
+impl Origin for Upstream {
+    fn get(&self, uri: Uri, headers: HeaderMap, max_body: usize) -> Fetching<'_> {
+        Box::pin(async move {
+            let mut request = http::Request::new(RequestBody::Empty);
+            *request.uri_mut() = uri;
+            *request.version_mut() = http::Version::HTTP_11;
+            *request.headers_mut() = headers;
+            let exchange = self
+                .0
+                .upstream
+                .send(request, None)
+                .await
+                .map_err(|e| RefreshError::Origin(Box::new(e)))?;
+            let (head, body) = exchange.response.into_parts();
+            let body = Limited::new(body, max_body)
+                .collect()
+                .await
+                .map_err(|e| match e.downcast::<http_body_util::LengthLimitError>() {
+                    Ok(_) => RefreshError::TooLarge,
+                    Err(e) => RefreshError::Origin(e),
+                })?
+                .to_bytes();
+            exchange.connection.release();
+            Ok(Fetched { head, body })
+        })
+    }
 }

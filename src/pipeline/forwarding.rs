@@ -11,14 +11,13 @@
 //! even a `Connection` naming one — can remove or shadow them.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, LAST_MODIFIED, TE, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::request::Parts;
 use http::Version;
 use std::net::IpAddr;
 
-use crate::cache::entry::Entry;
 use crate::header_rules::{FORWARDING_HEADERS, OVERRIDE_HEADERS, REQUEST_ID, UNDERSCORE_GUARDED};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -353,18 +352,6 @@ pub fn request_host(req: &Parts) -> Option<&str> {
         .get(HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
-}
-
-/// Replaces a request's `If-None-Match` / `If-Modified-Since` with `entry`'s validators.
-pub fn add_validators(entry: &Entry, headers: &mut HeaderMap) {
-    headers.remove(IF_NONE_MATCH);
-    headers.remove(IF_MODIFIED_SINCE);
-    if let Some(etag) = entry.headers.get(ETAG) {
-        headers.insert(IF_NONE_MATCH, etag.clone());
-    }
-    if let Some(modified) = entry.headers.get(LAST_MODIFIED) {
-        headers.insert(IF_MODIFIED_SINCE, modified.clone());
-    }
 }
 
 #[cfg(test)]

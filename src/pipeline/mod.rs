@@ -15,61 +15,40 @@
 
 pub mod body;
 mod caching;
+mod context;
 pub mod explain;
 mod forwarding;
 mod purging;
-mod refresh;
 mod respond;
 mod telemetry;
 
-use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CONTENT_LENGTH, RETRY_AFTER, UPGRADE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Incoming};
 
-use crate::auth::{self, Identity, Rejection};
+use crate::auth::{self, Rejection};
 use crate::cache::Cache;
 use crate::config::Unmatched;
 use crate::problem::Problem;
 use crate::purge::Purger;
 use crate::ratelimit::{Limiter, RequestFacts, Verdict};
 use crate::routing::canonical::{canonical_method, canonical_path};
-use crate::routing::Matched;
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::snapshot::SharedSnapshot;
 use crate::upstream::body::RequestBody;
 use crate::upstream::UpstreamError;
 
 use crate::header_rules::{RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
-use body::{Body, Finish};
-
-/// The longest client-supplied request id passed on; longer or odd ones are replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
+use body::{Body, Outcome, Watcher};
+use context::request_id_from;
+pub use context::{Connection, RequestCtx};
 
 /// What a step decides: go on, or answer now with this response.
 type Step = ControlFlow<Response<Body>>;
-
-/// The client connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
-pub struct Connection {
-    pub peer: SocketAddr,
-    pub tls: bool,
-}
-
-impl Connection {
-    /// The scheme the client used: part of the cache key, and `X-Forwarded-Proto`.
-    pub fn scheme(&self) -> &'static str {
-        if self.tls {
-            "https"
-        } else {
-            "http"
-        }
-    }
-}
 
 /// The gateway: one instance serves every request of every listener.
 pub struct Gateway {
@@ -77,132 +56,6 @@ pub struct Gateway {
     limiter: Limiter,
     cache: Arc<Cache>,
     purger: Arc<Purger>,
-}
-
-/// What the steps of one request share.
-pub struct RequestCtx {
-    /// The configuration this request runs on, from start to end.
-    pub snapshot: Arc<Snapshot>,
-    pub request_id: String,
-    /// The route step's match (route, read route, path parameters): made once, read by every
-    /// later step.
-    pub route: Matched,
-    /// The client's address: the peer, or what a trusted proxy says.
-    pub client_ip: IpAddr,
-    pub connection: Connection,
-    /// Where the request stands with the cache.
-    pub cache: caching::CachePhase,
-    /// The cache rule's tags for this request, filled in from its path.
-    pub cache_tags: Vec<String>,
-    /// What this request's write purged, for the access log.
-    pub purged: Option<crate::purge::PurgeReport>,
-    /// The rate-limit decision, whose headers go on the response.
-    pub rate_limit: Option<Verdict>,
-    /// The verified token's identity, when the route checked one and it was present.
-    pub identity: Option<Arc<Identity>>,
-    /// Why authentication refused the request, for logs.
-    pub auth_failure: Option<&'static str>,
-    pub started: Instant,
-    /// How long the origin took to send its response header.
-    pub upstream_elapsed: Option<std::time::Duration>,
-    /// The request's trace (continued from the client's `traceparent`, or new).
-    pub trace: crate::trace::TraceContext,
-    /// The client's path ended in a slash that the canonical path dropped.
-    pub sent_slash: bool,
-    /// The path the origin receives, when it is not the canonical one: the origin's own
-    /// trailing-slash spelling ([`crate::routing::Resolution::origin_path`]).
-    pub origin_path: Option<String>,
-}
-
-impl RequestCtx {
-    /// A request's context before any step ran.
-    pub fn new(
-        snapshot: Arc<Snapshot>,
-        request_id: String,
-        connection: Connection,
-        trace: crate::trace::TraceContext,
-    ) -> RequestCtx {
-        RequestCtx {
-            trace,
-            snapshot,
-            request_id,
-            route: Matched::default(),
-            client_ip: connection.peer.ip(),
-            connection,
-            rate_limit: None,
-            cache: caching::CachePhase::default(),
-            cache_tags: Vec::new(),
-            purged: None,
-            identity: None,
-            auth_failure: None,
-            started: Instant::now(),
-            upstream_elapsed: None,
-            sent_slash: false,
-            origin_path: None,
-        }
-    }
-
-    /// `uri` (the request's canonical target) as the origin receives it.
-    pub fn origin_uri(&self, uri: &http::Uri) -> http::Uri {
-        let Some(path) = &self.origin_path else {
-            return uri.clone();
-        };
-        let target = match uri.query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path.clone(),
-        };
-        // Built from a valid path and query plus one `/`.
-        target.parse().unwrap_or_else(|_| uri.clone())
-    }
-
-    /// The policy the request runs under: its route's, or the defaults'.
-    pub fn route_policy(&self) -> &crate::routing::Policy {
-        self.snapshot.routes.policy(self.route.id)
-    }
-
-    /// The matched route's name, `-` when none matched.
-    pub fn route_name(&self) -> &str {
-        self.route
-            .id
-            .map_or("-", |id| self.snapshot.routes.route(id).name.as_str())
-    }
-
-    /// Whether this is an HTTP/1.1 protocol upgrade (WebSocket).
-    fn is_upgrade(head: &Parts) -> bool {
-        head.version == Version::HTTP_11 && head.headers.contains_key(UPGRADE)
-    }
-}
-
-fn request_id_from(header: Option<&HeaderValue>) -> String {
-    match header.and_then(|v| v.to_str().ok()) {
-        Some(id)
-            if !id.is_empty()
-                && id.len() <= MAX_REQUEST_ID_LEN
-                && id.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
-            id.to_owned()
-        }
-        _ => new_request_id(),
-    }
-}
-
-/// A fresh request id: 32 hex digits, a random per-process prefix and a counter. Unique without
-/// a random draw or UUID formatting per request; not a secret.
-fn new_request_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(32);
-    for word in [prefix, count] {
-        for shift in (0..16).rev() {
-            id.push(HEX[(word >> (shift * 4)) as usize & 0xf] as char);
-        }
-    }
-    id
 }
 
 fn header_bytes(head: &Parts) -> u64 {
@@ -247,6 +100,32 @@ fn detail_for(error: &UpstreamError) -> String {
     }
 }
 
+/// A request waiting for its response body to be done: the body's [`Watcher`].
+struct RequestEnd {
+    gateway: Arc<Gateway>,
+    ctx: RequestCtx,
+    status: u16,
+    method: Method,
+    uri: http::Uri,
+    /// Why the exchange with the origin failed, when it did before the body.
+    error: Option<&'static str>,
+}
+
+impl Watcher for RequestEnd {
+    fn data(&mut self, chunk: &bytes::Bytes) {
+        self.ctx.cache.body(chunk);
+    }
+
+    fn end(&mut self) {
+        self.ctx.cache.end(&self.gateway.cache);
+    }
+
+    fn done(self: Box<Self>, outcome: Outcome) {
+        let gateway = self.gateway.clone();
+        gateway.end(*self, outcome);
+    }
+}
+
 impl Gateway {
     pub fn new(
         snapshot: SharedSnapshot,
@@ -288,17 +167,34 @@ impl Gateway {
             }
         };
         let (parts, body) = response.into_parts();
-        let finish = Box::new(Finish {
+        let end = Box::new(RequestEnd {
             gateway: self.clone(),
             status: parts.status.as_u16(),
             method: head.method,
             uri: head.uri,
-            sent: 0,
             error,
-            complete: false,
             ctx,
         });
-        Response::from_parts(parts, body.with_finish(finish))
+        Response::from_parts(parts, body.watched_by(end))
+    }
+
+    /// The end step, run once when the response body is gone (sent in full, or abandoned): the
+    /// cache's work that waits for the response to be over (the shared-tier write — unless the
+    /// response failed — and the fill lease), then the request's metrics and access-log line.
+    fn end(&self, mut end: RequestEnd, outcome: Outcome) {
+        let error = outcome.error.or(end.error);
+        let failed = error.is_some() || !outcome.complete;
+        if let Some(work) = end.ctx.cache.finish(failed) {
+            tokio::spawn(work.run(self.cache.clone()));
+        }
+        let sent = telemetry::Sent {
+            status: end.status,
+            method: end.method,
+            uri: end.uri,
+            bytes: outcome.sent,
+            error,
+        };
+        telemetry::record(&end.ctx, &sent);
     }
 
     /// Every step before the cache: framing and size limits, the canonical path, routing,
@@ -594,7 +490,7 @@ impl Gateway {
         *request.uri_mut() = ctx.origin_uri(&head.uri);
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() =
-            if caching::needs_request_headers(ctx) || purging::may_write_through(head, ctx) {
+            if ctx.cache.needs_request_headers() || purging::may_write_through(head, ctx) {
                 head.headers.clone()
             } else {
                 // Nothing after this reads the client's headers but its host.
@@ -614,7 +510,7 @@ impl Gateway {
             },
         );
         ctx.trace.propagate(request.headers_mut());
-        caching::on_upstream_request(ctx, request.headers_mut());
+        ctx.cache.upstream_request(request.headers_mut());
         let progress = if body.is_end_stream() {
             None
         } else {
@@ -645,7 +541,7 @@ impl Gateway {
                     *error = Some(e.label());
                 }
                 let status = e.status();
-                if let Some(response) = caching::serve_stale_on_error(ctx, head, status) {
+                if let Some(response) = caching::origin_failed(ctx, head, status) {
                     return response;
                 }
                 let mut problem = Problem::new(status, detail_for(&e));
@@ -672,7 +568,7 @@ impl Gateway {
             Err(e) => {
                 tracing::warn!(error = %e, "the origin's response body broke at once");
                 *error = Some("ReadError");
-                if let Some(response) = caching::serve_stale_on_error(ctx, head, 502) {
+                if let Some(response) = caching::origin_failed(ctx, head, 502) {
                     return response;
                 }
                 return respond::problem(
@@ -695,7 +591,7 @@ impl Gateway {
         if parts.status.is_redirection() {
             warn_if_redirected_to_itself(head, ctx, &parts.headers);
         }
-        if let Some(answer) = caching::on_response(&self.cache, head, ctx, &mut parts) {
+        if let Some(answer) = caching::response(&self.cache, head, ctx, &mut parts) {
             // A stored entry answers instead (a 304 confirmed it, or stale-if-error on a 5xx).
             if incoming.is_end_stream() {
                 exchange.connection.release();

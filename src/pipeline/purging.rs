@@ -93,18 +93,7 @@ fn write_through(
     if !(enabled || names_target) {
         return;
     }
-    let snapshot = ctx.snapshot.clone();
-    let Some(policy) = &snapshot.routes.policy(ctx.route.read_id).cache else {
-        return;
-    };
-    if !policy.tags.is_empty() {
-        ctx.cache_tags = policy
-            .tags
-            .iter()
-            .map(|t| t.expand(&ctx.route.params))
-            .collect();
-    }
-    super::caching::write_through(cache, req, ctx, policy, response, seq);
+    super::caching::write_through(cache, req, ctx, response, seq);
 }
 
 /// `PURGE <url>` on a main listener (when `[admin] purge_method` is on): purges the URL's path

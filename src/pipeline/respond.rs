@@ -1,19 +1,14 @@
 //! Responses the gateway writes itself — problems and stored entries — and the headers every
 //! response gets on its way out (request id, rate-limit state). One way to build each.
 
-use http::header::{
-    HeaderMap, HeaderValue, AGE, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, TRANSFER_ENCODING,
-};
-use http::{Response, StatusCode};
+use http::header::{HeaderMap, HeaderValue, CONTENT_RANGE};
+use http::Response;
 
 use super::body::Body;
 use super::RequestCtx;
-use crate::cache::entry::Entry;
-use crate::cache::range::RangeAnswer;
+use crate::cache::serve::Served;
 use crate::header_rules::{RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
 use crate::problem::Problem;
-
-pub use crate::header_rules::{CACHE_STATUS, X_CACHE};
 
 /// A problem+json response carrying the request id (and the rate-limit state, when checked).
 pub fn problem(ctx: &RequestCtx, problem: Problem) -> Response<Body> {
@@ -52,73 +47,20 @@ fn add_rate_limit(ctx: &RequestCtx, headers: &mut HeaderMap) {
     }
 }
 
-/// How a stored entry is being served, for its labels.
-pub struct Serving<'a> {
-    pub status: u16,
-    pub age_secs: u64,
-    pub cache_status: &'a str,
-    pub x_cache: &'static str,
-    /// `304`: no body, no body headers.
-    pub not_modified: bool,
-    /// `HEAD`: headers only.
-    pub head_only: bool,
-    /// The part of the body the request's `Range` asks for.
-    pub range: RangeAnswer,
-}
-
-/// A stored entry as the response: its headers (recomputed `Age` and length), the cache labels,
-/// the request id and rate-limit headers, and the body unless HEAD or 304. The stored `Date` is
-/// kept: a cache does not rewrite it (RFC 9110 §6.6.1); `Age` says how old the response is.
-pub fn entry(ctx: &RequestCtx, entry: &Entry, serving: Serving<'_>) -> Response<Body> {
-    let length = entry.body.len() as u64;
-    if serving.range == RangeAnswer::Unsatisfiable {
-        let problem = Problem::new(
-            416,
-            format!("the requested range is outside the representation's {length} bytes"),
-        )
-        .with_header(CONTENT_RANGE, format!("bytes */{length}"));
-        return self::problem(ctx, problem);
-    }
-    let mut headers = HeaderMap::with_capacity(entry.headers.len() + 6);
-    for (name, value) in &entry.headers {
-        let drop = name == AGE
-            || name == TRANSFER_ENCODING
-            || name == CONTENT_LENGTH
-            || (serving.not_modified && name == CONTENT_TYPE);
-        if !drop {
-            headers.append(name.clone(), value.clone());
+/// A stored entry as the response (see [`Served::response`]), with the request id and
+/// rate-limit headers; a `Range` outside it is a `416` problem.
+pub fn entry(ctx: &RequestCtx, served: &Served) -> Response<Body> {
+    match served.response() {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            finish_headers(ctx, &mut parts.headers);
+            Response::from_parts(parts, body.map_or_else(Body::empty, Body::full))
+        }
+        Err(unsatisfiable) => {
+            let range = format!("bytes */{}", unsatisfiable.length);
+            let problem =
+                Problem::new(416, unsatisfiable.to_string()).with_header(CONTENT_RANGE, range);
+            self::problem(ctx, problem)
         }
     }
-    headers.insert(AGE, HeaderValue::from(serving.age_secs));
-    if let Ok(status) = HeaderValue::from_str(serving.cache_status) {
-        headers.insert(CACHE_STATUS, status);
-    }
-    headers.insert(X_CACHE, HeaderValue::from_static(serving.x_cache));
-    finish_headers(ctx, &mut headers);
-    let (status, body) = match serving.range {
-        RangeAnswer::Partial { first, last } => {
-            if let Ok(range) = HeaderValue::from_str(&format!("bytes {first}-{last}/{length}")) {
-                headers.insert(CONTENT_RANGE, range);
-            }
-            // Bounded by the body's length (see `range::answer`).
-            let part = entry.body.slice(first as usize..=last as usize);
-            (StatusCode::PARTIAL_CONTENT, part)
-        }
-        _ => (
-            StatusCode::from_u16(serving.status).unwrap_or(StatusCode::OK),
-            entry.body.clone(),
-        ),
-    };
-    if !serving.not_modified {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    }
-    let body = if serving.not_modified || serving.head_only {
-        Body::empty()
-    } else {
-        Body::full(body)
-    };
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    response
 }

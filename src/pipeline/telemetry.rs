@@ -1,19 +1,23 @@
-//! The last step of every request: its metrics and its access-log line, and the cache work that
-//! waits for the response to be over (the shared-tier write, the fill lease). Runs when the
-//! response body is dropped (see [`super::body`]).
+//! A request's telemetry, written once at its end: the route's metrics, the access-log line, and
+//! the exported span. Called by the pipeline's end step ([`super::Gateway::end`]).
 
 use crate::metrics::metrics;
 
-use super::body::Finish;
-use super::caching;
+use super::RequestCtx;
 
-pub fn finish(mut f: Finish) {
-    let failed = f.error.is_some() || !f.complete;
-    if let Some(work) = caching::on_done(&mut f.ctx, failed) {
-        let cache = f.gateway.cache.clone();
-        tokio::spawn(work.run(cache));
-    }
-    let ctx = &f.ctx;
+/// What the client was sent, beside the request's context.
+pub struct Sent {
+    pub status: u16,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    /// Body bytes handed to the client.
+    pub bytes: u64,
+    /// Why the exchange failed, when it did (a `cachegate_upstream_errors_total` kind).
+    pub error: Option<&'static str>,
+}
+
+/// Records a finished request.
+pub fn record(ctx: &RequestCtx, f: &Sent) {
     let route = ctx.route_name();
     let duration = ctx.started.elapsed();
 
@@ -65,7 +69,7 @@ pub fn finish(mut f: Finish) {
         path = %f.uri.path(),
         route,
         status = f.status,
-        bytes = f.sent,
+        bytes = f.bytes,
         duration_ms = duration.as_secs_f64() * 1000.0,
         upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
         cache = ctx.cache.label(),
