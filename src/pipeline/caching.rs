@@ -13,8 +13,9 @@ use http::{HeaderMap, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 
 use super::body::Body;
+use super::context::{RequestCtx, Step};
 use super::forwarding::request_host;
-use super::{forwarding, respond, RequestCtx, Step};
+use super::{forwarding, respond};
 use crate::cache::refresh::{Fetched, Fetching, Origin, Refresh, RefreshError, RefreshRequest};
 use crate::cache::serve::Served;
 use crate::cache::txn::{Begun, RefreshTicket};

@@ -15,6 +15,9 @@ use crate::ratelimit::Verdict;
 use crate::routing::Matched;
 use crate::snapshot::Snapshot;
 
+/// What a step decides: go on, or answer now with this response.
+pub type Step = std::ops::ControlFlow<http::Response<super::body::Body>>;
+
 /// The longest client-supplied request id passed on; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 

@@ -17,8 +17,10 @@ use http::{Method, Request, Uri};
 use http_body_util::BodyExt;
 use serde::Serialize;
 
-use super::{caching, Connection, Gateway, RequestCtx};
-use crate::auth::{self, AuthPolicy};
+use super::caching;
+use super::context::{Connection, RequestCtx};
+use super::Gateway;
+use crate::auth::AuthPolicy;
 use crate::cache::Cache;
 use crate::config::{AuthMode, CacheScope};
 use crate::purge;
@@ -298,7 +300,8 @@ pub async fn explain(
     Ok(report)
 }
 
-/// The auth step, reported: the route's mode and scopes, and the token's fate when there is one.
+/// The auth step, run dry (no throttling, nothing counted) and reported: the route's mode and
+/// scopes, and the token's fate when there is one.
 async fn explain_auth(
     snapshot: &Snapshot,
     policy: &AuthPolicy,
@@ -314,56 +317,43 @@ async fn explain_auth(
         scopes: policy.scopes.clone(),
         token: None,
     };
-    let Some(authenticator) = &snapshot.auth else {
-        return (report, None);
-    };
-    if policy.mode == AuthMode::None {
-        return (report, None);
-    }
+    let presented = snapshot
+        .auth
+        .as_ref()
+        .is_some_and(|a| policy.mode != AuthMode::None && a.token_from(&head.headers).is_some());
     let before = head.headers.clone();
-    match authenticator.check(policy, &head.headers).await {
-        Ok(identity) => {
-            auth::forward(policy, identity.as_deref(), &mut head.headers);
-            if let Some(identity) = &identity {
-                let forwarded = policy
-                    .forward_claims
-                    .iter()
-                    .filter_map(|(_, name)| {
-                        let value = head.headers.get(name)?;
-                        (before.get(name) != Some(value)).then(|| {
-                            (
-                                name.as_str().to_owned(),
-                                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                            )
-                        })
-                    })
-                    .collect();
-                report.token = Some(TokenReport {
-                    valid: true,
-                    subject: identity.subject.clone(),
-                    forwarded,
-                    error: None,
-                });
-            }
-            ctx.identity = identity;
-            (report, None)
-        }
-        Err(rejection) => {
-            let presented = authenticator.token_from(&head.headers).is_some();
-            report.token = presented.then(|| TokenReport {
-                valid: false,
-                subject: None,
-                forwarded: Vec::new(),
-                error: Some(rejection.detail()),
-            });
-            let refused = Refusal {
-                step: "auth",
-                status: rejection.status(),
-                detail: rejection.detail(),
-            };
-            (report, Some(refused))
-        }
+    if let ControlFlow::Break(answer) = Gateway::check_credentials(None, head, ctx).await {
+        let refused = refusal("auth", answer).await;
+        report.token = presented.then(|| TokenReport {
+            valid: false,
+            subject: None,
+            forwarded: Vec::new(),
+            error: Some(refused.detail.clone()),
+        });
+        return (report, Some(refused));
     }
+    if let Some(identity) = &ctx.identity {
+        let forwarded = policy
+            .forward_claims
+            .iter()
+            .filter_map(|(_, name)| {
+                let value = head.headers.get(name)?;
+                (before.get(name) != Some(value)).then(|| {
+                    (
+                        name.as_str().to_owned(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+            })
+            .collect();
+        report.token = Some(TokenReport {
+            valid: true,
+            subject: identity.subject.clone(),
+            forwarded,
+            error: None,
+        });
+    }
+    (report, None)
 }
 
 /// The status and problem detail of a response a step would have sent.

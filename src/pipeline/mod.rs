@@ -4,14 +4,25 @@
 //! framing → limits → canonical path → [PURGE] → route (once) → sanitise → auth → rate limit
 //!         → cache lookup ──hit──────────────────────────────────────────────▶ respond
 //!                        └─miss / bypass / no rule → upstream → fill / purge ─▶ respond
-//!                                                                   (body end) → telemetry
+//!                                                     (body done) → end: cache, telemetry
 //! ```
 //!
 //! Each step is a method that either lets the request go on (`ControlFlow::Continue`) or
 //! answers it (`ControlFlow::Break` with the response): a refused request never reaches a later
-//! step, and nothing is an error used as a signal. The matched route, the verified identity and
-//! the rate-limit verdict travel in [`RequestCtx`]; the request's end — metrics, access log, the
-//! cache's shared-tier write — happens once, when its response body is done ([`body`]).
+//! step, and nothing is an error used as a signal. The matched route, the verified identity, the
+//! rate-limit verdict and the cache's transaction travel in [`RequestCtx`]; the request's end —
+//! the cache's shared-tier write, metrics, access log — is the end step (`Gateway::end`), run once
+//! when its response body is done ([`body::Watcher`]).
+//!
+//! The files, each depending only on those listed after it:
+//! - `explain`: `cachegate explain`, running the same steps without sending anything.
+//! - `purging`: the purge after a write, write-through, and the `PURGE` method.
+//! - `caching`: the cache step's glue around [`crate::cache::txn`].
+//! - `forwarding`: framing checks, header sanitising, the forwarding headers.
+//! - `respond`: the responses the gateway writes itself (problems, stored entries).
+//! - `telemetry`: the request's metrics, access-log line and span.
+//! - `context`: what a request's steps share.
+//! - `body`: the response body, and the watcher that hears it end.
 
 pub mod body;
 mod caching;
@@ -45,10 +56,8 @@ use crate::upstream::UpstreamError;
 use crate::header_rules::{RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
 use body::{Body, Outcome, Watcher};
 use context::request_id_from;
+use context::Step;
 pub use context::{Connection, RequestCtx};
-
-/// What a step decides: go on, or answer now with this response.
-type Step = ControlFlow<Response<Body>>;
 
 /// The gateway: one instance serves every request of every listener.
 pub struct Gateway {
@@ -374,6 +383,16 @@ impl Gateway {
     /// The authentication step: checks the token against the route's policy, and either
     /// forwards the identity or answers 401/403 itself.
     async fn authenticate(&self, head: &mut Parts, ctx: &mut RequestCtx) -> Step {
+        Self::check_credentials(Some(&self.limiter), head, ctx).await
+    }
+
+    /// The authentication step's body. `limiter` throttles addresses that fail too often and
+    /// counts this request's failure; `None` is a dry run (`explain`), which changes nothing.
+    async fn check_credentials(
+        limiter: Option<&Limiter>,
+        head: &mut Parts,
+        ctx: &mut RequestCtx,
+    ) -> Step {
         // `Authorization` is a singleton field: with two, the gateway and the origin could each
         // believe a different one.
         if head
@@ -397,14 +416,16 @@ impl Gateway {
         };
         let policy = &snapshot.routes.policy(ctx.route.id).auth;
         // An address that has failed too often may not try new tokens for a while.
-        let guarded =
-            policy.mode != crate::config::AuthMode::None && self.limiter.limits_auth_failures();
-        let new_token = guarded
-            && authenticator
+        let guard = limiter
+            .filter(|l| policy.mode != crate::config::AuthMode::None && l.limits_auth_failures());
+        let new_token = |limiter| {
+            authenticator
                 .token_from(&head.headers)
-                .is_some_and(|t| !authenticator.is_remembered(t));
-        if new_token {
-            if let Some(verdict) = self.limiter.auth_failures_exhausted(ctx.client_ip).await {
+                .is_some_and(|t| !authenticator.is_remembered(t))
+                .then_some(limiter)
+        };
+        if let Some(limiter) = guard.and_then(new_token) {
+            if let Some(verdict) = limiter.auth_failures_exhausted(ctx.client_ip).await {
                 ctx.auth_failure = Some("throttled");
                 let problem = Problem::new(
                     429,
@@ -421,8 +442,10 @@ impl Gateway {
             }
             Err(rejection) => {
                 ctx.auth_failure = Some(rejection.label());
-                if matches!(rejection, Rejection::Invalid(_)) {
-                    self.limiter.record_auth_failure(ctx.client_ip).await;
+                if let Some(limiter) =
+                    limiter.filter(|_| matches!(rejection, Rejection::Invalid(_)))
+                {
+                    limiter.record_auth_failure(ctx.client_ip).await;
                 }
                 let problem = Problem::new(rejection.status(), rejection.detail())
                     .with_header(WWW_AUTHENTICATE, rejection.challenge(&authenticator.realm));

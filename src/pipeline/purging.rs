@@ -9,8 +9,9 @@ use http::{Method, Response, Uri};
 
 use super::body::Body;
 
+use super::context::RequestCtx;
 use super::forwarding::request_host;
-use super::{respond, RequestCtx};
+use super::respond;
 use crate::cache::Cache;
 use crate::problem::Problem;
 use crate::purge::{self, path_key, tag_key, Purger};

@@ -5,7 +5,7 @@ use http::header::{HeaderMap, HeaderValue, CONTENT_RANGE};
 use http::Response;
 
 use super::body::Body;
-use super::RequestCtx;
+use super::context::RequestCtx;
 use crate::cache::serve::Served;
 use crate::header_rules::{RATELIMIT, RATELIMIT_POLICY, REQUEST_ID};
 use crate::problem::Problem;

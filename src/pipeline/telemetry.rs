@@ -1,9 +1,9 @@
 //! A request's telemetry, written once at its end: the route's metrics, the access-log line, and
-//! the exported span. Called by the pipeline's end step ([`super::Gateway::end`]).
+//! the exported span. Called by the pipeline's end step (`Gateway::end`).
 
 use crate::metrics::metrics;
 
-use super::RequestCtx;
+use super::context::RequestCtx;
 
 /// What the client was sent, beside the request's context.
 pub struct Sent {
