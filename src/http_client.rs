@@ -2,7 +2,7 @@
 //! OpenID discovery fetches, the OTLP span exporter and `cachegate init --openapi URL`. The
 //! proxy path has its own pool (`upstream::pool`) and takes only the TLS settings from here.
 
-use std::sync::Arc;
+use crate::tls::{self, TlsError};
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -12,7 +12,7 @@ pub type HttpsClient<B> = Client<hyper_rustls::HttpsConnector<HttpConnector>, B>
 
 /// A pooled HTTP/1.1 client for `http://` and `https://` URLs; `https://` servers are verified
 /// against the PEM certificates in `ca_file`, or the system roots without it.
-pub fn client<B>(ca_file: Option<&str>) -> Result<HttpsClient<B>, String>
+pub fn client<B>(ca_file: Option<&str>) -> Result<HttpsClient<B>, TlsError>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -25,16 +25,17 @@ where
     Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
-pub fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
+/// The TLS settings of every client: the PEM certificates in `ca_file` as roots, or the
+/// system's.
+pub fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| format!("{path:?} is not valid PEM: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{path:?} holds an unusable certificate: {e}"))?;
+            for cert in tls::certificates(path)? {
+                roots.add(cert).map_err(|source| TlsError::Certificate {
+                    path: path.to_owned(),
+                    source,
+                })?;
             }
         }
         None => {
@@ -45,8 +46,9 @@ pub fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String>
             }
         }
     }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
 }

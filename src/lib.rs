@@ -29,5 +29,6 @@ pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod tls;
 pub mod trace;
 pub mod upstream;

@@ -230,7 +230,7 @@ fn init(args: InitArgs) -> ExitCode {
     let text = if args.openapi.starts_with("http://") || args.openapi.starts_with("https://") {
         match fetch_text(&args.openapi) {
             Ok(text) => text,
-            Err(message) => return fail(message),
+            Err(message) => return fail(message.to_string()),
         }
     } else {
         match std::fs::read_to_string(&args.openapi) {
@@ -307,8 +307,11 @@ fn served_pages(document: &http::Uri) -> Vec<String> {
     pages
 }
 
+/// What went wrong fetching a document, for the message `init` prints.
+type FetchError = Box<dyn std::error::Error + Send + Sync>;
+
 /// GETs a document (an OpenAPI description) over HTTP(S).
-fn fetch_text(url: &str) -> Result<String, String> {
+fn fetch_text(url: &str) -> Result<String, FetchError> {
     use http_body_util::BodyExt;
     let uri: http::Uri = url
         .parse()
@@ -318,28 +321,32 @@ fn fetch_text(url: &str) -> Result<String, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    runtime.block_on(async {
-        let client = cachegate::http_client::client::<http_body_util::Empty<bytes::Bytes>>(None)?;
-        let fetch = async {
-            let response = client
-                .get(uri)
+    runtime
+        .block_on(async {
+            let client =
+                cachegate::http_client::client::<http_body_util::Empty<bytes::Bytes>>(None)
+                    .map_err(|e| e.to_string())?;
+            let fetch = async {
+                let response = client
+                    .get(uri)
+                    .await
+                    .map_err(|e| format!("GET {url} failed: {e}"))?;
+                if !response.status().is_success() {
+                    return Err(format!("GET {url} answered {}", response.status()));
+                }
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("reading {url} failed: {e}"))?
+                    .to_bytes();
+                String::from_utf8(body.to_vec()).map_err(|_| format!("{url} is not UTF-8 text"))
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(30), fetch)
                 .await
-                .map_err(|e| format!("GET {url} failed: {e}"))?;
-            if !response.status().is_success() {
-                return Err(format!("GET {url} answered {}", response.status()));
-            }
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("reading {url} failed: {e}"))?
-                .to_bytes();
-            String::from_utf8(body.to_vec()).map_err(|_| format!("{url} is not UTF-8 text"))
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(30), fetch)
-            .await
-            .map_err(|_| format!("GET {url} timed out after 30 s"))?
-    })
+                .map_err(|_| format!("GET {url} timed out after 30 s"))?
+        })
+        .map_err(FetchError::from)
 }
 
 fn explain(args: ExplainArgs) -> ExitCode {
@@ -389,7 +396,7 @@ fn explain(args: ExplainArgs) -> ExitCode {
     let limiter = match cachegate::ratelimit::Limiter::from_config(store, &loaded.config.rate_limit)
     {
         Ok(limiter) => limiter,
-        Err(message) => return fail(message),
+        Err(message) => return fail(message.into()),
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()

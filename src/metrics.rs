@@ -314,21 +314,23 @@ impl RouteMetrics {
             .observe(duration.as_secs_f64());
     }
 
-    /// Counts a cache result (`hit`, `miss`, ...) in `tier`.
+    /// Counts a hit in the in-process tier: the hot path, its counter looked up once.
+    pub fn memory_hit(&self) {
+        self.memory_hits
+            .get_or_init(|| {
+                metrics()
+                    .cache_results
+                    .with_label_values(&[&self.route, "hit", "memory"])
+            })
+            .inc();
+    }
+
+    /// Counts a cache result (`hit`, `miss`, ...) in `tier` (see [`Self::memory_hit`]).
     pub fn cache_result(&self, result: &str, tier: &str) {
-        let m = metrics();
-        if result == "hit" && tier == "memory" {
-            self.memory_hits
-                .get_or_init(|| {
-                    m.cache_results
-                        .with_label_values(&[&self.route, "hit", "memory"])
-                })
-                .inc();
-        } else {
-            m.cache_results
-                .with_label_values(&[&self.route, result, tier])
-                .inc();
-        }
+        metrics()
+            .cache_results
+            .with_label_values(&[&self.route, result, tier])
+            .inc();
     }
 }
 

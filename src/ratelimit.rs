@@ -5,6 +5,7 @@
 //! Also the client IP: the socket peer, unless the peer is a configured trusted proxy, in which
 //! case `X-Forwarded-For` (or `Forwarded`) is read from the right, skipping trusted hops.
 
+use crate::config::Invalid;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -111,7 +112,7 @@ impl Limit {
     }
 }
 
-fn parse_key_part(text: &str) -> Result<KeyPart, String> {
+fn parse_key_part(text: &str) -> Result<KeyPart, Invalid> {
     match text {
         "ip" => Ok(KeyPart::Ip),
         "user" => Ok(KeyPart::User),
@@ -123,13 +124,13 @@ fn parse_key_part(text: &str) -> Result<KeyPart, String> {
                     .map_err(|_| format!("invalid header name in key {other:?}"))
             };
             if let Some(name) = other.strip_prefix("header:") {
-                header(name).map(KeyPart::Header)
+                Ok(header(name).map(KeyPart::Header)?)
             } else if let Some(name) = other.strip_prefix("credential:") {
-                header(name).map(|h| KeyPart::Credential(Some(h)))
+                Ok(header(name).map(|h| KeyPart::Credential(Some(h)))?)
             } else {
-                Err(format!(
+                Err(Invalid(format!(
                     "unknown rate-limit key {other:?}: use \"ip\", \"user\", \"route\", \"header:<name>\", \"credential\" or \"credential:<header>\""
-                ))
+                )))
             }
         }
     }
@@ -312,7 +313,10 @@ impl Limiter {
 
     /// The limiter `[rate_limit]` describes, counting in `store`. Fails only on an invalid
     /// `auth_failures` rate (which `cachegate check` reports first).
-    pub fn from_config(store: Arc<dyn Store>, config: &RateLimitConfig) -> Result<Limiter, String> {
+    pub fn from_config(
+        store: Arc<dyn Store>,
+        config: &RateLimitConfig,
+    ) -> Result<Limiter, Invalid> {
         let auth_failures = match &config.auth_failures {
             Some(rate) => {
                 let (count, period) = parse_rate(rate.get_ref())?;

@@ -207,20 +207,35 @@ pub fn export(span: SpanRecord) {
     }
 }
 
+/// Why the span exporter could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExporterError {
+    #[error("otlp_endpoint {endpoint:?} is not a URL: {reason}")]
+    BadEndpoint { endpoint: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("the span exporter is already running")]
+    AlreadyRunning,
+}
+
 /// Starts the exporter task (on the current runtime) sending to `endpoint`, an OTLP/HTTP URL
 /// (`http://collector:4318` gets the standard `/v1/traces` path).
-pub fn start_exporter(endpoint: &str, service_name: &str) -> Result<(), String> {
+pub fn start_exporter(endpoint: &str, service_name: &str) -> Result<(), ExporterError> {
     let mut endpoint = endpoint.trim_end_matches('/').to_owned();
-    let uri: http::Uri = endpoint
-        .parse()
-        .map_err(|e| format!("otlp_endpoint {endpoint:?} is not a URL: {e}"))?;
+    let uri: http::Uri =
+        endpoint
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ExporterError::BadEndpoint {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?;
     if uri.path() == "/" || uri.path().is_empty() {
         endpoint.push_str("/v1/traces");
     }
     let client = crate::http_client::client::<Full<Bytes>>(None)?;
     let (sender, receiver) = mpsc::channel(QUEUE);
     if EXPORTER.set(sender).is_err() {
-        return Err("the span exporter is already running".to_owned());
+        return Err(ExporterError::AlreadyRunning);
     }
     tokio::spawn(run_exporter(
         receiver,

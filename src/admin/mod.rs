@@ -99,12 +99,12 @@ impl Admin {
             "upstream",
             (!reachable).then(|| format!("no origin accepts connections: {}", origins.join(", "))),
         ));
-        checks.push(("store", self.store.health().err()));
+        checks.push(("store", self.store.health().err().map(|e| e.to_string())));
         if let Some(purge) = self.purger.readiness() {
-            checks.push(("purge", purge.err()));
+            checks.push(("purge", purge.err().map(|e| e.to_string())));
         }
         if let Some(auth) = &snapshot.auth {
-            checks.push(("auth", auth.ready().err()));
+            checks.push(("auth", auth.ready().err().map(|e| e.to_string())));
         }
         checks
     }
@@ -143,7 +143,7 @@ impl Admin {
                     "hits": count("hit", Some("redis")),
                 });
             }
-            Some(Err(e)) => tiers["redis"] = json!({"error": e}),
+            Some(Err(e)) => tiers["redis"] = json!({"error": e.to_string()}),
             None => {}
         }
         let (hits, misses) = (count("hit", None), count("miss", None));
@@ -187,7 +187,8 @@ impl Admin {
         let target = match PurgeTarget::parse(&body, |path| routes.canonical_target(path)) {
             Ok(target) => target,
             Err(message) => {
-                return json_response(StatusCode::BAD_REQUEST, json!({"error": message}))
+                let message = message.to_string();
+                return json_response(StatusCode::BAD_REQUEST, json!({"error": message}));
             }
         };
         let key = target.key();
@@ -233,41 +234,61 @@ enum PurgeTarget {
     All,
 }
 
+/// How a purge request is written, for the errors that explain it.
+const PURGE_USAGE: &str = r#"send one of {"url": "/products/7"}, {"tag": "products"}, {"prefix": "/products/"}, {"all": true}"#;
+
+/// Why a `POST /purge` body names no target (answered `400` with the message).
+#[derive(Debug, thiserror::Error)]
+enum BadPurgeRequest {
+    #[error("the body is not JSON ({0}); {PURGE_USAGE}")]
+    NotJson(serde_json::Error),
+    #[error("{PURGE_USAGE}")]
+    Usage,
+    #[error("name exactly one target; {PURGE_USAGE}")]
+    NotOne,
+    #[error("{url:?} is not a URL or path: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("{url:?} has no absolute path; {PURGE_USAGE}")]
+    NotAbsolute { url: String },
+    #[error("{url:?} is not a path this gateway accepts")]
+    NoCanonicalForm { url: String },
+}
+
 impl PurgeTarget {
     /// Reads a purge request; `canonical` gives a URL's path the form entries are stored under.
     fn parse(
         body: &[u8],
         canonical: impl Fn(&str) -> Option<String>,
-    ) -> Result<PurgeTarget, String> {
-        const USAGE: &str = r#"send one of {"url": "/products/7"}, {"tag": "products"}, {"prefix": "/products/"}, {"all": true}"#;
-        let value: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| format!("the body is not JSON ({e}); {USAGE}"))?;
-        let object = value.as_object().ok_or_else(|| USAGE.to_owned())?;
+    ) -> Result<PurgeTarget, BadPurgeRequest> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(BadPurgeRequest::NotJson)?;
+        let object = value.as_object().ok_or(BadPurgeRequest::Usage)?;
         if object.len() != 1 {
-            return Err(format!("name exactly one target; {USAGE}"));
+            return Err(BadPurgeRequest::NotOne);
         }
-        let text = |v: &serde_json::Value| {
-            v.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| USAGE.to_owned())
-        };
+        let text =
+            |v: &serde_json::Value| v.as_str().map(str::to_owned).ok_or(BadPurgeRequest::Usage);
         match object.iter().next() {
             Some((k, v)) if k == "url" => {
                 let url = text(v)?;
-                let uri: http::Uri = url
-                    .parse()
-                    .map_err(|e| format!("{url:?} is not a URL or path: {e}"))?;
+                let uri: http::Uri = match url.parse() {
+                    Ok(uri) => uri,
+                    Err(e) => {
+                        let reason = http::uri::InvalidUri::to_string(&e);
+                        return Err(BadPurgeRequest::BadUrl { url, reason });
+                    }
+                };
                 if !uri.path().starts_with('/') {
-                    return Err(format!("{url:?} has no absolute path; {USAGE}"));
+                    return Err(BadPurgeRequest::NotAbsolute { url });
                 }
                 canonical(uri.path())
                     .map(PurgeTarget::Path)
-                    .ok_or_else(|| format!("{url:?} is not a path this gateway accepts"))
+                    .ok_or(BadPurgeRequest::NoCanonicalForm { url })
             }
             Some((k, v)) if k == "tag" => Ok(PurgeTarget::Tag(text(v)?)),
             Some((k, v)) if k == "prefix" => Ok(PurgeTarget::Prefix(text(v)?)),
             Some((k, v)) if k == "all" && v.as_bool() == Some(true) => Ok(PurgeTarget::All),
-            _ => Err(USAGE.to_owned()),
+            _ => Err(BadPurgeRequest::Usage),
         }
     }
 

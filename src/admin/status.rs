@@ -152,7 +152,7 @@ pub fn snapshot(cache: &Cache, store: &dyn Store, purger: &Purger, started: Inst
         "memory_tier": {"entries": entries, "bytes": bytes},
         "store": {
             "kind": store.kind(),
-            "health": store.health().err().unwrap_or_else(|| "ok".to_owned()),
+            "health": store.health().err().map_or_else(|| "ok".to_owned(), |e| e.to_string()),
             "circuit_open": m.store_circuit_open.get() != 0,
             "coherent": purger.coherent(),
             "incoherent_seconds": m.incoherent_seconds.get(),

@@ -42,6 +42,36 @@ impl std::fmt::Debug for JwksSource {
     }
 }
 
+/// Why a key set could not be fetched (the previous set, if any, stays in use).
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("invalid URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("{url:?} must be an http:// or https:// URL")]
+    NotHttp { url: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("GET {url} failed: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("GET {url} answered {status}")]
+    Status {
+        url: String,
+        status: http::StatusCode,
+    },
+    #[error("GET {url} timed out after {FETCH_TIMEOUT:?}")]
+    Timeout { url: String },
+    #[error("{url} is not {expected}: {reason}")]
+    Malformed {
+        url: String,
+        expected: &'static str,
+        reason: String,
+    },
+    #[error("{url} names no jwks_uri")]
+    NoJwksUri { url: String },
+    #[error("{url} holds no usable public key")]
+    NoKeys { url: String },
+}
+
 impl JwksSource {
     pub fn new(
         url: &str,
@@ -49,12 +79,17 @@ impl JwksSource {
         ca_file: Option<&str>,
         refresh_interval: Duration,
         min_refresh_interval: Duration,
-    ) -> Result<JwksSource, String> {
+    ) -> Result<JwksSource, JwksError> {
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+            .map_err(|e: http::uri::InvalidUri| JwksError::BadUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(format!("{url:?} must be an http:// or https:// URL"));
+            return Err(JwksError::NotHttp {
+                url: url.to_owned(),
+            });
         }
         Ok(JwksSource {
             url: url.trim_end_matches('/').to_owned(),
@@ -93,53 +128,74 @@ impl JwksSource {
         self.loaded.load(Ordering::Relaxed)
     }
 
-    async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
+    async fn get_json(&self, url: &str) -> Result<serde_json::Value, JwksError> {
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+            .map_err(|e: http::uri::InvalidUri| JwksError::BadUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let unreachable = |reason: String| JwksError::Unreachable {
+            url: url.to_owned(),
+            reason,
+        };
         let request = async {
             let resp = self
                 .client
                 .get(uri)
                 .await
-                .map_err(|e| format!("GET {url} failed: {e}"))?;
+                .map_err(|e| unreachable(e.to_string()))?;
             if !resp.status().is_success() {
-                return Err(format!("GET {url} answered {}", resp.status()));
+                return Err(JwksError::Status {
+                    url: url.to_owned(),
+                    status: resp.status(),
+                });
             }
             let body = Limited::new(resp.into_body(), MAX_DOCUMENT_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("reading {url} failed: {e}"))?
+                .map_err(|e| unreachable(format!("reading the body: {e}")))?
                 .to_bytes();
-            serde_json::from_slice(&body).map_err(|e| format!("{url} is not JSON: {e}"))
+            serde_json::from_slice(&body).map_err(|e| JwksError::Malformed {
+                url: url.to_owned(),
+                expected: "JSON",
+                reason: e.to_string(),
+            })
         };
         tokio::time::timeout(FETCH_TIMEOUT, request)
             .await
-            .map_err(|_| format!("GET {url} timed out after {FETCH_TIMEOUT:?}"))?
+            .map_err(|_| JwksError::Timeout {
+                url: url.to_owned(),
+            })?
     }
 
     /// Fetches the key set now and swaps it in; on failure the previous set stays.
-    pub async fn fetch(&self) -> Result<usize, String> {
+    pub async fn fetch(&self) -> Result<usize, JwksError> {
         let _one_at_a_time = self.fetching.lock().await;
         self.fetch_locked().await
     }
 
     /// [`JwksSource::fetch`], for a caller holding `fetching`.
-    async fn fetch_locked(&self) -> Result<usize, String> {
+    async fn fetch_locked(&self) -> Result<usize, JwksError> {
         *self.last_fetch.lock().expect("jwks mutex") = Some(Instant::now());
         let jwks_url = if self.discover {
             let discovery = format!("{}/.well-known/openid-configuration", self.url);
             let document = self.get_json(&discovery).await?;
             document["jwks_uri"]
                 .as_str()
-                .ok_or_else(|| format!("{discovery} names no jwks_uri"))?
+                .ok_or_else(|| JwksError::NoJwksUri {
+                    url: discovery.clone(),
+                })?
                 .to_owned()
         } else {
             self.url.clone()
         };
         let document = self.get_json(&jwks_url).await?;
-        let set: JwkSet = serde_json::from_value(document)
-            .map_err(|e| format!("{jwks_url} is not a JWK set: {e}"))?;
+        let set: JwkSet = serde_json::from_value(document).map_err(|e| JwksError::Malformed {
+            url: jwks_url.clone(),
+            expected: "a JWK set",
+            reason: e.to_string(),
+        })?;
         let keys: Vec<Arc<VerifyKey>> = set
             .keys
             .iter()
@@ -147,7 +203,7 @@ impl JwksSource {
             .map(Arc::new)
             .collect();
         if keys.is_empty() {
-            return Err(format!("{jwks_url} holds no usable public key"));
+            return Err(JwksError::NoKeys { url: jwks_url });
         }
         let count = keys.len();
         self.keys.store(Arc::new(keys));

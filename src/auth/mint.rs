@@ -1,6 +1,7 @@
 //! Minting HS256 tokens for local use (`cachegate token`), so the quickstart can call protected
 //! routes without an identity provider.
 
+use crate::config::Invalid;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -26,7 +27,7 @@ pub struct TokenRequest {
 
 /// `name=value` from the command line: the value as JSON when it is a number, `true`, `false`
 /// or quoted, else as a string (`user_id=1` is the number 1, `token_type=access` a string).
-pub fn parse_claim(text: &str) -> Result<(String, Value), String> {
+pub fn parse_claim(text: &str) -> Result<(String, Value), Invalid> {
     let (name, value) = text
         .split_once('=')
         .filter(|(name, _)| !name.is_empty())
@@ -38,27 +39,39 @@ pub fn parse_claim(text: &str) -> Result<(String, Value), String> {
     Ok((name.to_owned(), value))
 }
 
+/// Why `cachegate token` could not mint a token.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("{config} has no [auth] table")]
+    NoAuth { config: String },
+    #[error("{config} has no provider with an HMAC `secret`")]
+    NoHmacProvider { config: String },
+    #[error("no secret: pass --secret or --config with an HMAC provider")]
+    NoSecret,
+    #[error("signing failed: {0}")]
+    Signing(jsonwebtoken::errors::Error),
+}
+
 impl TokenRequest {
     /// Fills what the command line left out from a configuration's `[auth]`: the first HMAC
     /// provider's secret (and kid), the first issuer and the first audience.
-    pub fn complete_from(&mut self, loaded: &LoadedConfig) -> Result<(), String> {
+    pub fn complete_from(&mut self, loaded: &LoadedConfig) -> Result<(), MintError> {
         let auth: &AuthConfig = loaded
             .config
             .auth
             .as_ref()
             .map(|a| a.get_ref())
-            .ok_or_else(|| format!("{} has no [auth] table", loaded.path.display()))?;
+            .ok_or_else(|| MintError::NoAuth {
+                config: loaded.path.display().to_string(),
+            })?;
         if self.secret.is_none() {
             let provider = auth
                 .providers
                 .get_ref()
                 .iter()
                 .find(|p| p.secret.is_some())
-                .ok_or_else(|| {
-                    format!(
-                        "{} has no provider with an HMAC `secret`",
-                        loaded.path.display()
-                    )
+                .ok_or_else(|| MintError::NoHmacProvider {
+                    config: loaded.path.display().to_string(),
                 })?;
             self.secret = provider.secret.as_ref().map(|s| s.get_ref().value.clone());
             self.defaulted_secret = provider
@@ -86,11 +99,8 @@ impl TokenRequest {
     }
 
     /// Signs the token with HS256.
-    pub fn mint(&self) -> Result<String, String> {
-        let secret = self
-            .secret
-            .as_deref()
-            .ok_or("no secret: pass --secret or --config with an HMAC provider")?;
+    pub fn mint(&self) -> Result<String, MintError> {
+        let secret = self.secret.as_deref().ok_or(MintError::NoSecret)?;
         let now = jsonwebtoken::get_current_timestamp();
         let mut claims = Map::new();
         claims.insert("sub".into(), json!(self.subject));
@@ -115,6 +125,6 @@ impl TokenRequest {
             &Value::Object(claims),
             &EncodingKey::from_secret(secret.as_bytes()),
         )
-        .map_err(|e| format!("signing failed: {e}"))
+        .map_err(MintError::Signing)
     }
 }

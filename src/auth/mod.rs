@@ -152,6 +152,22 @@ impl Identity {
     }
 }
 
+/// The JWKS documents that have never loaded (see [`Authenticator::ready`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksNotLoaded {
+    pub urls: Vec<String>,
+}
+
+impl std::fmt::Display for JwksNotLoaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, url) in self.urls.iter().enumerate() {
+            let sep = if i > 0 { "; " } else { "" };
+            write!(f, "{sep}JWKS {url} not loaded yet")?;
+        }
+        Ok(())
+    }
+}
+
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
@@ -397,21 +413,19 @@ impl Authenticator {
     }
 
     /// `Err` naming each JWKS that has never loaded.
-    pub fn ready(&self) -> Result<(), String> {
-        let missing: Vec<String> = self
+    pub fn ready(&self) -> Result<(), JwksNotLoaded> {
+        let urls: Vec<String> = self
             .providers
             .iter()
             .filter_map(|p| match &p.source {
-                KeySource::Jwks(s) if !s.is_loaded() => {
-                    Some(format!("JWKS {} not loaded yet", s.url()))
-                }
+                KeySource::Jwks(s) if !s.is_loaded() => Some(s.url().to_owned()),
                 _ => None,
             })
             .collect();
-        if missing.is_empty() {
+        if urls.is_empty() {
             Ok(())
         } else {
-            Err(missing.join("; "))
+            Err(JwksNotLoaded { urls })
         }
     }
 
@@ -624,9 +638,12 @@ fn candidate_keys<'p>(
     keys
 }
 
+/// A token header's `alg` and `kid`.
+type TokenHeader = (Algorithm, Option<String>);
+
 /// Reads `alg` and `kid` from the token's header, refusing anything that is not a compact JWS
 /// with a known algorithm.
-fn read_header(token: &str) -> Result<(Algorithm, Option<String>), Reason> {
+fn read_header(token: &str) -> Result<TokenHeader, Reason> {
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())

@@ -2,6 +2,7 @@
 //! or an OpenID issuer), each pinned to a list of algorithms so a token can never choose how it
 //! is verified (no `alg: none`).
 
+use crate::config::Invalid;
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -28,12 +29,14 @@ pub struct Provider {
     pub user_claim: String,
 }
 
-fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+fn parse_algorithm(name: &str) -> Result<Algorithm, Invalid> {
     if name.eq_ignore_ascii_case("none") {
-        return Err("`none` is never accepted: unsigned tokens prove nothing".to_owned());
+        return Err(Invalid::new(
+            "`none` is never accepted: unsigned tokens prove nothing",
+        ));
     }
     name.parse::<Algorithm>().map_err(|_| {
-        format!("unknown algorithm {name:?}: use HS256/384/512, RS256/384/512, PS256/384/512, ES256, ES384 or EdDSA")
+        Invalid(format!("unknown algorithm {name:?}: use HS256/384/512, RS256/384/512, PS256/384/512, ES256, ES384 or EdDSA"))
     })
 }
 
@@ -115,8 +118,8 @@ impl Provider {
                         })),
                         Some(kind),
                     ),
-                    Err(message) => {
-                        errors.push(SpanError::new(source_span.clone(), message));
+                    Err(error) => {
+                        errors.push(SpanError::new(source_span.clone(), error.to_string()));
                         return Err(errors);
                     }
                 }
@@ -137,7 +140,7 @@ impl Provider {
                 ) {
                     Ok(source) => (KeySource::Jwks(Arc::new(source)), None),
                     Err(message) => {
-                        errors.push(SpanError::new(source_span.clone(), message));
+                        errors.push(SpanError::new(source_span.clone(), message.to_string()));
                         return Err(errors);
                     }
                 }
@@ -184,7 +187,7 @@ impl Provider {
 }
 
 /// Loads a PEM public key, telling RSA, EC and Ed25519 apart.
-fn load_public_key(path: &str) -> Result<(DecodingKey, KeyKind), String> {
+fn load_public_key(path: &str) -> Result<(DecodingKey, KeyKind), Invalid> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
     if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
         return Ok((key, KeyKind::Rsa));
@@ -195,7 +198,7 @@ fn load_public_key(path: &str) -> Result<(DecodingKey, KeyKind), String> {
     if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
         return Ok((key, KeyKind::Ed25519));
     }
-    Err(format!(
+    Err(Invalid(format!(
         "{path:?} holds no RSA, EC or Ed25519 public key in PEM form (-----BEGIN PUBLIC KEY-----)"
-    ))
+    )))
 }

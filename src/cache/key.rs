@@ -63,7 +63,9 @@ pub fn normalized_query(query: Option<&str>, rule: &QueryRule) -> String {
 
 /// RFC 3986 §6.2.2 syntax-based normalization of one query component: `%XX` of an unreserved
 /// character becomes the character, other escapes get upper-case hex digits; everything else
-/// (`+` included) stays as written. A malformed escape stays as written.
+/// (`+` included) stays as written. A `%` that starts no escape is written `%25`, the way lenient
+/// decoders read it: left as written, `%3%30` would become `%30` and then `0` on a second pass,
+/// so the key of a key would differ.
 fn normalize_component(text: &str) -> String {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = text.as_bytes();
@@ -88,7 +90,7 @@ fn normalize_component(text: &str) -> String {
                 i += 3;
             }
             None if bytes[i] == b'%' => {
-                out.push('%');
+                out.push_str("%25");
                 i += 1;
             }
             // Never in a request target (URIs are ASCII); written as its escape, which every
@@ -293,9 +295,13 @@ mod tests {
         assert_ne!(all("q=a%20b"), all("q=a%2Bb"));
         assert_eq!(
             all("q=%C3%A9&x=%zz"),
-            "q=%C3%A9&x=%zz",
-            "UTF-8 and bad escapes kept"
+            "q=%C3%A9&x=%25zz",
+            "UTF-8 kept; a % that starts no escape is its own escape"
         );
+        assert_eq!(all("%3%30"), "%2530");
+        assert_eq!(all("%253%30"), all("%3%30"), "one key for the two spellings");
+        let once = all("%3%30");
+        assert_eq!(all(&once), once, "a key's key is itself");
         assert_eq!(all("q=é"), "q=%C3%A9", "raw non-ASCII is its escape");
         assert_ne!(
             normalized_query(Some("q=a%26b"), &QueryRule::All),

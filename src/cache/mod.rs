@@ -164,10 +164,34 @@ pub struct Bounds {
     pub cookie: bool,
 }
 
+/// Where an answer came from: the `tier` label of `cachegate_cache_results_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The in-process tier.
+    Memory,
+    /// The shared tier.
+    Redis,
+    /// Filled by another request while this one waited for it.
+    Coalesced,
+    /// The origin (a revalidation it confirmed, a refresh).
+    Origin,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Redis => "redis",
+            Tier::Coalesced => "coalesced",
+            Tier::Origin => "origin",
+        }
+    }
+}
+
 /// A stored response that answers a request.
 pub struct Hit {
-    /// `memory`, `redis`, or `coalesced` (filled while this request waited).
-    pub tier: &'static str,
+    /// Where it was found.
+    pub tier: Tier,
     pub entry: Arc<Entry>,
     pub age_secs: u64,
     /// Seconds of freshness left; negative when stale (RFC 9211 `ttl`).
@@ -250,7 +274,7 @@ fn state(entry: &Entry, now: u64) -> State {
     }
 }
 
-fn hit(tier: &'static str, entry: Arc<Entry>, now: u64) -> Hit {
+fn hit(tier: Tier, entry: Arc<Entry>, now: u64) -> Hit {
     let ttl_ms = i128::from(entry.fresh_until_ms()) - i128::from(now);
     Hit {
         tier,
@@ -421,7 +445,7 @@ impl Cache {
             _ => None,
         };
         if let Some(entry) = in_memory.as_ref().filter(|e| state(e, now) == State::Fresh) {
-            return Lookup::Hit(hit("memory", entry.clone(), now));
+            return Lookup::Hit(hit(Tier::Memory, entry.clone(), now));
         }
         // Not fresh in process: another instance may have stored a newer one.
         let shared = match self
@@ -443,15 +467,15 @@ impl Cache {
             (Some(local), Some((key, remote))) => {
                 if remote.stored_at_ms > local.stored_at_ms {
                     self.memory.insert(key, remote.clone());
-                    ("redis", remote)
+                    (Tier::Redis, remote)
                 } else {
-                    ("memory", local)
+                    (Tier::Memory, local)
                 }
             }
-            (Some(local), None) => ("memory", local),
+            (Some(local), None) => (Tier::Memory, local),
             (None, Some((key, remote))) => {
                 self.memory.insert(key, remote.clone());
-                ("redis", remote)
+                (Tier::Redis, remote)
             }
             (None, None) => {
                 return Lookup::Miss {
@@ -508,7 +532,7 @@ impl Cache {
                 lease = self.take_lease(&primary).await;
                 if !lease {
                     if let Some(mut hit) = self.wait_for_shared(policy, request).await {
-                        hit.tier = "coalesced";
+                        hit.tier = Tier::Coalesced;
                         return Decision::Hit(hit);
                     }
                 }
@@ -520,7 +544,7 @@ impl Cache {
                 // storable; then look again.
                 let _ = tokio::time::timeout(COALESCE_WAIT, done.changed()).await;
                 if let Lookup::Hit(mut hit) = self.lookup(policy, request).await {
-                    hit.tier = "coalesced";
+                    hit.tier = Tier::Coalesced;
                     return Decision::Hit(hit);
                 }
                 None

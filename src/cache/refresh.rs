@@ -21,7 +21,7 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use super::policy::CachePolicy;
 use super::serve::add_validators;
 use super::txn::RefreshTicket;
-use super::{Cache, CacheRequest, FillStart};
+use super::{Cache, CacheRequest, FillStart, Tier};
 use crate::metrics::metrics;
 
 /// Why a refresh failed; the stale entry stays as it was.
@@ -132,7 +132,7 @@ impl Refresh {
         self.cache.release_lease(primary).await;
         metrics()
             .cache_results
-            .with_label_values(&[&self.request.route, result, "origin"])
+            .with_label_values(&[&self.request.route, result, Tier::Origin.as_str()])
             .inc();
     }
 

@@ -20,15 +20,14 @@ use http::{Method, StatusCode};
 
 use super::entry::Entry;
 use super::range::{self, RangeAnswer};
-use super::{Cache, CacheRequest, Hit};
+use super::{Cache, CacheRequest, Hit, Tier};
 use crate::header_rules::{CACHE_STATUS, X_CACHE};
 
 /// A stored entry chosen to answer a request, and how.
 pub struct Served {
     pub entry: Arc<Entry>,
-    /// Where the answer comes from, for metrics: `memory`, `redis`, `coalesced` (filled while
-    /// the request waited), or `origin` (the origin confirmed it).
-    pub tier: &'static str,
+    /// Where the answer comes from, for metrics.
+    pub tier: Tier,
     /// The `Cache-Status` value (RFC 9211).
     pub cache_status: String,
     /// `HIT`, `STALE`, `REVALIDATED`.
@@ -83,7 +82,14 @@ impl Served {
         let ttl = entry.fresh_for_ms / 1000;
         let cache_status = format!("cachegate; fwd=stale; fwd-status=304; stored; ttl={ttl}");
         let age = Cache::age_secs(&entry);
-        Served::new(request, entry, "origin", age, cache_status, "REVALIDATED")
+        Served::new(
+            request,
+            entry,
+            Tier::Origin,
+            age,
+            cache_status,
+            "REVALIDATED",
+        )
     }
 
     /// stale-if-error: the kept entry answers for an origin that failed. The client's
@@ -94,7 +100,7 @@ impl Served {
         Served {
             range: range_of(request, &entry, false),
             // The entry kept in process.
-            tier: "memory",
+            tier: Tier::Memory,
             cache_status: "cachegate; fwd=stale; detail=stale-if-error".to_owned(),
             x_cache: "STALE",
             age_secs: age,
@@ -107,7 +113,7 @@ impl Served {
     fn new(
         request: &CacheRequest<'_>,
         entry: Arc<Entry>,
-        tier: &'static str,
+        tier: Tier,
         age_secs: u64,
         cache_status: String,
         x_cache: &'static str,

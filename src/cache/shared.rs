@@ -176,11 +176,11 @@ impl Cache {
 
     /// Entries and value bytes in the shared tier, counting at most
     /// `limit` keys; `None` without a shared tier.
-    pub async fn shared_stats(&self, limit: u64) -> Option<Result<(u64, u64, bool), String>> {
+    pub async fn shared_stats(
+        &self,
+        limit: u64,
+    ) -> Option<Result<(u64, u64, bool), crate::store::StoreError>> {
         let store = self.shared.as_ref()?;
-        store
-            .measure_prefix(L2_PREFIX, limit)
-            .await
-            .map(|r| r.map_err(|e| e.to_string()))
+        store.measure_prefix(L2_PREFIX, limit).await
     }
 }

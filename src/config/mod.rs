@@ -21,7 +21,7 @@ pub use auth::{
     AuthConfig, AuthMode, AuthPolicyConfig, AuthPolicyConfigOrMode, OneOrMany, ProviderConfig,
 };
 pub use cache::{AnonymousCache, CacheConfig, CachePolicyConfig, CacheScope, QueryConfig};
-pub use error::{line_col, ConfigError, ConfigErrors, SpanError};
+pub use error::{line_col, ConfigError, ConfigErrors, Invalid, SpanError};
 pub use purge::{PurgeConfig, PurgeConfigOrPaths};
 pub use ratelimit::{KeyConfig, LimitConfig, OnStoreError, RateLimitConfig, RateLimitPolicyConfig};
 pub use values::{ByteSize, Dur, EnvString};

@@ -4,6 +4,7 @@
 //! validation — rates (`"100/minute"`) and addresses (`"10.0.0.0/8"`) — and URL redaction for
 //! messages.
 
+use super::error::Invalid;
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -32,7 +33,7 @@ impl<'de> Deserialize<'de> for Dur {
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    pub fn parse(text: &str) -> Result<ByteSize, String> {
+    pub fn parse(text: &str) -> Result<ByteSize, Invalid> {
         let text = text.trim();
         let split = text
             .find(|c: char| !c.is_ascii_digit())
@@ -50,15 +51,15 @@ impl ByteSize {
             "GB" => 1_000_000_000,
             "GiB" => 1 << 30,
             other => {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "invalid size unit {other:?} in {text:?}: use B, KB, KiB, MB, MiB, GB or GiB"
-                ))
+                )))
             }
         };
         number
             .checked_mul(multiplier)
             .map(ByteSize)
-            .ok_or_else(|| format!("size {text:?} is too large"))
+            .ok_or_else(|| Invalid(format!("size {text:?} is too large")))
     }
 }
 
@@ -107,7 +108,7 @@ impl EnvString {
     pub fn interpolate(
         text: &str,
         lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<EnvString, String> {
+    ) -> Result<EnvString, Invalid> {
         let mut out = String::with_capacity(text.len());
         let mut defaulted = Vec::new();
         let mut rest = text;
@@ -127,9 +128,9 @@ impl EnvString {
                     None => (expr, None),
                 };
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(format!(
+                    return Err(Invalid(format!(
                         "invalid environment variable name {name:?} in {text:?}: use letters, digits and _"
-                    ));
+                    )));
                 }
                 match (lookup(name).filter(|v| !v.is_empty()), fallback) {
                     (Some(value), _) => out.push_str(&value),
@@ -138,9 +139,9 @@ impl EnvString {
                         defaulted.push(name.to_owned());
                     }
                     (None, None) => {
-                        return Err(format!(
+                        return Err(Invalid(format!(
                             "environment variable `{name}` is not set: set it, or give a default with ${{{name}:-default}}"
-                        ))
+                        )))
                     }
                 }
                 rest = &inner[end + 1..];
@@ -175,14 +176,14 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// An address or CIDR: `"10.0.0.0/8"`, `"127.0.0.1"`, `"::1"`.
-pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+pub fn parse_cidr(text: &str) -> Result<IpNet, Invalid> {
     text.parse::<IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|e| e.to_string())
+        .map_err(|e| Invalid(e.to_string()))
 }
 
 /// `"100/minute"`, `"10/second"`, `"1000/hour"`, `"5/day"`, `"50/10s"`.
-pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+pub fn parse_rate(text: &str) -> Result<(u32, Duration), Invalid> {
     let hint = "write a count and a period, like \"100/minute\", \"10/second\" or \"50/10s\"";
     let (count, period) = text
         .split_once('/')
@@ -204,9 +205,9 @@ pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
             .map_err(|_| format!("invalid rate {text:?}: {hint}"))?,
     };
     if period.as_micros() < u128::from(count) {
-        return Err(format!(
+        return Err(Invalid(format!(
             "invalid rate {text:?}: more than a million requests a second"
-        ));
+        )));
     }
     Ok((count, period))
 }
@@ -279,12 +280,14 @@ mod tests {
     #[test]
     fn interpolation_errors_say_what_to_do() {
         let err = EnvString::interpolate("${MISSING}", env).unwrap_err();
-        assert!(err.contains("`MISSING` is not set"), "{err}");
+        assert!(err.0.contains("`MISSING` is not set"), "{err}");
         assert!(EnvString::interpolate("${OPEN", env)
             .unwrap_err()
+            .0
             .contains("unclosed"));
         assert!(EnvString::interpolate("${BAD-NAME}", env)
             .unwrap_err()
+            .0
             .contains("invalid environment variable name"));
     }
 

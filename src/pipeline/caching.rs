@@ -18,8 +18,8 @@ use super::forwarding::request_host;
 use super::{forwarding, respond};
 use crate::cache::refresh::{Fetched, Fetching, Origin, Refresh, RefreshError, RefreshRequest};
 use crate::cache::serve::Served;
-use crate::cache::txn::{Begun, RefreshTicket};
-use crate::cache::{Cache, CacheRequest};
+use crate::cache::txn::{Begun, RefreshTicket, Transaction};
+use crate::cache::{Cache, CacheRequest, Tier};
 use crate::snapshot::Snapshot;
 use crate::upstream::body::RequestBody;
 
@@ -66,7 +66,7 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
     ctx.cache = txn;
     match begun {
         Begun::Serve { served, refresh } => {
-            count(ctx, ctx.cache.label(), served.tier);
+            count(ctx, Some(served.tier));
             if let Some(ticket) = refresh {
                 let refresh = refresh_of(cache, &snapshot, policy, ticket, req, ctx);
                 tokio::spawn(refresh.run());
@@ -74,27 +74,26 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             ControlFlow::Break(respond::entry(ctx, &served))
         }
         Begun::Forward => {
-            let tier = if ctx.cache.needs_request_headers() {
-                "memory"
-            } else {
-                "-"
-            };
-            count(ctx, ctx.cache.label(), tier);
+            // A miss is counted against the in-process tier, where it was looked up first.
+            let tier = ctx.cache.needs_request_headers().then_some(Tier::Memory);
+            count(ctx, tier);
             ControlFlow::Continue(())
         }
     }
 }
 
-fn count(ctx: &RequestCtx, result: &str, tier: &str) {
-    ctx.snapshot
-        .routes
-        .metrics(ctx.route.id)
-        .cache_result(result, tier);
+/// Counts the transaction's result, answered from `tier` (`None`: no tier, a bypass).
+fn count(ctx: &RequestCtx, tier: Option<Tier>) {
+    let metrics = ctx.snapshot.routes.metrics(ctx.route.id);
+    match (&ctx.cache, tier) {
+        (Transaction::Hit, Some(Tier::Memory)) => metrics.memory_hit(),
+        (txn, tier) => metrics.cache_result(txn.label(), tier.map_or("-", Tier::as_str)),
+    }
 }
 
 /// A stored entry that answers instead of the origin, counted and as the response.
 fn answer(ctx: &RequestCtx, served: &Served) -> Response<Body> {
-    count(ctx, ctx.cache.label(), served.tier);
+    count(ctx, Some(served.tier));
     respond::entry(ctx, served)
 }
 

@@ -65,6 +65,9 @@ pub struct RequestCtx {
     pub started: Instant,
     /// How long the origin took to send its response header.
     pub upstream_elapsed: Option<std::time::Duration>,
+    /// Why the exchange with the origin failed, when it did (a
+    /// `cachegate_upstream_errors_total` kind; the body may report one later).
+    pub upstream_error: Option<&'static str>,
     /// The request's trace (continued from the client's `traceparent`, or new).
     pub trace: crate::trace::TraceContext,
     /// The client's path ended in a slash that the canonical path dropped.
@@ -97,6 +100,7 @@ impl RequestCtx {
             auth_failure: None,
             started: Instant::now(),
             upstream_elapsed: None,
+            upstream_error: None,
             sent_slash: false,
             origin_path: None,
         }

@@ -116,8 +116,6 @@ struct RequestEnd {
     status: u16,
     method: Method,
     uri: http::Uri,
-    /// Why the exchange with the origin failed, when it did before the body.
-    error: Option<&'static str>,
 }
 
 impl Watcher for RequestEnd {
@@ -163,15 +161,12 @@ impl Gateway {
             connection,
             crate::trace::TraceContext::from_headers(&head.headers),
         );
-        let mut error = None;
         let response = match self.admit(&mut head, &mut ctx).await {
             ControlFlow::Break(response) => response,
             ControlFlow::Continue(()) => {
                 match caching::lookup(&self.cache, &head, &mut ctx).await {
                     ControlFlow::Break(response) => response,
-                    ControlFlow::Continue(()) => {
-                        self.forward(&mut head, body, &mut ctx, &mut error).await
-                    }
+                    ControlFlow::Continue(()) => self.forward(&mut head, body, &mut ctx).await,
                 }
             }
         };
@@ -181,7 +176,6 @@ impl Gateway {
             status: parts.status.as_u16(),
             method: head.method,
             uri: head.uri,
-            error,
             ctx,
         });
         Response::from_parts(parts, body.watched_by(end))
@@ -191,7 +185,7 @@ impl Gateway {
     /// cache's work that waits for the response to be over (the shared-tier write — unless the
     /// response failed — and the fill lease), then the request's metrics and access-log line.
     fn end(&self, mut end: RequestEnd, outcome: Outcome) {
-        let error = outcome.error.or(end.error);
+        let error = outcome.error.or(end.ctx.upstream_error);
         let failed = error.is_some() || !outcome.complete;
         if let Some(work) = end.ctx.cache.finish(failed) {
             tokio::spawn(work.run(self.cache.clone()));
@@ -487,7 +481,6 @@ impl Gateway {
         head: &mut Parts,
         body: Incoming,
         ctx: &mut RequestCtx,
-        error: &mut Option<&'static str>,
     ) -> Response<Body> {
         if crate::purge::is_write(&head.method) && !self.purger.ready_for_write().await {
             // Sent now, its purge could not be recorded: refuse it before the origin sees it.
@@ -561,7 +554,7 @@ impl Gateway {
                         | UpstreamError::BodyTooSlow
                         | UpstreamError::BadFraming(_)
                 ) {
-                    *error = Some(e.label());
+                    ctx.upstream_error = Some(e.label());
                 }
                 let status = e.status();
                 if let Some(response) = caching::origin_failed(ctx, head, status) {
@@ -590,7 +583,7 @@ impl Gateway {
             Ok(first) => first,
             Err(e) => {
                 tracing::warn!(error = %e, "the origin's response body broke at once");
-                *error = Some("ReadError");
+                ctx.upstream_error = Some("ReadError");
                 if let Some(response) = caching::origin_failed(ctx, head, 502) {
                     return response;
                 }

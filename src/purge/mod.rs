@@ -376,6 +376,16 @@ impl Marks {
     }
 }
 
+/// This instance does not hear the other instances' purges yet (see [`Purger::readiness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotSubscribed;
+
+impl std::fmt::Display for NotSubscribed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not yet subscribed to the other instances' purges")
+    }
+}
+
 /// The outcome of one purge, for the admin API and the logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PurgeReport {
@@ -498,13 +508,13 @@ impl Purger {
 
     /// With a shared store, whether this instance hears every purge (`None` without one): not
     /// until its subscription is up and the shared state was read.
-    pub fn readiness(&self) -> Option<Result<(), String>> {
+    pub fn readiness(&self) -> Option<Result<(), NotSubscribed>> {
         self.shared.as_ref()?;
         let subscribed = self.marks.complete_from.load(Ordering::Acquire) != u64::MAX;
         Some(if subscribed && self.marks.synced.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err("not yet subscribed to the other instances' purges".to_owned())
+            Err(NotSubscribed)
         })
     }
 

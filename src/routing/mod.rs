@@ -13,6 +13,7 @@
 
 pub mod canonical;
 
+use crate::config::Invalid;
 use http::{HeaderName, Method};
 
 use self::canonical::PathRules;
@@ -150,7 +151,7 @@ struct CompiledTemplate {
 }
 
 impl CompiledTemplate {
-    fn new(template: &str, rules: &PathRules) -> Result<CompiledTemplate, String> {
+    fn new(template: &str, rules: &PathRules) -> Result<CompiledTemplate, Invalid> {
         let mut path = String::with_capacity(template.len());
         let mut types = Vec::new();
         let mut rest = template;
@@ -160,15 +161,15 @@ impl CompiledTemplate {
             let close = rest[open..]
                 .find('}')
                 .map(|c| open + c)
-                .ok_or_else(|| "unclosed `{`".to_owned())?;
+                .ok_or_else(|| Invalid::new("unclosed `{`"))?;
             let inner = &rest[open + 1..close];
             let (name, kind) = match inner.split_once(':') {
                 None => (inner, ParamType::Text),
                 Some((name, "int")) if !name.starts_with('*') => (name, ParamType::Int),
                 Some((_, other)) => {
-                    return Err(format!(
+                    return Err(Invalid(format!(
                         "unknown parameter type `{other}` in `{{{inner}}}`: the only type is `int`, as in `{{id:int}}`"
-                    ))
+                    )))
                 }
             };
             path.push('{');
@@ -680,12 +681,14 @@ fn describe_overlap(a: &Route, b: &Route) -> String {
     }
 }
 
-fn check_template(template: &str) -> Result<(), String> {
+fn check_template(template: &str) -> Result<(), Invalid> {
     if !template.starts_with('/') {
-        return Err("it must start with `/`".to_owned());
+        return Err(Invalid::new("it must start with `/`"));
     }
     if template.contains('?') || template.contains('#') {
-        return Err("templates match paths only; remove the query or fragment".to_owned());
+        return Err(Invalid::new(
+            "templates match paths only; remove the query or fragment",
+        ));
     }
     let mut depth = 0i32;
     for c in template.chars() {
@@ -695,22 +698,24 @@ fn check_template(template: &str) -> Result<(), String> {
             _ => {}
         }
         if !(0..=1).contains(&depth) {
-            return Err(
-                "braces must pair up, as in `/products/{id}` or `/files/{*rest}`".to_owned(),
-            );
+            return Err(Invalid::new(
+                "braces must pair up, as in `/products/{id}` or `/files/{*rest}`",
+            ));
         }
     }
     if depth != 0 {
-        return Err("unclosed `{`; write parameters as `{id}` or `{*rest}`".to_owned());
+        return Err(Invalid::new(
+            "unclosed `{`; write parameters as `{id}` or `{*rest}`",
+        ));
     }
     Ok(())
 }
 
 /// Lets the router judge the rest (empty names, catch-all placement) with its own words.
-fn check_router_template(path: &str) -> Result<(), String> {
+fn check_router_template(path: &str) -> Result<(), Invalid> {
     matchit::Router::<()>::new()
         .insert(path, ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| Invalid(e.to_string()))
 }
 
 /// Warnings for a template without a trailing slash under which others have one (`/books`
@@ -746,15 +751,15 @@ fn slash_conventions(
     warnings
 }
 
-fn parse_method(text: &str) -> Result<Method, String> {
+fn parse_method(text: &str) -> Result<Method, Invalid> {
     if text != text.to_ascii_uppercase() {
-        return Err(format!(
+        return Err(Invalid(format!(
             "method `{text}` must be written in upper case: `{}`",
             text.to_ascii_uppercase()
-        ));
+        )));
     }
     Method::from_bytes(text.as_bytes())
-        .map_err(|_| format!("`{text}` is not a valid HTTP method name"))
+        .map_err(|_| Invalid(format!("`{text}` is not a valid HTTP method name")))
 }
 
 #[cfg(test)]

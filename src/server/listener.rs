@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::clock::{Clock, Load, Timeouts};
 use crate::pipeline::{Connection, Gateway};
+use crate::tls::{self, TlsError};
 
 /// Most header fields a request may carry (hyper answers `431` past it).
 const MAX_HEADERS: usize = 512;
@@ -222,34 +223,23 @@ pub fn tls_acceptor(
     cert_file: &str,
     key_file: &str,
     http2: bool,
-) -> Result<tokio_rustls::TlsAcceptor, String> {
-    let certs = std::fs::read(cert_file)
-        .map_err(|e| format!("cannot read {cert_file:?}: {e}"))
-        .and_then(|pem| {
-            rustls_pemfile::certs(&mut pem.as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{cert_file:?} is not valid PEM: {e}"))
-        })?;
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let certs = tls::certificates(cert_file)?;
     if certs.is_empty() {
-        return Err(format!("{cert_file:?} holds no certificate"));
+        return Err(TlsError::NoCertificate {
+            path: cert_file.to_owned(),
+        });
     }
-    let key = std::fs::read(key_file)
-        .map_err(|e| format!("cannot read {key_file:?}: {e}"))
-        .and_then(|pem| {
-            rustls_pemfile::private_key(&mut pem.as_slice())
-                .map_err(|e| format!("{key_file:?} is not valid PEM: {e}"))
-        })?
-        .ok_or_else(|| format!("{key_file:?} holds no private key"))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| {
-        format!("the certificate and key in {cert_file:?} / {key_file:?} do not work together: {e}")
-    })?;
+    let key = tls::private_key(key_file)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|source| TlsError::Mismatch {
+            cert: cert_file.to_owned(),
+            key: key_file.to_owned(),
+            source,
+        })?;
     config.alpn_protocols = if http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

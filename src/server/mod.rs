@@ -38,9 +38,45 @@ use crate::store;
 /// Connections the admin listener holds at most.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
+/// Why the gateway could not start; each says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the {which} runtime: {source}")]
+    Runtime {
+        which: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot watch {signal}: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {address}: {source}; stop whatever uses that address or change it in the configuration")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("cannot set up {address}: {source}")]
+    Setup {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS for {address}: {source}")]
+    Tls {
+        address: String,
+        source: Box<crate::tls::TlsError>,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    RateLimit(#[from] crate::config::Invalid),
+    #[error(transparent)]
+    Exporter(#[from] crate::trace::ExporterError),
+}
+
 /// Serves until SIGTERM (graceful: stop accepting, drain for `server.grace_period`) or SIGINT
 /// (fast). Returns an error message, naming what failed, if the gateway cannot start.
-pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
+pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), StartError> {
     let config = &loaded.config;
     let admin_address = config.admin.as_ref().map(|a| a.address.get_ref().as_str());
     // One TLS crypto provider for every rustls user in the process (the listeners, upstream TLS, the JWKS client,
@@ -67,7 +103,10 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         .thread_name(crate::store::BACKGROUND_THREADS)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the background runtime: {e}"))?;
+        .map_err(|source| StartError::Runtime {
+            which: "background",
+            source,
+        })?;
     let threads = config
         .server
         .threads
@@ -82,18 +121,27 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
         .thread_name("cachegate-worker")
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the request runtime: {e}"))?;
+        .map_err(|source| StartError::Runtime {
+            which: "request",
+            source,
+        })?;
 
     // Signal handlers before the listeners: a SIGHUP or SIGTERM sent as soon as the port
     // answers must reload or drain, not meet the default action (which ends the process).
     use tokio::signal::unix::{signal, SignalKind};
     let hangups = {
         let _guard = control.enter();
-        signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?
+        signal(SignalKind::hangup()).map_err(|source| StartError::Signal {
+            signal: "SIGHUP",
+            source,
+        })?
     };
     let terminate = {
         let _guard = runtime.enter();
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?
+        signal(SignalKind::terminate()).map_err(|source| StartError::Signal {
+            signal: "SIGTERM",
+            source,
+        })?
     };
 
     let mut bound = Vec::new();
@@ -105,7 +153,7 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
 
     let store = {
         let _guard = control.enter();
-        store::from_config(config.store.as_ref()).map_err(|e| e.to_string())?
+        store::from_config(config.store.as_ref())?
     };
     let limiter = Limiter::from_config(store.clone(), &config.rate_limit)?;
     tracing::info!(store = store.kind(), "store ready");
@@ -169,7 +217,10 @@ pub fn run(loaded: LoadedConfig, snapshot: Snapshot) -> Result<(), String> {
                     tls.key_file.get_ref().as_str(),
                     tls.http2,
                 )
-                .map_err(|e| format!("cannot set up TLS for {address}: {e}"))?,
+                .map_err(|source| StartError::Tls {
+                    address: address.to_owned(),
+                    source: Box::new(source),
+                })?,
             ),
         };
         let http2 = listener.tls.as_ref().is_none_or(|t| t.http2);
@@ -229,15 +280,17 @@ fn coherence_settings(store: Option<&crate::config::StoreConfig>) -> CoherenceSe
     }
 }
 
-fn bind(address: &str) -> Result<std::net::TcpListener, String> {
-    let listener = std::net::TcpListener::bind(address).map_err(|e| {
-        format!(
-            "cannot listen on {address}: {e}; stop whatever uses that address or change it in the configuration"
-        )
+fn bind(address: &str) -> Result<std::net::TcpListener, StartError> {
+    let listener = std::net::TcpListener::bind(address).map_err(|source| StartError::Bind {
+        address: address.to_owned(),
+        source,
     })?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("cannot set up {address}: {e}"))?;
+        .map_err(|source| StartError::Setup {
+            address: address.to_owned(),
+            source,
+        })?;
     Ok(listener)
 }
 
@@ -264,7 +317,7 @@ async fn serve(
     connections: Connections,
     grace_period: Duration,
     mut terminate: tokio::signal::unix::Signal,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let (drain, draining) = watch::channel(false);
     let (open, mut closed) = mpsc::channel::<()>(1);
     let serving = Arc::new(listener::Serving {
@@ -276,8 +329,12 @@ async fn serve(
         max_request_header_bytes: connections.max_request_header_bytes,
     });
     for (address, std_listener, tls, http2) in listeners {
-        let tcp = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+        let tcp = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
+            StartError::Setup {
+                address: address.clone(),
+                source,
+            }
+        })?;
         tracing::info!(address, tls = tls.is_some(), "listening");
         let load = clock::Load::new(connections.max_connections);
         tokio::spawn(listener::accept_loop(
@@ -289,8 +346,12 @@ async fn serve(
         ));
     }
     if let Some((std_listener, admin)) = admin {
-        let tcp = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|e| format!("cannot listen on the admin address: {e}"))?;
+        let tcp = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
+            StartError::Setup {
+                address: "the admin address".to_owned(),
+                source,
+            }
+        })?;
         tracing::info!(address = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
         tokio::spawn(serve_admin(tcp, admin, draining, connections.timeouts));
     }

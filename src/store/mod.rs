@@ -89,7 +89,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 
     /// The last known health, without I/O: `Err` says why the store is not usable.
-    fn health(&self) -> Result<(), String> {
+    fn health(&self) -> Result<(), StoreError> {
         Ok(())
     }
 

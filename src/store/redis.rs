@@ -921,11 +921,14 @@ impl Store for RedisStore {
         )
     }
 
-    fn health(&self) -> Result<(), String> {
+    fn health(&self) -> Result<(), StoreError> {
         if self.is_connected() {
             Ok(())
         } else {
-            Err(format!("Redis at {} is not reachable", self.display_url))
+            Err(StoreError::Unavailable(format!(
+                "Redis at {} is not reachable",
+                self.display_url
+            )))
         }
     }
 

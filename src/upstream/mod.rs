@@ -18,6 +18,7 @@ use std::time::Duration;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
+use crate::config::Invalid;
 use crate::config::{SpanError, UpstreamConfig};
 use body::{Progress, RequestBody};
 use pool::{Connector, Pool, Pooled};
@@ -460,34 +461,34 @@ pub enum Resolve {
 
 /// `http://host[:port]` or `https://host[:port]` → (address, tls, host name for SNI). With
 /// [`Resolve::Never`] a host name gets the unspecified address.
-fn parse_origin(url: &str, names: Resolve) -> Result<(SocketAddr, bool, String), String> {
+fn parse_origin(url: &str, names: Resolve) -> Result<(SocketAddr, bool, String), Invalid> {
     let uri: Uri = url.parse().map_err(|e| {
-        format!(
+        Invalid(format!(
             "invalid upstream address {url:?} ({e}): write http://host:port or https://host:port"
-        )
+        ))
     })?;
     let tls = match uri.scheme_str() {
         Some("http") => false,
         Some("https") => true,
         Some(other) => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "unknown upstream scheme `{other}` in {url:?}: use http:// or https://"
-            ))
+            )))
         }
         None => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "upstream address {url:?} has no scheme: write http://{url} or https://{url}"
-            ))
+            )))
         }
     };
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!(
+        return Err(Invalid(format!(
             "upstream address {url:?} has a path: cachegate forwards the request's own path, so write only scheme, host and port"
-        ));
+        )));
     }
     let authority = uri
         .authority()
-        .ok_or_else(|| format!("upstream address {url:?} has no host"))?;
+        .ok_or_else(|| Invalid(format!("upstream address {url:?} has no host")))?;
     let host = authority
         .host()
         .trim_start_matches('[')
@@ -521,18 +522,22 @@ mod tests {
         );
         assert!(parse_origin("ftp://x:1", Resolve::Now)
             .unwrap_err()
+            .0
             .contains("unknown upstream scheme `ftp`"));
         assert!(parse_origin("127.0.0.1:3000", Resolve::Now)
             .unwrap_err()
+            .0
             .contains("scheme"));
         assert!(parse_origin("http://127.0.0.1:3000/api", Resolve::Never)
             .unwrap_err()
+            .0
             .contains("has a path"));
         // Offline, a host name is checked for form only.
         let (_, tls, host) = parse_origin("https://api.invalid", Resolve::Never).unwrap();
         assert_eq!((tls, host.as_str()), (true, "api.invalid"));
         assert!(parse_origin("https://api.invalid", Resolve::Now)
             .unwrap_err()
+            .0
             .contains("cannot resolve"));
     }
 }
