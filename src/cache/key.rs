@@ -299,7 +299,11 @@ mod tests {
             "UTF-8 kept; a % that starts no escape is its own escape"
         );
         assert_eq!(all("%3%30"), "%2530");
-        assert_eq!(all("%253%30"), all("%3%30"), "one key for the two spellings");
+        assert_eq!(
+            all("%253%30"),
+            all("%3%30"),
+            "one key for the two spellings"
+        );
         let once = all("%3%30");
         assert_eq!(all(&once), once, "a key's key is itself");
         assert_eq!(all("q=é"), "q=%C3%A9", "raw non-ASCII is its escape");
