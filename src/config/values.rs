@@ -299,4 +299,13 @@ mod tests {
         assert!(ByteSize::parse("12 parsecs").is_err());
         assert!(ByteSize::parse("MiB").is_err());
     }
+
+    #[test]
+    fn credentials_never_reach_logs() {
+        assert_eq!(
+            redact_url("redis://user:pw@h:6379/0"),
+            "redis://***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
 }

@@ -2,24 +2,43 @@
 //! manager, or its cluster connection for Redis Cluster), behind a per-request time budget and a
 //! circuit breaker, so a slow or dead Redis costs a request at most the budget, and nothing at
 //! all once the circuit is open.
+//!
+//! This file holds the store and its operations (the [`Store`] implementation: the shared
+//! tier's values, the purge protocol's scripts and channels); the rest, each used only from here:
+//! - `connection`: a connection of either kind, and what a Redis error means;
+//! - `cluster`: slots, the circuit per master, the cluster connection;
+//! - `circuit`: the circuit breaker;
+//! - `health`: the background health check;
+//! - `gcra`: the rate-limit script.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncCommands, RedisError, Script};
 
 use crate::metrics::metrics;
 
 use super::gcra::{GcraOutcome, GcraRequest, REFUND_SCRIPT, SCRIPT};
+
+mod circuit;
+mod cluster;
+mod connection;
+mod gcra;
+mod health;
+
 use super::purge;
 use super::{Published, PurgeEvent, PurgeState, RecordedMarks, Store, StoreError};
+use circuit::Circuit;
+use cluster::SlotRange;
+use connection::{backend_error, tls_certificates, Connection};
+use health::watch_health;
 
 /// How often the background task checks that Redis answers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -54,75 +73,6 @@ impl Default for RedisOptions {
     }
 }
 
-/// Closed: calls go through. After `threshold` consecutive failures: open for `open_for`, calls
-/// fail at once. Then half-open: a single call is let through; its result closes or reopens it.
-struct Circuit {
-    failures: AtomicU32,
-    /// Milliseconds since `epoch` until which the circuit is open; 0 when closed.
-    open_until: AtomicU64,
-    threshold: u32,
-    open_for: Duration,
-    epoch: Instant,
-    /// What it guards, for logs: `Redis`, or a cluster node's address.
-    name: String,
-}
-
-impl Circuit {
-    fn new(name: String, threshold: u32, open_for: Duration) -> Circuit {
-        Circuit {
-            failures: AtomicU32::new(0),
-            open_until: AtomicU64::new(0),
-            threshold: threshold.max(1),
-            open_for,
-            epoch: Instant::now(),
-            name,
-        }
-    }
-
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    fn allow(&self) -> bool {
-        let until = self.open_until.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        let now = self.now();
-        // Half-open: the caller that moves the deadline forward gets the one trial.
-        now >= until
-            && self
-                .open_until
-                .compare_exchange(
-                    until,
-                    now + self.open_for.as_millis() as u64,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-    }
-
-    fn record(&self, ok: bool) {
-        if ok {
-            self.failures.store(0, Ordering::Relaxed);
-            if self.open_until.swap(0, Ordering::AcqRel) != 0 {
-                metrics().store_circuit_open.dec();
-                tracing::info!(node = %self.name, "store: circuit closed; using the store again");
-            }
-        } else if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold {
-            let until = self.now() + self.open_for.as_millis() as u64;
-            if self.open_until.swap(until, Ordering::AcqRel) == 0 {
-                metrics().store_circuit_open.inc();
-                tracing::warn!(node = %self.name, open_for = ?self.open_for, "store: circuit open after repeated failures; bypassing it");
-            }
-        }
-    }
-
-    fn is_open(&self) -> bool {
-        self.open_until.load(Ordering::Acquire) != 0
-    }
-}
-
 enum Backend {
     /// Two connections to one server. The request path's is first used by a request, so its
     /// I/O driver runs on the proxy's runtime and a command does not hop threads; the health
@@ -139,24 +89,6 @@ enum Backend {
         /// refreshed with every health check), so one dead master opens only its own circuit.
         slots: arc_swap::ArcSwap<Vec<SlotRange>>,
     },
-}
-
-/// Slots `start..=end` and the circuit of the master that serves them.
-struct SlotRange {
-    start: u16,
-    end: u16,
-    master: String,
-    circuit: Arc<Circuit>,
-}
-
-/// The cluster slot of a key (CRC16 of its hash tag, or of the key, mod 16384).
-fn slot_of(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = bytes.iter().position(|b| *b == b'{').and_then(|open| {
-        let close = bytes[open + 1..].iter().position(|b| *b == b'}')?;
-        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
-    });
-    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
 }
 
 pub struct RedisStore {
@@ -183,41 +115,6 @@ impl std::fmt::Debug for RedisStore {
             .field("url", &self.display_url)
             .field("connected", &self.connected.load(Ordering::Relaxed))
             .finish()
-    }
-}
-
-fn tls_certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
-    redis::TlsCertificates {
-        client_tls: None,
-        root_cert: Some(ca_pem.to_vec()),
-    }
-}
-
-/// What a Redis error means for the caller: the store (or, on a cluster, a node) is not there —
-/// counted by the circuit breaker —, or it answered with an error.
-fn backend_error(e: RedisError) -> StoreError {
-    use redis::{ErrorKind, ServerErrorKind};
-    // A cluster mid-failover answers with these (or the client finds no connection for the
-    // slot) until the replica takes over: the node is unavailable, not the request wrong.
-    let failing_over = e.is_cluster_error()
-        || matches!(
-            e.kind(),
-            ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::Server(
-                    ServerErrorKind::MasterDown
-                        | ServerErrorKind::BusyLoading
-                        | ServerErrorKind::ReadOnly
-                )
-        );
-    if failing_over
-        || e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-    {
-        StoreError::Unavailable(e.to_string())
-    } else {
-        StoreError::Backend(e.to_string())
     }
 }
 
@@ -330,82 +227,6 @@ impl RedisStore {
         }
     }
 
-    /// The circuit guarding calls on `key`: on a cluster, that of the master serving its slot
-    /// (the store's own until the slots are known).
-    fn circuit_for(&self, key: &str) -> Arc<Circuit> {
-        if let Backend::Cluster { slots, .. } = &self.backend {
-            let slot = slot_of(key);
-            let ranges = slots.load();
-            if let Some(range) = ranges.iter().find(|r| (r.start..=r.end).contains(&slot)) {
-                return range.circuit.clone();
-            }
-        }
-        self.own_circuit.clone()
-    }
-
-    /// Learns which master serves which slots (after a failover, the promoted replica).
-    /// Circuits are kept per master address.
-    async fn refresh_slots(&self) -> Result<(), StoreError> {
-        let Backend::Cluster { slots, .. } = &self.backend else {
-            return Ok(());
-        };
-        let Some(mut connection) = self.health_connection() else {
-            return Ok(());
-        };
-        let reply = tokio::time::timeout(
-            RESPONSE_TIMEOUT,
-            redis::cmd("CLUSTER")
-                .arg("SLOTS")
-                .query_async::<Vec<redis::Value>>(&mut connection),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable("CLUSTER SLOTS timed out".to_owned()))?
-        .map_err(backend_error)?;
-        let known = slots.load();
-        let mut ranges = Vec::new();
-        for range in reply {
-            let redis::Value::Array(fields) = range else {
-                continue;
-            };
-            let (
-                Some(redis::Value::Int(start)),
-                Some(redis::Value::Int(end)),
-                Some(redis::Value::Array(master)),
-            ) = (fields.first(), fields.get(1), fields.get(2))
-            else {
-                continue;
-            };
-            let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
-                (master.first(), master.get(1))
-            else {
-                continue;
-            };
-            let master = format!("{}:{port}", String::from_utf8_lossy(host));
-            let circuit = known
-                .iter()
-                .chain(ranges.iter())
-                .find(|r: &&SlotRange| r.master == master)
-                .map(|r| r.circuit.clone())
-                .unwrap_or_else(|| {
-                    Arc::new(Circuit::new(
-                        master.clone(),
-                        self.options.circuit_failures,
-                        self.options.circuit_open,
-                    ))
-                });
-            ranges.push(SlotRange {
-                start: *start as u16,
-                end: *end as u16,
-                master,
-                circuit,
-            });
-        }
-        if !ranges.is_empty() {
-            slots.store(Arc::new(ranges));
-        }
-        Ok(())
-    }
-
     /// Runs `op` (named for metrics) on a connection within the budget, through the circuit
     /// breaker of the node serving `key`.
     async fn guarded<T, F, Fut>(
@@ -499,149 +320,11 @@ impl RedisStore {
         }
         result
     }
-
-    fn connection(&self) -> Option<Connection> {
-        match &self.backend {
-            Backend::Single { requests, .. } => Some(Connection::Single(requests.clone())),
-            Backend::Cluster { connection, .. } => connection
-                .load_full()
-                .map(|c| Connection::Cluster((*c).clone())),
-        }
-    }
-
-    fn health_connection(&self) -> Option<Connection> {
-        match &self.backend {
-            Backend::Single { health, .. } => Some(Connection::Single(health.clone())),
-            Backend::Cluster { .. } => self.connection(),
-        }
-    }
-
-    async fn ensure_cluster_connection(&self) -> Result<(), StoreError> {
-        let Backend::Cluster {
-            nodes, connection, ..
-        } = &self.backend
-        else {
-            return Ok(());
-        };
-        if connection.load().is_some() {
-            return Ok(());
-        }
-        let mut builder = redis::cluster::ClusterClient::builder(nodes.clone());
-        if let Some(pem) = &self.options.tls_ca_pem {
-            builder = builder.certs(tls_certificates(pem));
-        }
-        // Few, quick retries inside the client (its defaults wait over a second between them):
-        // every call has its own budget above, and a failover's new master should be found
-        // as soon as the cluster reports it.
-        let client = builder
-            .connection_timeout(CONNECT_TIMEOUT)
-            .response_timeout(RESPONSE_TIMEOUT)
-            .retries(2)
-            .min_retry_wait(20)
-            .max_retry_wait(200)
-            .build()
-            .map_err(backend_error)?;
-        let conn = client.get_async_connection().await.map_err(backend_error)?;
-        connection.store(Some(Arc::new(conn)));
-        Ok(())
-    }
-}
-
-/// A connection of either kind; both speak the same commands.
-#[derive(Clone)]
-enum Connection {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Connection {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Single(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// Pings Redis every [`HEALTH_INTERVAL`], logging each change between reachable and not. A
-/// successful ping also closes the circuit, so recovery does not wait for traffic.
-async fn watch_health(store: Weak<RedisStore>) {
-    loop {
-        let Some(strong) = store.upgrade() else {
-            return;
-        };
-        let reachable = match strong.ensure_cluster_connection().await {
-            Ok(()) => strong.ping().await,
-            Err(e) => Err(e),
-        };
-        if reachable.is_ok() {
-            strong.own_circuit.record(true);
-            if let Err(e) = strong.refresh_slots().await {
-                tracing::debug!(error = %e, "store: could not read the cluster's slots");
-            }
-        }
-        let was = strong.connected.swap(reachable.is_ok(), Ordering::Relaxed);
-        match (&reachable, was) {
-            (Ok(()), false) => {
-                tracing::info!(url = %strong.display_url, "store: connected to Redis")
-            }
-            (Err(e), true) => {
-                tracing::warn!(url = %strong.display_url, error = %e, "store: lost the Redis connection; retrying")
-            }
-            (Err(e), false) => {
-                tracing::warn!(url = %strong.display_url, error = %e, "store: Redis is not reachable yet; retrying")
-            }
-            (Ok(()), true) => {}
-        }
-        // While a node's circuit is open, look at the slots often: a failover's new master
-        // gets a fresh circuit as soon as the cluster names it.
-        let pause = if strong.circuit_open() {
-            Duration::from_millis(250)
-        } else {
-            HEALTH_INTERVAL
-        };
-        drop(strong);
-        tokio::time::sleep(pause).await;
-    }
 }
 
 /// A fresh epoch id, written by whichever script finds none.
 fn new_epoch() -> String {
     uuid::Uuid::new_v4().simple().to_string()
-}
-
-fn outcomes_from(values: &[i64]) -> Vec<GcraOutcome> {
-    values
-        .chunks_exact(4)
-        .map(|v| GcraOutcome {
-            allowed: v[0] == 1,
-            remaining: u32::try_from(v[1].max(0)).unwrap_or(u32::MAX),
-            reset_us: v[2].max(0) as u64,
-            retry_after_us: v[3].max(0) as u64,
-        })
-        .collect()
 }
 
 #[async_trait]
@@ -932,127 +615,11 @@ impl Store for RedisStore {
         }
     }
 
-    /// One `EVALSHA` (reloading on `NOSCRIPT`) for all limits on a single Redis. On a cluster the
-    /// limits' keys live in different slots, so each limit is one `EVALSHA`, all sent at once
-    /// (still one round trip of waiting, each limit exact); when one refuses, the units the
-    /// others took are given back in a second round trip, so a refused request counts nowhere.
     async fn rate_limit(
         &self,
         limits: &[GcraRequest],
         consume: bool,
     ) -> Result<Vec<GcraOutcome>, StoreError> {
-        let script = &self.gcra;
-        let budget = self.options.budget;
-        // On a cluster, the breaker of the first limit's node guards the call.
-        let first_key = limits.first().map_or("", |l| l.key.as_str());
-        match &self.backend {
-            Backend::Single { .. } => {
-                let values: Vec<i64> = self
-                    .guarded("rate_limit", budget, first_key, |mut c| async move {
-                        let mut invocation = script.prepare_invoke();
-                        invocation.arg(u8::from(consume));
-                        for limit in limits {
-                            invocation
-                                .key(&limit.key)
-                                .arg(limit.interval_us)
-                                .arg(limit.burst);
-                        }
-                        invocation.invoke_async(&mut c).await
-                    })
-                    .await?;
-                Ok(outcomes_from(&values))
-            }
-            Backend::Cluster { .. } => {
-                let values: Vec<Vec<i64>> = self
-                    .guarded("rate_limit", budget, first_key, |c| async move {
-                        let calls = limits.iter().map(|limit| {
-                            let mut c = c.clone();
-                            async move {
-                                script
-                                    .key(&limit.key)
-                                    .arg(u8::from(consume))
-                                    .arg(limit.interval_us)
-                                    .arg(limit.burst)
-                                    .invoke_async::<Vec<i64>>(&mut c)
-                                    .await
-                            }
-                        });
-                        futures_util::future::try_join_all(calls).await
-                    })
-                    .await?;
-                let outcomes: Vec<GcraOutcome> =
-                    values.iter().flat_map(|v| outcomes_from(v)).collect();
-                if consume && outcomes.iter().any(|o| !o.allowed) {
-                    // All or nothing, as on a single Redis: give back what the admitting limits took.
-                    let refund = &self.refund;
-                    let admitted: Vec<&GcraRequest> = limits
-                        .iter()
-                        .zip(&outcomes)
-                        .filter(|(_, o)| o.allowed)
-                        .map(|(l, _)| l)
-                        .collect();
-                    let refunded = self
-                        .guarded("rate_limit_refund", budget, first_key, |c| async move {
-                            let calls = admitted.into_iter().map(|limit| {
-                                let mut c = c.clone();
-                                async move {
-                                    refund
-                                        .key(&limit.key)
-                                        .arg(limit.interval_us)
-                                        .invoke_async::<i64>(&mut c)
-                                        .await
-                                }
-                            });
-                            futures_util::future::try_join_all(calls).await
-                        })
-                        .await;
-                    if let Err(e) = refunded {
-                        tracing::debug!(error = %e, "rate limit: refund after a refusal failed");
-                    }
-                }
-                Ok(outcomes)
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_never_reach_logs() {
-        assert_eq!(
-            crate::config::values::redact_url("redis://user:pw@h:6379/0"),
-            "redis://***@h:6379/0"
-        );
-        assert_eq!(
-            crate::config::values::redact_url("redis://h:6379"),
-            "redis://h:6379"
-        );
-    }
-
-    #[test]
-    fn slots_are_those_redis_computes() {
-        // `CLUSTER KEYSLOT` on a real server gives these.
-        assert_eq!(slot_of("foo"), 12182);
-        assert_eq!(slot_of("{cachegate-purge}:seq"), 8129);
-        assert_eq!(slot_of("{}x"), 10595, "an empty tag: the whole key");
-        assert_eq!(slot_of("a{user1000}.following"), 3443);
-        assert_eq!(slot_of("x{}y{z}"), 15453, "only the first braces count");
-    }
-
-    #[test]
-    fn circuit_opens_after_failures_and_lets_one_trial_through() {
-        let circuit = Circuit::new("test".to_owned(), 2, Duration::from_millis(30));
-        circuit.record(false);
-        assert!(circuit.allow(), "one failure is below the threshold");
-        circuit.record(false);
-        assert!(!circuit.allow(), "open");
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(circuit.allow(), "half-open: one trial");
-        assert!(!circuit.allow(), "only one");
-        circuit.record(true);
-        assert!(circuit.allow() && !circuit.is_open(), "closed again");
+        self.gcra(limits, consume).await
     }
 }
