@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cache;
+pub mod client_ip;
 pub mod config;
 pub mod descriptors;
 pub mod framing;

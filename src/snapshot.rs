@@ -11,8 +11,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::auth::Authenticator;
+use crate::client_ip::TrustedProxies;
 use crate::config::{ConfigErrors, LoadedConfig, SpanError};
-use crate::ratelimit::TrustedProxies;
 use crate::routing::canonical::PathRules;
 use crate::routing::RouteTable;
 use crate::upstream::{Resolve, UpstreamGroup};

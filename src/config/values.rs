@@ -308,4 +308,20 @@ mod tests {
         );
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
     }
+
+    #[test]
+    fn rates_parse_with_words_and_durations() {
+        assert_eq!(
+            parse_rate("100/minute").unwrap(),
+            (100, Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_rate("10/second").unwrap(),
+            (10, Duration::from_secs(1))
+        );
+        assert_eq!(parse_rate("50/10s").unwrap(), (50, Duration::from_secs(10)));
+        assert!(parse_rate("0/minute").is_err());
+        assert!(parse_rate("ten/minute").is_err());
+        assert!(parse_rate("100 per minute").is_err());
+    }
 }
