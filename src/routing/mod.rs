@@ -10,285 +10,24 @@
 //! (the route, the route a read of the same path takes, the path's parameters) travels with the
 //! request, and every later step — tags, purges, write-through — reads it instead of matching
 //! again. Only a *different* path (a `Location` target) is matched on its own.
+//!
+//! This file is the [`RouteTable`]: compiled once per configuration (route by route, grouped by
+//! template), matched once per request. [`canonical`] makes paths canonical; `template` turns
+//! templates into the router's form and rewrites typed parameters; `policy` compiles a route's
+//! per-request [`Policy`].
 
 pub mod canonical;
+mod policy;
+mod template;
 
-use crate::config::Invalid;
 use http::{HeaderName, Method};
 
 use self::canonical::PathRules;
-
-use crate::auth::AuthPolicy;
-use crate::cache::policy::CachePolicy;
-use crate::config::{PolicyConfig, RouteConfig, SpanError, Unmatched};
+pub use self::policy::Policy;
+pub use self::template::ParamType;
+use self::template::{check_router_template, check_template, CompiledTemplate};
+use crate::config::{Invalid, PolicyConfig, RouteConfig, SpanError, Unmatched};
 use crate::metrics::RouteMetrics;
-use crate::purge::template::path_params;
-use crate::purge::PurgeRule;
-use crate::ratelimit::RateLimitPolicy;
-
-/// A route's per-request policy; a request that matches no route gets the table's default.
-#[derive(Debug, Default, Clone)]
-pub struct Policy {
-    pub auth: AuthPolicy,
-    pub rate_limit: Option<RateLimitPolicy>,
-    pub cache: Option<CachePolicy>,
-    /// What a successful write on this route purges besides its own path.
-    pub purge: PurgeRule,
-    /// Protocols (lower case) a request may ask the origin to upgrade to.
-    pub upgrades: Vec<String>,
-}
-
-impl Policy {
-    /// A route's policy: each section it sets replaces the default's.
-    fn compile(
-        route: Option<&RouteConfig>,
-        defaults: &PolicyConfig,
-        auth_configured: bool,
-        paths: &PathRules,
-    ) -> Result<Policy, Vec<SpanError>> {
-        let mut errors = Vec::new();
-        let params = route.map_or_else(Vec::new, |r| path_params(r.path.get_ref()));
-        let auth = route
-            .and_then(|r| r.auth.as_ref())
-            .or(defaults.auth.as_ref());
-        let auth = match auth {
-            Some(config) => AuthPolicy::compile(config, auth_configured).unwrap_or_else(|e| {
-                errors.extend(e);
-                AuthPolicy::default()
-            }),
-            None => AuthPolicy::default(),
-        };
-        // Counters are scoped by route name: routes sharing a name share counters.
-        let (rate_limit, scope) = match route.and_then(|r| r.rate_limit.as_ref()) {
-            Some(config) => (
-                Some(config),
-                route.map_or("default", RouteConfig::display_name),
-            ),
-            None => (defaults.rate_limit.as_ref(), "default"),
-        };
-        let rate_limit = rate_limit.and_then(|config| {
-            RateLimitPolicy::compile(config, scope)
-                .map_err(|e| errors.extend(e))
-                .ok()
-        });
-        let cache = route
-            .and_then(|r| r.cache.as_ref())
-            .or(defaults.cache.as_ref())
-            .and_then(|config| {
-                CachePolicy::compile(config, &params)
-                    .map_err(|e| errors.extend(e))
-                    .ok()
-            });
-        let mut purge = route
-            .and_then(|r| r.purge.as_ref())
-            .or(defaults.purge.as_ref())
-            .map(|config| {
-                PurgeRule::compile(config, &params).unwrap_or_else(|e| {
-                    errors.extend(e);
-                    PurgeRule::default()
-                })
-            })
-            .unwrap_or_default();
-        // Purge targets are keys: spelled as canonical paths are (`/items/` is `/items`).
-        for template in &mut purge.paths {
-            template.respell(|text| fold_static(text, paths), paths.ignore_trailing_slash);
-        }
-        let upgrades = match route
-            .and_then(|r| r.upgrades.as_ref())
-            .or(defaults.upgrades.as_ref())
-        {
-            Some(list) => {
-                let names: Vec<String> = list
-                    .get_ref()
-                    .iter()
-                    .map(|n| n.to_ascii_lowercase())
-                    .collect();
-                if names.iter().any(|n| n == "h2c") {
-                    errors.push(SpanError::new(
-                        list.span(),
-                        "`h2c` cannot be allowed: an origin that accepts it would hand the client an HTTP/2 connection past every check of the gateway; clients reach HTTP/2 through the listener instead",
-                    ));
-                }
-                names
-            }
-            None => vec!["websocket".to_owned()],
-        };
-        if errors.is_empty() {
-            Ok(Policy {
-                auth,
-                rate_limit,
-                cache,
-                purge,
-                upgrades,
-            })
-        } else {
-            Err(errors)
-        }
-    }
-}
-
-/// How a path parameter's value is read by the origin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamType {
-    /// Any text, compared as is.
-    Text,
-    /// An integer: `07`, `+7` and `7` are one value, written `7`.
-    Int,
-}
-
-/// A template as the router knows it: `{id:int}` becomes `{id}`, with the type kept aside.
-#[derive(Debug, Clone)]
-struct CompiledTemplate {
-    /// The router's form of the template (types removed, canonical spelling).
-    path: String,
-    /// Parameter types, by name; only typed templates need rewriting.
-    types: Vec<(String, ParamType)>,
-    /// The template ends in `/` where trailing slashes are ignored: routing, keys and purges use
-    /// the path without it, but that is the origin's spelling (`/items/` for FastAPI's
-    /// `@router.get("/")` under `prefix="/items"`, every Django REST Framework route), so the
-    /// origin receives it, whichever spelling the client sent.
-    trailing_slash: bool,
-}
-
-impl CompiledTemplate {
-    fn new(template: &str, rules: &PathRules) -> Result<CompiledTemplate, Invalid> {
-        let mut path = String::with_capacity(template.len());
-        let mut types = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            let static_part = &rest[..open];
-            path.push_str(&fold_static(static_part, rules));
-            let close = rest[open..]
-                .find('}')
-                .map(|c| open + c)
-                .ok_or_else(|| Invalid::new("unclosed `{`"))?;
-            let inner = &rest[open + 1..close];
-            let (name, kind) = match inner.split_once(':') {
-                None => (inner, ParamType::Text),
-                Some((name, "int")) if !name.starts_with('*') => (name, ParamType::Int),
-                Some((_, other)) => {
-                    return Err(Invalid(format!(
-                        "unknown parameter type `{other}` in `{{{inner}}}`: the only type is `int`, as in `{{id:int}}`"
-                    )))
-                }
-            };
-            path.push('{');
-            path.push_str(name);
-            path.push('}');
-            if kind != ParamType::Text {
-                types.push((name.to_owned(), kind));
-            }
-            rest = &rest[close + 1..];
-        }
-        path.push_str(&fold_static(rest, rules));
-        let trailing_slash = rules.ignore_trailing_slash && path.len() > 1 && path.ends_with('/');
-        if trailing_slash {
-            path.pop();
-        }
-        Ok(CompiledTemplate {
-            path,
-            types,
-            trailing_slash,
-        })
-    }
-
-    /// The parameters of a path that matched this template, typed ones in canonical form.
-    fn canonical_params(&self, params: &matchit::Params<'_, '_>) -> Vec<(String, String)> {
-        params
-            .iter()
-            .map(|(name, value)| {
-                let typed = self.types.iter().find(|(n, _)| n == name);
-                let value = match typed {
-                    Some((_, ParamType::Int)) => canonical_int(value).unwrap_or(value.into()),
-                    _ => value.into(),
-                };
-                (name.to_owned(), value.into_owned())
-            })
-            .collect()
-    }
-
-    /// `path` (which matched this template) with its typed parameters in canonical form, when
-    /// that differs from the path as it came.
-    fn rewrite(&self, params: &matchit::Params<'_, '_>) -> Option<String> {
-        // The common case, without building anything: every typed value already canonical.
-        let canonical = self.types.iter().all(|(name, kind)| match kind {
-            ParamType::Int => {
-                let value = params.get(name).unwrap_or_default();
-                canonical_int(value).is_none_or(|c| c == value)
-            }
-            ParamType::Text => true,
-        });
-        if canonical {
-            return None;
-        }
-        let mut changed = false;
-        let mut out = String::with_capacity(self.path.len() + 16);
-        let mut rest = self.path.as_str();
-        while let Some(open) = rest.find('{') {
-            out.push_str(&rest[..open]);
-            let close = open
-                + rest[open..]
-                    .find('}')
-                    .expect("compiled templates pair braces");
-            let name = rest[open + 1..close].trim_start_matches('*');
-            let value = params.get(name).unwrap_or_default();
-            match self.types.iter().find(|(n, _)| n == name) {
-                Some((_, ParamType::Int)) => match canonical_int(value) {
-                    Some(canonical) => {
-                        changed |= canonical != value;
-                        out.push_str(&canonical);
-                    }
-                    None => out.push_str(value),
-                },
-                _ => out.push_str(value),
-            }
-            rest = &rest[close + 1..];
-        }
-        out.push_str(rest);
-        changed.then_some(out)
-    }
-}
-
-/// Static template text in the spelling canonical paths use (lower case on case-insensitive
-/// origins).
-fn fold_static(text: &str, rules: &PathRules) -> String {
-    if rules.case_insensitive {
-        text.to_ascii_lowercase()
-    } else {
-        text.to_owned()
-    }
-}
-
-/// `07`, `+7`, `-0` → `7`, `7`, `0`; `None` for anything that is not an integer.
-fn canonical_int(value: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let plain = value
-        .strip_prefix('-')
-        .unwrap_or(value)
-        .bytes()
-        .all(|b| b.is_ascii_digit());
-    let leading_zero = value.trim_start_matches('-').starts_with('0') && value.len() > 1;
-    if plain && !value.is_empty() && value != "-" && !leading_zero {
-        return Some(std::borrow::Cow::Borrowed(value));
-    }
-    canonical_int_owned(value).map(std::borrow::Cow::Owned)
-}
-
-fn canonical_int_owned(value: &str) -> Option<String> {
-    let (negative, digits) = match value.as_bytes().first()? {
-        b'-' => (true, &value[1..]),
-        b'+' => (false, &value[1..]),
-        _ => (false, value),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let digits = digits.trim_start_matches('0');
-    Some(match (digits.is_empty(), negative) {
-        (true, _) => "0".to_owned(),
-        (false, true) => format!("-{digits}"),
-        (false, false) => digits.to_owned(),
-    })
-}
 
 #[derive(Debug)]
 pub struct Route {
@@ -400,162 +139,31 @@ impl RouteTable {
         auth_configured: bool,
         paths: PathRules,
     ) -> Result<RouteTable, Vec<SpanError>> {
-        let mut errors = Vec::new();
+        let mut table = Builder::default();
         let default_policy = Policy::compile(None, defaults, auth_configured, &paths)
             .unwrap_or_else(|e| {
-                errors.extend(e);
+                table.errors.extend(e);
                 Policy::default()
             });
-        let mut routes: Vec<Route> = Vec::new();
-        // Routes by template, kept in insertion order.
-        let mut by_template: Vec<TemplateRoutes> = Vec::new();
-        let mut spans = Vec::new();
-
         for config in configs {
-            let template = config.path.get_ref();
-            let compiled = match check_template(template)
-                .and_then(|()| CompiledTemplate::new(template, &paths))
-                .and_then(|c| check_router_template(&c.path).map(|()| c))
-            {
-                Ok(compiled) => compiled,
-                Err(message) => {
-                    errors.push(SpanError::new(
-                        config.path.span(),
-                        format!("invalid route template `{template}`: {message}"),
-                    ));
-                    continue;
-                }
-            };
-            let methods = match &config.methods {
-                None => None,
-                Some(list) => {
-                    let mut methods = Vec::new();
-                    for m in list {
-                        match parse_method(m.get_ref()) {
-                            Ok(method) => methods.push(method),
-                            Err(message) => errors.push(SpanError::new(m.span(), message)),
-                        }
-                    }
-                    Some(methods)
-                }
-            };
-            let policy = match Policy::compile(Some(config), defaults, auth_configured, &paths) {
-                Ok(policy) => policy,
-                Err(e) => {
-                    errors.extend(e);
-                    continue;
-                }
-            };
-            let id = routes.len();
-            let route = Route {
-                name: config.display_name().to_owned(),
-                template: template.clone(),
-                methods,
-                policy,
-                metrics: RouteMetrics::new(config.display_name()),
-            };
-            match by_template
-                .iter_mut()
-                .find(|t| t.template.path == compiled.path)
-            {
-                Some(TemplateRoutes {
-                    ids, template: t, ..
-                }) => {
-                    if t.trailing_slash != compiled.trailing_slash {
-                        errors.push(SpanError::new(
-                            config.path.span(),
-                            format!(
-                                "`{template}` and route `{}` spell one path with and without a trailing slash; the origin answers one spelling (the other usually redirects), so write it the origin's way on every route",
-                                routes[ids[0]].name
-                            ),
-                        ));
-                        continue;
-                    }
-                    if t.types != compiled.types {
-                        errors.push(SpanError::new(
-                            config.path.span(),
-                            format!(
-                                "`{template}` types its parameters differently from route `{}` on the same path; declare them the same way on every route",
-                                routes[ids[0]].name
-                            ),
-                        ));
-                        continue;
-                    }
-                    if let Some(&other) = ids.iter().find(|&&other| overlap(&routes[other], &route))
-                    {
-                        errors.push(SpanError::new(
-                            config.path.span(),
-                            format!(
-                                "duplicate route: `{template}` is already defined for {} by route `{}`; give the routes disjoint `methods` or remove one",
-                                describe_overlap(&routes[other], &route),
-                                routes[other].name
-                            ),
-                        ));
-                        continue;
-                    }
-                    ids.push(id);
-                }
-                None => by_template.push(TemplateRoutes {
-                    ids: vec![id],
-                    template: compiled,
-                    wants_params: false,
-                    read_route: None,
-                }),
-            }
-            spans.push(config.path.span());
-            routes.push(route);
+            table.add(config, defaults, auth_configured, &paths);
         }
-
-        for entry in &mut by_template {
-            entry.read_route = entry
-                .ids
-                .iter()
-                .copied()
-                .find(|&id| routes[id].accepts(&Method::GET));
-            entry.wants_params = entry.ids.iter().any(|&id| {
-                let policy = &routes[id].policy;
-                policy.cache.as_ref().is_some_and(|c| !c.tags.is_empty())
-                    || policy.purge.expands_params()
-            });
+        let (router, routes, warnings, errors) = table.finish();
+        if !errors.is_empty() {
+            return Err(errors);
         }
-        let warnings = slash_conventions(&by_template, &routes, &spans);
-        let mut router = matchit::Router::new();
-        for entry in by_template {
-            let template = entry.template.path.clone();
-            let first = entry.ids[0];
-            if let Err(e) = router.insert(template.as_str(), entry) {
-                errors.push(SpanError::new(
-                    spans[first].clone(),
-                    format!(
-                        "route template `{template}` cannot be used: {e}. Static segments may overlap parameters, but a `{{param}}` and a `{{*catch_all}}` (or two differently named parameters) cannot share a position"
-                    ),
-                ));
-            }
-        }
-
-        let mut gateway_headers: Vec<HeaderName> = Vec::new();
-        for policy in routes.iter().map(|r| &r.policy).chain([&default_policy]) {
-            for (_, header) in &policy.auth.forward_claims {
-                if !gateway_headers.contains(header) {
-                    gateway_headers.push(header.clone());
-                }
-            }
-        }
-
-        if errors.is_empty() {
-            Ok(RouteTable {
-                router,
-                routes,
-                default_policy,
-                unmatched_metrics: RouteMetrics::new("-"),
-                paths,
-                unmatched: defaults.unmatched,
-                gateway_headers,
-                warnings,
-            })
-        } else {
-            Err(errors)
-        }
+        let gateway_headers =
+            gateway_headers(routes.iter().map(|r| &r.policy).chain([&default_policy]));
+        Ok(RouteTable {
+            router,
+            routes,
+            default_policy,
+            unmatched_metrics: RouteMetrics::new("-"),
+            paths,
+            unmatched: defaults.unmatched,
+            gateway_headers,
+            warnings,
+        })
     }
 
     /// Routes a request by its canonical path: the route, the path with typed parameters in
@@ -660,6 +268,177 @@ impl RouteTable {
     }
 }
 
+/// A route table being compiled: routes in file order, grouped by template, with the errors
+/// found so far.
+#[derive(Default)]
+struct Builder {
+    routes: Vec<Route>,
+    /// Routes by template, kept in insertion order.
+    by_template: Vec<TemplateRoutes>,
+    /// Each route's template span, for errors found later.
+    spans: Vec<std::ops::Range<usize>>,
+    errors: Vec<SpanError>,
+}
+
+impl Builder {
+    /// Compiles one `[[routes]]` entry (template, methods, policy) and files it under its
+    /// template; a mistake is recorded and the route left out.
+    fn add(
+        &mut self,
+        config: &RouteConfig,
+        defaults: &PolicyConfig,
+        auth_configured: bool,
+        paths: &PathRules,
+    ) {
+        let template = config.path.get_ref();
+        let compiled = match check_template(template)
+            .and_then(|()| CompiledTemplate::new(template, paths))
+            .and_then(|c| check_router_template(&c.path).map(|()| c))
+        {
+            Ok(compiled) => compiled,
+            Err(message) => {
+                self.errors.push(SpanError::new(
+                    config.path.span(),
+                    format!("invalid route template `{template}`: {message}"),
+                ));
+                return;
+            }
+        };
+        let methods = config.methods.as_ref().map(|list| {
+            let mut methods = Vec::new();
+            for m in list {
+                match parse_method(m.get_ref()) {
+                    Ok(method) => methods.push(method),
+                    Err(message) => self.errors.push(SpanError::new(m.span(), message)),
+                }
+            }
+            methods
+        });
+        let policy = match Policy::compile(Some(config), defaults, auth_configured, paths) {
+            Ok(policy) => policy,
+            Err(e) => {
+                self.errors.extend(e);
+                return;
+            }
+        };
+        let route = Route {
+            name: config.display_name().to_owned(),
+            template: template.clone(),
+            methods,
+            policy,
+            metrics: RouteMetrics::new(config.display_name()),
+        };
+        match self.place(compiled, &route) {
+            Ok(()) => {
+                self.spans.push(config.path.span());
+                self.routes.push(route);
+            }
+            Err(message) => self
+                .errors
+                .push(SpanError::new(config.path.span(), message)),
+        }
+    }
+
+    /// Files `route` under its template: a new template, or beside the routes already there
+    /// when it spells the path the same way, types it the same way and takes other methods.
+    fn place(&mut self, compiled: CompiledTemplate, route: &Route) -> Result<(), String> {
+        let id = self.routes.len();
+        let routes = &self.routes;
+        let template = &route.template;
+        let Some(shared) = self
+            .by_template
+            .iter_mut()
+            .find(|t| t.template.path == compiled.path)
+        else {
+            self.by_template.push(TemplateRoutes {
+                ids: vec![id],
+                template: compiled,
+                wants_params: false,
+                read_route: None,
+            });
+            return Ok(());
+        };
+        let first = &routes[shared.ids[0]].name;
+        if shared.template.trailing_slash != compiled.trailing_slash {
+            return Err(format!(
+                "`{template}` and route `{first}` spell one path with and without a trailing slash; the origin answers one spelling (the other usually redirects), so write it the origin's way on every route"
+            ));
+        }
+        if shared.template.types != compiled.types {
+            return Err(format!(
+                "`{template}` types its parameters differently from route `{first}` on the same path; declare them the same way on every route"
+            ));
+        }
+        if let Some(&other) = shared
+            .ids
+            .iter()
+            .find(|&&other| overlap(&routes[other], route))
+        {
+            return Err(format!(
+                "duplicate route: `{template}` is already defined for {} by route `{}`; give the routes disjoint `methods` or remove one",
+                describe_overlap(&routes[other], route),
+                routes[other].name
+            ));
+        }
+        shared.ids.push(id);
+        Ok(())
+    }
+
+    /// The router, the routes, the warnings and every error: what each template's routes need
+    /// at match time (the read route, whether to keep parameters) is settled here.
+    fn finish(
+        mut self,
+    ) -> (
+        matchit::Router<TemplateRoutes>,
+        Vec<Route>,
+        Vec<SpanError>,
+        Vec<SpanError>,
+    ) {
+        let routes = &self.routes;
+        for entry in &mut self.by_template {
+            entry.read_route = entry
+                .ids
+                .iter()
+                .copied()
+                .find(|&id| routes[id].accepts(&Method::GET));
+            entry.wants_params = entry.ids.iter().any(|&id| {
+                let policy = &routes[id].policy;
+                policy.cache.as_ref().is_some_and(|c| !c.tags.is_empty())
+                    || policy.purge.expands_params()
+            });
+        }
+        let warnings = slash_conventions(&self.by_template, routes, &self.spans);
+        let mut router = matchit::Router::new();
+        for entry in self.by_template {
+            let template = entry.template.path.clone();
+            let first = entry.ids[0];
+            if let Err(e) = router.insert(template.as_str(), entry) {
+                self.errors.push(SpanError::new(
+                    self.spans[first].clone(),
+                    format!(
+                        "route template `{template}` cannot be used: {e}. Static segments may overlap parameters, but a `{{param}}` and a `{{*catch_all}}` (or two differently named parameters) cannot share a position"
+                    ),
+                ));
+            }
+        }
+        (router, self.routes, warnings, self.errors)
+    }
+}
+
+/// Every header the gateway sets from token claims on any route: removed from every incoming
+/// request, so a client can never supply them itself.
+fn gateway_headers<'a>(policies: impl Iterator<Item = &'a Policy>) -> Vec<HeaderName> {
+    let mut headers: Vec<HeaderName> = Vec::new();
+    for policy in policies {
+        for (_, header) in &policy.auth.forward_claims {
+            if !headers.contains(header) {
+                headers.push(header.clone());
+            }
+        }
+    }
+    headers
+}
+
 fn overlap(a: &Route, b: &Route) -> bool {
     match (&a.methods, &b.methods) {
         (Some(x), Some(y)) => x.iter().any(|m| y.contains(m)),
@@ -679,43 +458,6 @@ fn describe_overlap(a: &Route, b: &Route) -> String {
         }
         _ => "every method".to_owned(),
     }
-}
-
-fn check_template(template: &str) -> Result<(), Invalid> {
-    if !template.starts_with('/') {
-        return Err(Invalid::new("it must start with `/`"));
-    }
-    if template.contains('?') || template.contains('#') {
-        return Err(Invalid::new(
-            "templates match paths only; remove the query or fragment",
-        ));
-    }
-    let mut depth = 0i32;
-    for c in template.chars() {
-        match c {
-            '{' => depth += 1,
-            '}' => depth -= 1,
-            _ => {}
-        }
-        if !(0..=1).contains(&depth) {
-            return Err(Invalid::new(
-                "braces must pair up, as in `/products/{id}` or `/files/{*rest}`",
-            ));
-        }
-    }
-    if depth != 0 {
-        return Err(Invalid::new(
-            "unclosed `{`; write parameters as `{id}` or `{*rest}`",
-        ));
-    }
-    Ok(())
-}
-
-/// Lets the router judge the rest (empty names, catch-all placement) with its own words.
-fn check_router_template(path: &str) -> Result<(), Invalid> {
-    matchit::Router::<()>::new()
-        .insert(path, ())
-        .map_err(|e| Invalid(e.to_string()))
 }
 
 /// Warnings for a template without a trailing slash under which others have one (`/books`
