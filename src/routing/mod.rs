@@ -235,7 +235,7 @@ impl RouteTable {
         id.map_or(&self.unmatched_metrics, |id| &self.routes[id].metrics)
     }
 
-    /// Makes every cache rule obey `targeted` (see [`CachePolicy::targeted`]).
+    /// Makes every cache rule obey `targeted` (see [`crate::cache::policy::CachePolicy::targeted`]).
     pub fn target_cache_control(&mut self, targeted: &std::sync::Arc<[HeaderName]>) {
         for policy in self
             .routes
