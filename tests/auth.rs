@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use common::{config_for, eventually, free_port, Client, Gateway, JwksServer, Response, Upstream};
+use common::{
+    config_for, eventually, free_port, readyz, Client, Gateway, GatewayConfig, JwksServer,
+    Response, Upstream,
+};
 use hyper::{Method, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -84,15 +87,9 @@ auth = { mode = "required", scopes = ["products:write"] }
 
 /// A gateway with static keys of every family (HMAC, RSA, EC P-256 and P-384, Ed25519).
 fn static_keys_gateway(upstream: &Upstream) -> Gateway {
-    Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[upstream]
-addresses = ["{upstream}"]
+    GatewayConfig::new(&upstream.url())
+        .section(&format!(
+            r#"
 [limits]
 max_request_header_bytes = "256KiB"
 
@@ -124,12 +121,12 @@ algorithms = ["EdDSA"]
 public_key_file = "{ed}"
 {ROUTES}
 "#,
-        upstream = upstream.url(),
-        rsa = fixture("rsa.pub.pem"),
-        ec256 = fixture("ec256.pub.pem"),
-        ec384 = fixture("ec384.pub.pem"),
-        ed = fixture("ed25519.pub.pem"),
-    ))
+            rsa = fixture("rsa.pub.pem"),
+            ec256 = fixture("ec256.pub.pem"),
+            ec384 = fixture("ec384.pub.pem"),
+            ed = fixture("ed25519.pub.pem"),
+        ))
+        .start()
 }
 
 async fn call(
@@ -517,17 +514,8 @@ async fn gateway_headers_cannot_be_spoofed_and_authorization_can_be_dropped() {
 }
 
 fn jwks_config(upstream: &Upstream, admin_port: u16, provider: &str) -> String {
-    format!(
+    let auth = format!(
         r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[upstream]
-addresses = ["{}"]
-[admin]
-address = "127.0.0.1:{admin_port}"
 [auth]
 realm = "test"
 issuer = "{ISSUER}"
@@ -538,9 +526,12 @@ refresh_interval = "1h"
 min_refresh_interval = "1s"
 {provider}
 {ROUTES}
-"#,
-        upstream.url()
-    )
+"#
+    );
+    GatewayConfig::new(&upstream.url())
+        .admin_on(admin_port, "")
+        .section(&auth)
+        .to_toml()
 }
 
 fn rsa_jwk(file: &str, kid: &str) -> Value {
@@ -559,22 +550,6 @@ fn sign_kid(key_file: &str, kid: &str, sub: &str) -> String {
     sign_with_header(&header, &claims(sub, "read"), &key)
 }
 
-/// Waits up to 10 s for `/readyz` to answer 200.
-async fn assert_becomes_ready(admin_port: u16, gateway: &Gateway) {
-    let became_ready = eventually(Duration::from_secs(10), || async {
-        ready(admin_port).await.0 == StatusCode::OK
-    })
-    .await;
-    assert!(became_ready, "never ready:\n{}", gateway.logs());
-}
-
-async fn ready(admin_port: u16) -> (StatusCode, Value) {
-    let resp = Client::new()
-        .get(&format!("http://127.0.0.1:{admin_port}/readyz"))
-        .await;
-    (resp.status, resp.json())
-}
-
 #[tokio::test]
 async fn jwks_rotation_is_followed_and_an_outage_keeps_the_last_keys() {
     let upstream = Upstream::start();
@@ -585,7 +560,7 @@ async fn jwks_rotation_is_followed_and_an_outage_keeps_the_last_keys() {
         admin_port,
         &format!("jwks_url = \"{}\"", jwks.url()),
     ));
-    assert_becomes_ready(admin_port, &gateway).await;
+    gateway.wait_ready().await;
 
     let old = sign_kid("rsa.key.pem", "k1", "alice");
     assert_eq!(
@@ -634,7 +609,7 @@ async fn jwks_rotation_is_followed_and_an_outage_keeps_the_last_keys() {
     .await;
     assert_eq!(resp.status, StatusCode::OK);
     assert_eq!(
-        ready(admin_port).await.0,
+        readyz(admin_port).await.0,
         StatusCode::OK,
         "a loaded key set stays ready"
     );
@@ -653,7 +628,7 @@ async fn gateway_starts_without_its_jwks_and_is_not_ready_until_it_loads() {
         &format!("oidc_issuer = \"{}\"", jwks.issuer()),
     ));
 
-    let (status, body) = ready(admin_port).await;
+    let (status, body) = readyz(admin_port).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         body["checks"]["auth"]
@@ -672,7 +647,7 @@ async fn gateway_starts_without_its_jwks_and_is_not_ready_until_it_loads() {
     assert_eq!(upstream.total_served().await, 0);
 
     jwks.resume().await;
-    assert_becomes_ready(admin_port, &gateway).await;
+    gateway.wait_ready().await;
     let token = sign_kid("rsa.key.pem", "k1", "dave");
     assert_eq!(
         call(&gateway, Method::GET, "/__headers", Some(&token), &[])
@@ -718,24 +693,19 @@ async fn token_subcommand_mints_what_the_gateway_accepts() {
 #[tokio::test]
 async fn a_default_secret_is_used_with_a_loud_warning() {
     let upstream = Upstream::start();
-    let gateway = Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[upstream]
-addresses = ["{}"]
+    let gateway = GatewayConfig::new(&upstream.url())
+        .section(
+            r#"
 [auth]
 [[auth.providers]]
 algorithms = ["HS256"]
-secret = "${{CACHEGATE_TEST_NEVER_SET_SECRET:-dev-only-secret}}"
+secret = "${CACHEGATE_TEST_NEVER_SET_SECRET:-dev-only-secret}"
 [[routes]]
 path = "/__headers"
 auth = "required"
 "#,
-        upstream.url()
-    ));
+        )
+        .start();
     // The log is written by its own thread: poll for the line.
     let warned = eventually(Duration::from_secs(5), || async {
         let logs = gateway.logs();
@@ -764,20 +734,7 @@ async fn jwks_is_fetched_over_https_with_a_private_ca() {
     let dir = tempfile::TempDir::new().unwrap();
     let (cert, key, _) = common::self_signed_cert(dir.path());
     // Serve the JWKS over TLS by putting a TLS-terminating gateway in front of it.
-    let tls_front = Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-tls = {{ cert_file = "{}", key_file = "{}" }}
-[upstream]
-addresses = ["{}"]
-"#,
-        cert.display(),
-        key.display(),
-        jwks.issuer()
-    ));
+    let tls_front = GatewayConfig::new(&jwks.issuer()).tls(&cert, &key).start();
     let admin_port = free_port();
     let provider = format!(
         "jwks_url = \"https://127.0.0.1:{}/jwks.json\"\ntls_ca_file = \"{}\"",
@@ -785,7 +742,7 @@ addresses = ["{}"]
         cert.display()
     );
     let gateway = Gateway::start(&jwks_config(&upstream, admin_port, &provider));
-    assert_becomes_ready(admin_port, &gateway).await;
+    gateway.wait_ready().await;
     let token = sign_kid("rsa.key.pem", "k1", "tls-user");
     assert_eq!(
         call(&gateway, Method::GET, "/__headers", Some(&token), &[])
@@ -813,7 +770,7 @@ async fn jwks_is_refreshed_on_its_interval() {
         "min_refresh_interval = \"1h\"",
     );
     let gateway = Gateway::start(&config);
-    assert_becomes_ready(admin_port, &gateway).await;
+    gateway.wait_ready().await;
     jwks.set(json!({"keys": [rsa_jwk("rsa2.jwk.json", "k2")]}));
     let mut attempt = 0;
     assert!(
@@ -921,7 +878,7 @@ async fn concurrent_unknown_kids_share_one_jwks_fetch() {
         admin_port,
         &format!("jwks_url = \"{}\"", jwks.url()),
     ));
-    assert_becomes_ready(admin_port, &gateway).await;
+    gateway.wait_ready().await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // past the configured floor
     let before = jwks.hits();
     let calls = (0..50).map(|i| {

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{free_port, get, x_cache, Client, Gateway, Response, Upstream};
+use common::{free_port, get, x_cache, Client, Gateway, GatewayConfig, Response, Upstream};
 use hyper::{Method, StatusCode};
 
 const SECRET: &str = "cache-test-secret-0123456789abcdef";
@@ -17,25 +17,13 @@ fn token(sub: &str) -> String {
 }
 
 fn gateway(upstream: &Upstream, admin_port: u16, routes: &str) -> Gateway {
-    Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[admin]
-address = "127.0.0.1:{admin_port}"
-[upstream]
-addresses = ["{}"]
-[auth]
-[[auth.providers]]
-algorithms = ["HS256"]
-secret = "{SECRET}"
-{routes}
-"#,
-        upstream.url()
-    ))
+    GatewayConfig::new(&upstream.url())
+        .admin_on(admin_port, "")
+        .section(&format!(
+            "[auth]\n[[auth.providers]]\nalgorithms = [\"HS256\"]\nsecret = \"{SECRET}\""
+        ))
+        .section(routes)
+        .start()
 }
 
 #[tokio::test]

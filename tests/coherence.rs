@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, Client, Gateway, Redis, RedisCluster, Upstream};
+use common::{free_port, Client, Gateway, GatewayConfig, Redis, RedisCluster, Upstream};
 use hyper::{Method, StatusCode};
 
 const ROUTES: &str = r#"
@@ -27,23 +27,11 @@ purge = []
 const HOST: &[(&str, &str)] = &[("host", "api.example.test")];
 
 fn gateway(upstream: &Upstream, store: &str) -> Gateway {
-    Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[admin]
-address = "127.0.0.1:{}"
-[upstream]
-addresses = ["{}"]
-{store}
-{ROUTES}
-"#,
-        free_port(),
-        upstream.url()
-    ))
+    GatewayConfig::new(&upstream.url())
+        .admin()
+        .section(store)
+        .section(ROUTES)
+        .start()
 }
 
 fn on_cluster(cluster: &RedisCluster) -> String {
@@ -52,15 +40,6 @@ fn on_cluster(cluster: &RedisCluster) -> String {
         "[store]\nredis_cluster = [{}]\ntimeout = \"100ms\"\n",
         seeds.join(", ")
     )
-}
-
-async fn ready(gw: &Gateway) {
-    let url = format!("http://127.0.0.1:{}/readyz", gw.admin_port());
-    let ready = common::eventually(Duration::from_secs(20), || async {
-        Client::new().get(&url).await.status == StatusCode::OK
-    })
-    .await;
-    assert!(ready, "not ready: {}", gw.logs());
 }
 
 /// One operation the checker saw.
@@ -245,7 +224,7 @@ async fn check<T: Send + 'static>(
 async fn four_gateways(upstream: &Upstream, store: &str) -> Vec<Arc<Gateway>> {
     let gateways: Vec<Arc<Gateway>> = (0..4).map(|_| Arc::new(gateway(upstream, store))).collect();
     for gw in &gateways {
-        ready(gw).await;
+        gw.wait_ready().await;
     }
     gateways
 }
@@ -412,7 +391,7 @@ async fn no_stale_read_while_one_instance_is_cut_off_from_redis() {
     let mut gateways = vec![Arc::new(gateway(&upstream, &on_redis(relay.port)))];
     gateways.extend((0..3).map(|_| Arc::new(gateway(&upstream, &on_redis(redis.port)))));
     for gw in &gateways {
-        ready(gw).await;
+        gw.wait_ready().await;
     }
     let cut = relay.cut.clone();
     let (run, ()) = check(
@@ -448,25 +427,16 @@ rate_limit = { limits = [ { rate = "10/second", key = "ip", name = "fleet" } ], 
     let config = format!("{}{routes}", on_cluster(&cluster));
     let gateways: Vec<Arc<Gateway>> = (0..4)
         .map(|_| {
-            Arc::new(Gateway::start(&format!(
-                r#"
-[server]
-threads = 1
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[admin]
-address = "127.0.0.1:{}"
-[upstream]
-addresses = ["{}"]
-{config}
-"#,
-                free_port(),
-                upstream.url()
-            )))
+            Arc::new(
+                GatewayConfig::new(&upstream.url())
+                    .admin()
+                    .section(&config)
+                    .start(),
+            )
         })
         .collect();
     for gw in &gateways {
-        ready(gw).await;
+        gw.wait_ready().await;
     }
     let client = Client::new();
     client.get(&gateways[0].url("/products")).await;

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{cachegate_bin, free_port, Process};
+use common::{cachegate_bin, free_port, run_cachegate, Process};
 
 const VALID_BASE: &str = r#"[[listeners]]
 address = "127.0.0.1:8080"
@@ -321,10 +321,7 @@ fn several_mistakes_are_reported_together() {
 
 #[test]
 fn missing_file_is_reported() {
-    let out = Command::new(cachegate_bin())
-        .args(["check", "--config", "/nonexistent/cachegate.toml"])
-        .output()
-        .unwrap();
+    let out = run_cachegate(&["check", "--config", "/nonexistent/cachegate.toml"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -335,10 +332,7 @@ fn missing_file_is_reported() {
 
 #[test]
 fn version_flag() {
-    let out = Command::new(cachegate_bin())
-        .arg("--version")
-        .output()
-        .unwrap();
+    let out = run_cachegate(&["--version"]);
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -351,12 +345,7 @@ fn run_with_an_invalid_config_exits_with_the_same_messages() {
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, VALID_BASE.replace("http://", "gopher://")).unwrap();
-    let out = Command::new(cachegate_bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run_cachegate(&["run", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!(
         "{}:5:14: unknown upstream scheme `gopher`",

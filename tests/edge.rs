@@ -222,10 +222,7 @@ async fn only_allowed_upgrades_reach_the_origin() {
         .replace("{port}", "1"),
     )
     .unwrap();
-    let out = std::process::Command::new(common::cachegate_bin())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = common::run_cachegate(&["check", "--config", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("h2c") && stderr.contains(":"), "{stderr}");

@@ -5,23 +5,18 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    cachegate_bin, config_for, get, mint_token, x_cache, Client, Gateway, Redis, Upstream,
+    config_for, get, mint_token, run_cachegate, x_cache, Client, Gateway, Redis, Upstream,
 };
 use hyper::{Method, StatusCode};
 use serde_json::Value;
 
 /// Runs `cachegate explain --json` with `args` against `config`; the parsed report.
 fn explain(config: &Path, args: &[&str]) -> Value {
-    let out = Command::new(cachegate_bin())
-        .args(["explain", "--json", "--config"])
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("running cachegate explain");
+    let config = config.to_str().unwrap();
+    let out = run_cachegate(&[&["explain", "--json", "--config", config], args].concat());
     assert!(
         out.status.success(),
         "explain {args:?} failed: {}",
@@ -246,12 +241,12 @@ fn refusals_and_bypasses_say_why() {
 
     // The quickstart as shipped: the text form names each step.
     let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/quickstart.toml");
-    let out = Command::new(cachegate_bin())
-        .args(["explain", "--config"])
-        .arg(&quickstart)
-        .arg("http://localhost:8080/products/07")
-        .output()
-        .unwrap();
+    let out = run_cachegate(&[
+        "explain",
+        "--config",
+        quickstart.to_str().unwrap(),
+        "http://localhost:8080/products/07",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     for expected in [
@@ -268,12 +263,15 @@ fn refusals_and_bypasses_say_why() {
     }
 
     // Input it cannot explain: a clear message, failure status.
-    let out = Command::new(cachegate_bin())
-        .args(["explain", "--config"])
-        .arg(&config)
-        .args(["-H", "no colon", "/products/1"])
-        .output()
-        .unwrap();
+    let config = config.to_str().unwrap();
+    let out = run_cachegate(&[
+        "explain",
+        "--config",
+        config,
+        "-H",
+        "no colon",
+        "/products/1",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("'Name: value'"));
 }

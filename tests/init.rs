@@ -5,26 +5,17 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use bytes::Bytes;
-use common::{cachegate_bin, free_port, mint_token, x_cache, Client, Gateway, Upstream};
+use common::{free_port, mint_token, run_cachegate, x_cache, Client, Gateway, Upstream};
 use hyper::{Method, StatusCode};
 
 fn init(args: &[&str]) -> std::process::Output {
-    Command::new(cachegate_bin())
-        .arg("init")
-        .args(args)
-        .output()
-        .expect("running cachegate init")
+    run_cachegate(&[&["init"], args].concat())
 }
 
 fn check(config: &Path) {
-    let out = Command::new(cachegate_bin())
-        .args(["check", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = run_cachegate(&["check", "--config", config.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "cachegate check refused the generated file:\n{}\n{}",

@@ -8,26 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, free_port, Client, Gateway, Redis, Response, Upstream};
+use common::{
+    eventually, free_port, readyz, Client, Gateway, GatewayConfig, Redis, Response, Upstream,
+};
 use hyper::{Method, StatusCode};
 
 const ADMIN_TOKEN: &str = "admin-test-token";
 
 fn ops_config(upstream_url: &str, admin_port: u16, extra: &str, policy_name: &str) -> String {
-    format!(
+    let sections = format!(
         r#"
-[server]
-threads = 1
-grace_period = "1s"
-log_format = "json"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[admin]
-address = "127.0.0.1:{admin_port}"
-token = "{ADMIN_TOKEN}"
-[upstream]
-addresses = ["{upstream_url}"]
-connect_timeout = "300ms"
 {extra}
 [auth]
 [[auth.providers]]
@@ -49,7 +39,13 @@ name = "scarce"
 path = "/health"
 rate_limit = {{ limits = [ {{ rate = "1/minute", name = "scarce" }} ] }}
 "#
-    )
+    );
+    GatewayConfig::new(upstream_url)
+        .server("log_format = \"json\"")
+        .admin_on(admin_port, &format!("token = \"{ADMIN_TOKEN}\""))
+        .upstream_setting("connect_timeout = \"300ms\"")
+        .section(&sections)
+        .to_toml()
 }
 
 async fn admin(port: u16, method: Method, path: &str, token: Option<&str>) -> Response {
@@ -66,11 +62,6 @@ async fn admin(port: u16, method: Method, path: &str, token: Option<&str>) -> Re
             Bytes::new(),
         )
         .await
-}
-
-async fn readyz(port: u16) -> (StatusCode, serde_json::Value) {
-    let resp = admin(port, Method::GET, "/readyz", None).await;
-    (resp.status, resp.json())
 }
 
 #[tokio::test]

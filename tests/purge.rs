@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, Client, Gateway, Redis, Response, Upstream};
+use common::{free_port, Client, Gateway, GatewayConfig, Redis, Response, Upstream};
 use hyper::{Method, StatusCode};
 
 /// Cached reads of products and the list, writes that purge the list too.
@@ -32,39 +32,16 @@ methods = ["PUT", "PATCH", "DELETE"]
 purge = ["/products"]
 "#;
 
-/// A gateway with an admin listener (on a free port unless `extra` has its own `[admin]`).
+/// A gateway with two worker threads and an admin listener (on a free port unless `extra` has
+/// its own `[admin]`).
 fn gateway(upstream: &Upstream, extra: &str, routes: &str) -> Gateway {
-    let admin = if extra.contains("[admin]") {
-        String::new()
+    let config = GatewayConfig::new(&upstream.url()).server("threads = 2");
+    let config = if extra.contains("[admin]") {
+        config
     } else {
-        format!("[admin]\naddress = \"127.0.0.1:{}\"\n", free_port())
+        config.admin()
     };
-    Gateway::start(&format!(
-        r#"
-[server]
-threads = 2
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[upstream]
-addresses = ["{}"]
-{admin}
-{extra}
-{routes}
-"#,
-        upstream.url()
-    ))
-}
-
-/// Waits until the gateway is ready, which with Redis includes hearing the other instances'
-/// purges (a write made before that would not wait for this instance's acknowledgement).
-async fn ready(gw: &Gateway) {
-    let url = format!("http://127.0.0.1:{}/readyz", gw.admin_port());
-    let ready = common::eventually(Duration::from_secs(10), || async {
-        Client::new().get(&url).await.status == StatusCode::OK
-    })
-    .await;
-    assert!(ready, "not ready: {}", gw.logs());
+    config.section(extra).section(routes).start()
 }
 
 fn on_redis(redis: &Redis) -> String {
@@ -268,8 +245,8 @@ async fn a_write_through_one_instance_is_seen_at_once_through_another() {
     let upstream = Upstream::start();
     let a = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
     let b = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
-    ready(&a).await;
-    ready(&b).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
     for round in 0..10 {
         warm(&b, "/products/4").await;
         let (via, other) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
@@ -398,7 +375,7 @@ async fn a_write_while_redis_stalls_still_purges_and_is_replayed_when_it_returns
     let upstream = Upstream::start();
     let available = format!("{}may_serve_stale_for = \"1s\"\n", on_redis(&redis));
     let a = gateway(&upstream, &available, PRODUCT_ROUTES);
-    ready(&a).await;
+    a.wait_ready().await;
     warm(&a, "/products/5").await;
     // The entry is in Redis too.
     assert!(
@@ -425,7 +402,7 @@ async fn a_write_while_redis_stalls_still_purges_and_is_replayed_when_it_returns
     .await;
     assert!(replayed, "the purge was replayed: {}", a.logs());
     let fresh = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
-    ready(&fresh).await;
+    fresh.wait_ready().await;
     let read = get(&fresh, "/products/5").await;
     assert_eq!(read.json()["stock"], 555);
     let text = String::from_utf8_lossy(
@@ -449,8 +426,8 @@ async fn a_write_while_redis_stalls_is_held_until_redis_takes_its_purge() {
     let upstream = Upstream::start();
     let a = Arc::new(gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES));
     let b = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
-    ready(&a).await;
-    ready(&b).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
     warm(&b, "/products/5").await;
     let before = get(&b, "/products/5").await.json()["stock"].clone();
     let admin = |path: &str| format!("http://127.0.0.1:{}{path}", b.admin_port());
@@ -491,8 +468,8 @@ async fn a_stopping_instance_leaves_the_live_members() {
     let store = format!("{}coherence_lease = \"5s\"\n", on_redis(&redis));
     let a = gateway(&upstream, &store, PRODUCT_ROUTES);
     let mut b = gateway(&upstream, &store, PRODUCT_ROUTES);
-    ready(&a).await;
-    ready(&b).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
     let members = || {
         redis
             .cli(&["ZRANGE", "{cachegate-purge}:members", "0", "-1"])
@@ -526,8 +503,8 @@ async fn no_read_that_starts_after_a_write_returns_sees_an_older_version() {
     let upstream = Upstream::start_with(&["--seed", "5", "--db-latency-ms", "15"]);
     let a = Arc::new(gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES));
     let b = Arc::new(gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES));
-    ready(&a).await;
-    ready(&b).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
     let until = Instant::now() + Duration::from_secs(3);
 
     let mut tasks = Vec::new();
@@ -706,7 +683,7 @@ methods = ["PUT", "PATCH", "DELETE"]
 purge = { paths = ["/products"], tags = ["product:{id}"], write_through = true }
 "#,
     );
-    ready(&gw).await;
+    gw.wait_ready().await;
     let before = route_matches(&gw).await;
     // A miss, a hit, a write that purges by path and tag and writes through, a read of what it
     // wrote, and a write the route refuses: one match each.
@@ -805,8 +782,8 @@ async fn purges_and_shared_entries_work_on_a_redis_cluster() {
     );
     let a = gateway(&upstream, &with_admin, PRODUCT_ROUTES);
     let b = gateway(&upstream, &store, PRODUCT_ROUTES);
-    ready(&a).await;
-    ready(&b).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
     // The cluster connection comes up in the background: wait until B shares A's entries.
     get(&a, "/products/2").await;
     let shared = common::eventually(Duration::from_secs(10), || async {
@@ -864,8 +841,8 @@ async fn a_redis_restart_with_its_data_lost_does_not_reset_the_purge_sequence() 
     let upstream = Upstream::start();
     let a = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
     let b = gateway(&upstream, &on_redis(&redis), PRODUCT_ROUTES);
-    ready(&a).await;
-    ready(&b).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
     for round in 1..=3 {
         send(
             &a,
@@ -885,7 +862,7 @@ async fn a_redis_restart_with_its_data_lost_does_not_reset_the_purge_sequence() 
         })
         .await;
         assert!(resubscribed, "{}", gw.logs());
-        ready(gw).await;
+        gw.wait_ready().await;
     }
     // The restarted Redis counts on from where the instances were, so this purge outranks
     // the entry B stored before the restart.

@@ -5,32 +5,25 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, get, Client, Gateway, Redis, RedisCluster, Upstream};
+use common::{
+    eventually, free_port, get, Client, Gateway, GatewayConfig, Redis, RedisCluster, Upstream,
+};
 use hyper::StatusCode;
 
 const SECRET: &str = "rate-limit-test-secret-0123456789";
 
-/// A gateway config with the given store section, extra top-level settings and routes.
-fn config(upstream: &Upstream, top: &str, store: &str, routes: &str) -> String {
-    format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-{top}
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[upstream]
-addresses = ["{}"]
-{store}
-[auth]
-[[auth.providers]]
-algorithms = ["HS256"]
-secret = "{SECRET}"
-{routes}
-"#,
-        upstream.url()
-    )
+/// A gateway config with the given `[server]` lines, store section and routes.
+fn config(upstream: &Upstream, server: &str, store: &str, routes: &str) -> String {
+    let config = server
+        .lines()
+        .fold(GatewayConfig::new(&upstream.url()), GatewayConfig::server);
+    config
+        .section(store)
+        .section(&format!(
+            "[auth]\n[[auth.providers]]\nalgorithms = [\"HS256\"]\nsecret = \"{SECRET}\""
+        ))
+        .section(routes)
+        .to_toml()
 }
 
 fn redis_store(redis: &Redis) -> String {

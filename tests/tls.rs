@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{self_signed_cert, Gateway, Upstream};
+use common::{self_signed_cert, GatewayConfig, Upstream};
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, StatusCode, Version};
 use hyper_util::client::legacy::Client;
@@ -45,21 +45,7 @@ async fn tls_listener_negotiates_http2_and_https_upstreams_work() {
     let (cert, key, cert_der) = self_signed_cert(dir.path());
 
     // Gateway A terminates TLS in front of the plain-HTTP example.
-    let tls_gateway = Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-tls = {{ cert_file = "{}", key_file = "{}" }}
-[upstream]
-addresses = ["{}"]
-"#,
-        cert.display(),
-        key.display(),
-        upstream.url()
-    ));
+    let tls_gateway = GatewayConfig::new(&upstream.url()).tls(&cert, &key).start();
 
     let client = tls_client(&cert_der);
     let resp = client
@@ -86,20 +72,10 @@ addresses = ["{}"]
     );
 
     // Gateway B proxies to gateway A over https, trusting A's certificate through tls_ca_file.
-    let https_client_gateway = Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[upstream]
-addresses = ["https://127.0.0.1:{}"]
-tls_ca_file = "{}"
-"#,
-        tls_gateway.port,
-        cert.display()
-    ));
+    let through_tls = format!("https://127.0.0.1:{}", tls_gateway.port);
+    let https_client_gateway = GatewayConfig::new(&through_tls)
+        .upstream_setting(&format!("tls_ca_file = {:?}", cert.display().to_string()))
+        .start();
     let resp = common::Client::new()
         .get(&https_client_gateway.url("/products/2"))
         .await;
@@ -113,18 +89,7 @@ tls_ca_file = "{}"
     assert_eq!(upstream.served("GET /products/{id}").await, 1);
 
     // Without the CA, the upstream certificate is rejected: 502, never a silent downgrade.
-    let untrusting = Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[upstream]
-addresses = ["https://127.0.0.1:{}"]
-"#,
-        tls_gateway.port
-    ));
+    let untrusting = GatewayConfig::new(&through_tls).start();
     let resp = common::Client::new()
         .get(&untrusting.url("/products/2"))
         .await;
@@ -141,26 +106,14 @@ async fn the_scheme_and_the_http2_authority_are_in_the_cache_key() {
     let dir = tempfile::TempDir::new().unwrap();
     let (cert, key, cert_der) = self_signed_cert(dir.path());
     let tls_port = common::free_port();
-    let gateway = Gateway::start(&format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-[[listeners]]
-address = "127.0.0.1:{{port}}"
-[[listeners]]
-address = "127.0.0.1:{tls_port}"
-tls = {{ cert_file = "{}", key_file = "{}" }}
-[upstream]
-addresses = ["{}"]
-[[routes]]
-path = "/__headers"
-cache = {{ ttl = "60s" }}
-"#,
-        cert.display(),
-        key.display(),
-        upstream.url()
-    ));
+    let gateway = GatewayConfig::new(&upstream.url())
+        .listener(&format!(
+            "address = \"127.0.0.1:{tls_port}\"\ntls = {{ cert_file = {:?}, key_file = {:?} }}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ))
+        .section("[[routes]]\npath = \"/__headers\"\ncache = { ttl = \"60s\" }")
+        .start();
     let authority = format!("127.0.0.1:{tls_port}");
     let tls = tls_client(&cert_der);
     let over_tls = || async {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{config_for, eventually, Client, Gateway, Upstream};
+use common::{config_for, eventually, Client, Gateway, GatewayConfig, Upstream};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
@@ -82,14 +82,12 @@ fn attribute<'a>(span: &'a Value, key: &str) -> &'a Value {
 async fn trace_context_reaches_the_origin_the_log_and_the_collector() {
     let (otlp_port, received) = otlp_receiver().await;
     let upstream = Upstream::start();
-    let config = config_for(
-        &[&upstream.url()],
-        &format!(
+    let gateway = GatewayConfig::new(&upstream.url())
+        .server("log_format = \"json\"")
+        .section(&format!(
             "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\nservice_name = \"shop-gateway\"\n"
-        ),
-    )
-    .replace("[server]\n", "[server]\nlog_format = \"json\"\n");
-    let gateway = Gateway::start(&config);
+        ))
+        .start();
     let client = Client::new();
     let echo = |headers: Vec<(&'static str, &'static str)>| {
         let client = &client;

@@ -300,6 +300,33 @@ impl Gateway {
         let config = std::fs::read_to_string(&self.config).expect("reading the config");
         admin_port(&config).expect("the configuration has an [admin] address")
     }
+
+    /// Waits until `/readyz` answers `200` (with Redis that includes hearing the other
+    /// instances' purges); panics with the gateway's logs after [`READY_TIMEOUT`].
+    pub async fn wait_ready(&self) {
+        let admin_port = self.admin_port();
+        let ready = eventually(READY_TIMEOUT, || async {
+            readyz(admin_port).await.0 == StatusCode::OK
+        })
+        .await;
+        assert!(ready, "never ready:\n{}", self.logs());
+    }
+}
+
+/// `GET /readyz` on an admin listener: its status and its JSON.
+pub async fn readyz(admin_port: u16) -> (StatusCode, serde_json::Value) {
+    let resp = Client::new()
+        .get(&format!("http://127.0.0.1:{admin_port}/readyz"))
+        .await;
+    (resp.status, resp.json())
+}
+
+/// Runs a `cachegate` subcommand (`check`, `init`, `token`, `explain`, ...) to its end.
+pub fn run_cachegate(args: &[&str]) -> std::process::Output {
+    Command::new(cachegate_bin())
+        .args(args)
+        .output()
+        .expect("running cachegate")
 }
 
 /// `GET path` on a gateway with extra request `headers`, on a fresh keep-alive client.
@@ -321,28 +348,158 @@ fn admin_port(config: &str) -> Option<u16> {
     address.rsplit(':').next()?.parse().ok()
 }
 
-/// The usual test configuration: one listener, one upstream, one worker thread, short grace.
+/// The usual test configuration: one listener, one upstream, one worker thread, short grace
+/// and timeouts.
 pub fn config_for(upstreams: &[&str], extra: &str) -> String {
-    let addresses: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
-    format!(
-        r#"
-[server]
-threads = 1
-grace_period = "1s"
-shutdown_timeout = "1s"
+    GatewayConfig::upstreams(upstreams)
+        .server("shutdown_timeout = \"1s\"")
+        .upstream_setting("connect_timeout = \"1s\"")
+        .upstream_setting("read_timeout = \"5s\"")
+        .section(extra)
+        .to_toml()
+}
 
-[[listeners]]
-address = "127.0.0.1:{{port}}"
+/// A gateway's configuration, built from the tests' defaults (one worker thread, one second of
+/// grace, a listener on `{port}`) so each test writes only what it is about.
+///
+/// ```ignore
+/// let gateway = GatewayConfig::new(&upstream.url())
+///     .admin()
+///     .redis(&redis.url())
+///     .section("[[routes]]\npath = \"/products/{id}\"\ncache = { ttl = \"60s\" }")
+///     .start();
+/// ```
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    server: Vec<String>,
+    listener: Vec<String>,
+    more_listeners: Vec<String>,
+    upstreams: Vec<String>,
+    upstream: Vec<String>,
+    admin: Option<Vec<String>>,
+    store: Option<Vec<String>>,
+    sections: Vec<String>,
+}
 
-[upstream]
-addresses = [{}]
-connect_timeout = "1s"
-read_timeout = "5s"
+impl GatewayConfig {
+    /// In front of the origin at `upstream` (a URL).
+    pub fn new(upstream: &str) -> GatewayConfig {
+        GatewayConfig::upstreams(&[upstream])
+    }
 
-{extra}
-"#,
-        addresses.join(", ")
-    )
+    /// In front of these origins.
+    pub fn upstreams(urls: &[&str]) -> GatewayConfig {
+        GatewayConfig {
+            server: vec!["threads = 1".into(), "grace_period = \"1s\"".into()],
+            listener: vec!["address = \"127.0.0.1:{port}\"".into()],
+            more_listeners: Vec::new(),
+            upstreams: urls.iter().map(|u| format!("{u:?}")).collect(),
+            upstream: Vec::new(),
+            admin: None,
+            store: None,
+            sections: Vec::new(),
+        }
+    }
+
+    /// A `key = value` line of `[server]` (a later one for the same key wins).
+    pub fn server(mut self, line: &str) -> GatewayConfig {
+        self.server.push(line.to_owned());
+        self
+    }
+
+    /// TLS on the main listener.
+    pub fn tls(mut self, cert: &Path, key: &Path) -> GatewayConfig {
+        self.listener.push(format!(
+            "tls = {{ cert_file = {:?}, key_file = {:?} }}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+        self
+    }
+
+    /// Another `[[listeners]]` table (its lines).
+    pub fn listener(mut self, lines: &str) -> GatewayConfig {
+        self.more_listeners.push(lines.to_owned());
+        self
+    }
+
+    /// A `key = value` line of `[upstream]`.
+    pub fn upstream_setting(mut self, line: &str) -> GatewayConfig {
+        self.upstream.push(line.to_owned());
+        self
+    }
+
+    /// An admin listener on a free port.
+    pub fn admin(self) -> GatewayConfig {
+        self.admin_with("")
+    }
+
+    /// An admin listener on a free port, with these lines of `[admin]` too.
+    pub fn admin_with(self, lines: &str) -> GatewayConfig {
+        self.admin_on(free_port(), lines)
+    }
+
+    /// An admin listener on `port`, with these lines of `[admin]` too.
+    pub fn admin_on(mut self, port: u16, lines: &str) -> GatewayConfig {
+        let mut admin = vec![format!("address = \"127.0.0.1:{port}\"")];
+        admin.extend(lines.lines().map(str::to_owned));
+        self.admin = Some(admin);
+        self
+    }
+
+    /// `[store]` on one Redis at `url`, with a short request budget.
+    pub fn redis(self, url: &str) -> GatewayConfig {
+        self.store(&format!("redis_url = {url:?}\ntimeout = \"200ms\""))
+    }
+
+    /// `[store]` with these lines.
+    pub fn store(mut self, lines: &str) -> GatewayConfig {
+        self.store = Some(lines.lines().map(str::to_owned).collect());
+        self
+    }
+
+    /// Any other tables (`[auth]`, `[[routes]]`, `[limits]`, ...), as TOML text.
+    pub fn section(mut self, toml: &str) -> GatewayConfig {
+        self.sections.push(toml.to_owned());
+        self
+    }
+
+    /// The configuration file's text (`{port}` still to be replaced, see [`Gateway::start`]).
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let mut table = |name: &str, lines: &[String]| {
+            out.push_str(name);
+            out.push('\n');
+            for line in lines {
+                out.push_str(line);
+                out.push('\n');
+            }
+        };
+        table("[server]", &self.server);
+        table("[[listeners]]", &self.listener);
+        for listener in &self.more_listeners {
+            table("[[listeners]]", std::slice::from_ref(listener));
+        }
+        let mut upstream = vec![format!("addresses = [{}]", self.upstreams.join(", "))];
+        upstream.extend(self.upstream.iter().cloned());
+        table("[upstream]", &upstream);
+        if let Some(admin) = &self.admin {
+            table("[admin]", admin);
+        }
+        if let Some(store) = &self.store {
+            table("[store]", store);
+        }
+        for section in &self.sections {
+            out.push_str(section);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Starts a gateway on this configuration.
+    pub fn start(&self) -> Gateway {
+        Gateway::start(&self.to_toml())
+    }
 }
 
 /// A framework app of tests/backends/, run from the virtualenv `scripts/install-deps
