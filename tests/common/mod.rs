@@ -359,6 +359,13 @@ pub fn config_for(upstreams: &[&str], extra: &str) -> String {
         .to_toml()
 }
 
+/// Sets a `key = value` line in a table's lines: TOML refuses a key written twice.
+fn set_line(lines: &mut Vec<String>, line: &str) {
+    let key = |l: &str| l.split('=').next().unwrap_or_default().trim().to_owned();
+    lines.retain(|l| key(l) != key(line));
+    lines.push(line.to_owned());
+}
+
 /// A gateway's configuration, built from the tests' defaults (one worker thread, one second of
 /// grace, a listener on `{port}`) so each test writes only what it is about.
 ///
@@ -401,9 +408,9 @@ impl GatewayConfig {
         }
     }
 
-    /// A `key = value` line of `[server]` (a later one for the same key wins).
+    /// A `key = value` line of `[server]` (replacing a default for the same key).
     pub fn server(mut self, line: &str) -> GatewayConfig {
-        self.server.push(line.to_owned());
+        set_line(&mut self.server, line);
         self
     }
 
@@ -425,7 +432,7 @@ impl GatewayConfig {
 
     /// A `key = value` line of `[upstream]`.
     pub fn upstream_setting(mut self, line: &str) -> GatewayConfig {
-        self.upstream.push(line.to_owned());
+        set_line(&mut self.upstream, line);
         self
     }
 
