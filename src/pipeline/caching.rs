@@ -10,18 +10,16 @@ use std::sync::Arc;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderMap, Response, Uri};
-use http_body_util::{BodyExt, Limited};
 
 use super::body::Body;
 use super::context::{RequestCtx, Step};
 use super::forwarding::request_host;
 use super::{forwarding, respond};
-use crate::cache::refresh::{Fetched, Fetching, Origin, Refresh, RefreshError, RefreshRequest};
+use crate::cache::refresh::{Fetching, Origin, Refresh, RefreshRequest};
 use crate::cache::serve::Served;
 use crate::cache::txn::{Begun, RefreshTicket, Transaction};
 use crate::cache::{Cache, CacheRequest, Tier};
 use crate::snapshot::Snapshot;
-use crate::upstream::body::RequestBody;
 
 /// Whether a request announces a body: a length above zero, or chunked framing.
 fn has_body(req: &Parts) -> bool {
@@ -130,42 +128,6 @@ pub fn response(
     Some(answer(ctx, &served?))
 }
 
-/// Write-through: the response to a write becomes the GET entry of its URL under the read
-/// route's rule, stamped with the write's purge sequence `stamp`.
-pub fn write_through(
-    cache: &Cache,
-    req: &Parts,
-    ctx: &mut RequestCtx,
-    response: &http::response::Parts,
-    stamp: u64,
-) {
-    let snapshot = ctx.snapshot.clone();
-    let Some(policy) = &snapshot.routes.policy(ctx.route.read_id).cache else {
-        return;
-    };
-    if !policy.tags.is_empty() {
-        ctx.cache_tags = policy
-            .tags
-            .iter()
-            .map(|t| t.expand(&ctx.route.params))
-            .collect();
-    }
-    // The entry serves the read route's audience, not the writer: the writer's credentials do not
-    // decide whether it may be stored (the rule's opt-in does).
-    let mut headers = req.headers.clone();
-    headers.remove(AUTHORIZATION);
-    let request = CacheRequest {
-        method: &http::Method::GET,
-        headers: &headers,
-        authorized: false,
-        has_body: false,
-        ..cache_request(req, ctx)
-    };
-    if let Some(txn) = cache.write_through(policy, &request, &response.headers, stamp) {
-        ctx.cache = txn;
-    }
-}
-
 /// A background refresh of a stale entry, carrying the headers the proxied request would have
 /// carried (forwarding headers, forwarded claims, this request's trace context).
 fn refresh_of(
@@ -210,33 +172,11 @@ fn refresh_of(
     )
 }
 
-/// The configured upstream, as a refresh's origin.
+/// A snapshot's upstream group, owned for as long as a refresh runs.
 struct Upstream(Arc<Snapshot>);
 
 impl Origin for Upstream {
     fn get(&self, uri: Uri, headers: HeaderMap, max_body: usize) -> Fetching<'_> {
-        Box::pin(async move {
-            let mut request = http::Request::new(RequestBody::Empty);
-            *request.uri_mut() = uri;
-            *request.version_mut() = http::Version::HTTP_11;
-            *request.headers_mut() = headers;
-            let exchange = self
-                .0
-                .upstream
-                .send(request, None)
-                .await
-                .map_err(|e| RefreshError::Origin(Box::new(e)))?;
-            let (head, body) = exchange.response.into_parts();
-            let body = Limited::new(body, max_body)
-                .collect()
-                .await
-                .map_err(|e| match e.downcast::<http_body_util::LengthLimitError>() {
-                    Ok(_) => RefreshError::TooLarge,
-                    Err(e) => RefreshError::Origin(e),
-                })?
-                .to_bytes();
-            exchange.connection.release();
-            Ok(Fetched { head, body })
-        })
+        self.0.upstream.get(uri, headers, max_body)
     }
 }

@@ -2,17 +2,18 @@
 //! goes to the client, so a read that starts after the write returned can never see the old
 //! representation (see [`crate::purge`]).
 
-use http::header::{CONTENT_LOCATION, LOCATION};
+use http::header::{AUTHORIZATION, CONTENT_LOCATION, LOCATION};
 use http::request::Parts;
 use http::response;
 use http::{Method, Response, Uri};
 
 use super::body::Body;
 
+use super::caching::cache_request;
 use super::context::RequestCtx;
 use super::forwarding::request_host;
 use super::respond;
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheRequest};
 use crate::problem::Problem;
 use crate::purge::{self, path_key, tag_key, Purger};
 
@@ -94,7 +95,43 @@ fn write_through(
     if !(enabled || names_target) {
         return;
     }
-    super::caching::write_through(cache, req, ctx, response, seq);
+    store_written(cache, req, ctx, response, seq);
+}
+
+/// The response to a write as the GET entry of its URL, under the read route's rule, stamped
+/// with the write's purge sequence `stamp`.
+fn store_written(
+    cache: &Cache,
+    req: &Parts,
+    ctx: &mut RequestCtx,
+    response: &http::response::Parts,
+    stamp: u64,
+) {
+    let snapshot = ctx.snapshot.clone();
+    let Some(policy) = &snapshot.routes.policy(ctx.route.read_id).cache else {
+        return;
+    };
+    if !policy.tags.is_empty() {
+        ctx.cache_tags = policy
+            .tags
+            .iter()
+            .map(|t| t.expand(&ctx.route.params))
+            .collect();
+    }
+    // The entry serves the read route's audience, not the writer: the writer's credentials do not
+    // decide whether it may be stored (the rule's opt-in does).
+    let mut headers = req.headers.clone();
+    headers.remove(AUTHORIZATION);
+    let request = CacheRequest {
+        method: &http::Method::GET,
+        headers: &headers,
+        authorized: false,
+        has_body: false,
+        ..cache_request(req, ctx)
+    };
+    if let Some(txn) = cache.write_through(policy, &request, &response.headers, stamp) {
+        ctx.cache = txn;
+    }
 }
 
 /// `PURGE <url>` on a main listener (when `[admin] purge_method` is on): purges the URL's path

@@ -18,6 +18,9 @@ use std::time::Duration;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
+use http_body_util::{BodyExt, Limited};
+
+use crate::cache::refresh::{Fetched, Fetching, RefreshError};
 use crate::config::Invalid;
 use crate::config::{SpanError, UpstreamConfig};
 use body::{Progress, RequestBody};
@@ -164,6 +167,33 @@ pub struct Exchange {
     pub connection: Pooled,
     /// The origin that answered, for logs.
     pub origin: usize,
+}
+
+/// The group as the origin of the cache's background refreshes.
+impl crate::cache::refresh::Origin for UpstreamGroup {
+    fn get(&self, uri: Uri, headers: http::HeaderMap, max_body: usize) -> Fetching<'_> {
+        Box::pin(async move {
+            let mut request = Request::new(RequestBody::Empty);
+            *request.uri_mut() = uri;
+            *request.version_mut() = http::Version::HTTP_11;
+            *request.headers_mut() = headers;
+            let exchange = self
+                .send(request, None)
+                .await
+                .map_err(|e| RefreshError::Origin(Box::new(e)))?;
+            let (head, body) = exchange.response.into_parts();
+            let body = Limited::new(body, max_body)
+                .collect()
+                .await
+                .map_err(|e| match e.downcast::<http_body_util::LengthLimitError>() {
+                    Ok(_) => RefreshError::TooLarge,
+                    Err(e) => RefreshError::Origin(e),
+                })?
+                .to_bytes();
+            exchange.connection.release();
+            Ok(Fetched { head, body })
+        })
+    }
 }
 
 impl UpstreamGroup {
