@@ -2,8 +2,8 @@
 //! into buckets past a bound, prefix marks, the floor, and the purges made while Redis was
 //! unreachable. Pure bookkeeping, no I/O: [`super::Purger`] applies purges and asks it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::rule::prefix_key;

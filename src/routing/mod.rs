@@ -341,7 +341,7 @@ impl Builder {
 
     /// Files `route` under its template: a new template, or beside the routes already there
     /// when it spells the path the same way, types it the same way and takes other methods.
-    fn place(&mut self, compiled: CompiledTemplate, route: &Route) -> Result<(), String> {
+    fn place(&mut self, compiled: CompiledTemplate, route: &Route) -> Result<(), Invalid> {
         let id = self.routes.len();
         let routes = &self.routes;
         let template = &route.template;
@@ -360,25 +360,25 @@ impl Builder {
         };
         let first = &routes[shared.ids[0]].name;
         if shared.template.trailing_slash != compiled.trailing_slash {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "`{template}` and route `{first}` spell one path with and without a trailing slash; the origin answers one spelling (the other usually redirects), so write it the origin's way on every route"
-            ));
+            )));
         }
         if shared.template.types != compiled.types {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "`{template}` types its parameters differently from route `{first}` on the same path; declare them the same way on every route"
-            ));
+            )));
         }
         if let Some(&other) = shared
             .ids
             .iter()
             .find(|&&other| overlap(&routes[other], route))
         {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "duplicate route: `{template}` is already defined for {} by route `{}`; give the routes disjoint `methods` or remove one",
                 describe_overlap(&routes[other], route),
                 routes[other].name
-            ));
+            )));
         }
         shared.ids.push(id);
         Ok(())
