@@ -1,50 +1,21 @@
-//! The cache step's glue: the request as the cache sees it, and the cache's
+//! The cache step's glue: the cache's
 //! [`Transaction`](crate::cache::txn) driven at the pipeline's moments — lookup after rate
 //! limiting, the origin's failure or response head, the write-through of a write. Everything the
 //! cache decides stays in [`crate::cache`]; this file turns its answers into responses and
-//! metrics, and lends it the upstream for background refreshes.
+//! metrics (background refreshes are built in `refreshing`).
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
-use http::{HeaderMap, Response, Uri};
+use http::Response;
 
 use super::body::Body;
 use super::context::{RequestCtx, Step};
-use super::forwarding::request_host;
-use super::{forwarding, respond};
-use crate::cache::refresh::{Fetching, Origin, Refresh, RefreshRequest};
+use super::{refreshing, respond};
 use crate::cache::serve::Served;
-use crate::cache::txn::{Begun, RefreshTicket, Transaction};
-use crate::cache::{Cache, CacheRequest, Tier};
-use crate::snapshot::Snapshot;
-
-/// Whether a request announces a body: a length above zero, or chunked framing.
-fn has_body(req: &Parts) -> bool {
-    req.headers.contains_key(TRANSFER_ENCODING)
-        || req
-            .headers
-            .get(CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-}
-
-/// The request as the cache sees it.
-pub(super) fn cache_request<'a>(req: &'a Parts, ctx: &'a RequestCtx) -> CacheRequest<'a> {
-    CacheRequest {
-        method: &req.method,
-        scheme: ctx.connection.scheme(),
-        host: request_host(req),
-        path: req.uri.path(),
-        query: req.uri.query(),
-        headers: &req.headers,
-        user: ctx.identity.as_ref().and_then(|i| i.subject.as_deref()),
-        authorized: ctx.identity.is_some() || req.headers.contains_key(AUTHORIZATION),
-        has_body: has_body(req),
-        tags: &ctx.cache_tags,
-    }
-}
+use crate::cache::txn::{Begun, Transaction};
+use crate::cache::{Cache, Tier};
 
 /// The cache step: begins the request's transaction; a hit (fresh, stale-while-revalidate, or
 /// filled by the request this one waited for) is answered here.
@@ -60,13 +31,13 @@ pub async fn lookup(cache: &Arc<Cache>, req: &Parts, ctx: &mut RequestCtx) -> St
             .map(|t| t.expand(&ctx.route.params))
             .collect();
     }
-    let (txn, begun) = cache.begin(policy, &cache_request(req, ctx)).await;
+    let (txn, begun) = cache.begin(policy, &ctx.cache_request(req)).await;
     ctx.cache = txn;
     match begun {
         Begun::Serve { served, refresh } => {
             count(ctx, Some(served.tier));
             if let Some(ticket) = refresh {
-                let refresh = refresh_of(cache, &snapshot, policy, ticket, req, ctx);
+                let refresh = refreshing::refresh_of(cache, &snapshot, policy, ticket, req, ctx);
                 tokio::spawn(refresh.run());
             }
             ControlFlow::Break(respond::entry(ctx, &served))
@@ -100,7 +71,7 @@ fn answer(ctx: &RequestCtx, served: &Served) -> Response<Body> {
 pub fn origin_failed(ctx: &mut RequestCtx, req: &Parts, status: u16) -> Option<Response<Body>> {
     // Taken out while the request borrows the context.
     let mut txn = std::mem::take(&mut ctx.cache);
-    let served = txn.origin_failed(&cache_request(req, ctx), status);
+    let served = txn.origin_failed(&ctx.cache_request(req), status);
     ctx.cache = txn;
     Some(answer(ctx, &served?))
 }
@@ -120,63 +91,10 @@ pub fn response(
     let served = txn.response(
         cache,
         policy,
-        &cache_request(req, ctx),
+        &ctx.cache_request(req),
         response.status.as_u16(),
         &mut response.headers,
     );
     ctx.cache = txn;
     Some(answer(ctx, &served?))
-}
-
-/// A background refresh of a stale entry, carrying the headers the proxied request would have
-/// carried (forwarding headers, forwarded claims, this request's trace context).
-fn refresh_of(
-    cache: &Arc<Cache>,
-    snapshot: &Arc<Snapshot>,
-    policy: &crate::cache::policy::CachePolicy,
-    ticket: RefreshTicket,
-    req: &Parts,
-    ctx: &RequestCtx,
-) -> Refresh {
-    let mut upstream_headers = req.headers.clone();
-    forwarding::upstream_request(
-        &mut upstream_headers,
-        &forwarding::Forwarded {
-            client_ip: ctx.connection.peer.ip(),
-            proto: ctx.connection.scheme(),
-            request_id: &ctx.request_id,
-            upgrade: false,
-        },
-    );
-    // The origin sees the refresh as part of the request that triggered it.
-    ctx.trace.propagate(&mut upstream_headers);
-    let request = RefreshRequest {
-        uri: req.uri.clone(),
-        origin_uri: ctx.origin_uri(&req.uri),
-        upstream_headers,
-        client_headers: req.headers.clone(),
-        host: request_host(req).map(str::to_owned),
-        scheme: ctx.connection.scheme(),
-        authorized: ctx.identity.is_some() || req.headers.contains_key(AUTHORIZATION),
-        user: ctx.identity.as_ref().and_then(|i| i.subject.clone()),
-        tags: ctx.cache_tags.clone(),
-        route: ctx.route_name().to_owned(),
-    };
-    Refresh::new(
-        cache.clone(),
-        Arc::new(Upstream(snapshot.clone())),
-        policy.clone(),
-        ticket,
-        request,
-        snapshot.upstream.read_timeout,
-    )
-}
-
-/// A snapshot's upstream group, owned for as long as a refresh runs.
-struct Upstream(Arc<Snapshot>);
-
-impl Origin for Upstream {
-    fn get(&self, uri: Uri, headers: HeaderMap, max_body: usize) -> Fetching<'_> {
-        self.0.upstream.get(uri, headers, max_body)
-    }
 }

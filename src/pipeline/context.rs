@@ -5,18 +5,36 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, UPGRADE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
 use http::Version;
 
 use crate::auth::Identity;
 use crate::cache::txn::Transaction;
+use crate::cache::CacheRequest;
 use crate::ratelimit::Verdict;
 use crate::routing::Matched;
 use crate::snapshot::Snapshot;
 
 /// What a step decides: go on, or answer now with this response.
 pub type Step = std::ops::ControlFlow<http::Response<super::body::Body>>;
+
+/// Whether a request announces a body: a length above zero, or chunked framing.
+fn has_body(req: &Parts) -> bool {
+    req.headers.contains_key(TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// The request's host: its `Host` header, or the target's authority.
+pub fn request_host(req: &Parts) -> Option<&str> {
+    req.headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
 
 /// The longest client-supplied request id passed on; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -78,6 +96,22 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The request as the cache sees it.
+    pub fn cache_request<'a>(&'a self, req: &'a Parts) -> CacheRequest<'a> {
+        CacheRequest {
+            method: &req.method,
+            scheme: self.connection.scheme(),
+            host: request_host(req),
+            path: req.uri.path(),
+            query: req.uri.query(),
+            headers: &req.headers,
+            user: self.identity.as_ref().and_then(|i| i.subject.as_deref()),
+            authorized: self.identity.is_some() || req.headers.contains_key(AUTHORIZATION),
+            has_body: has_body(req),
+            tags: &self.cache_tags,
+        }
+    }
+
     /// A request's context before any step ran.
     pub fn new(
         snapshot: Arc<Snapshot>,

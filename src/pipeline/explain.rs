@@ -17,7 +17,6 @@ use http::{Method, Request, Uri};
 use http_body_util::BodyExt;
 use serde::Serialize;
 
-use super::caching;
 use super::context::{Connection, RequestCtx};
 use super::Gateway;
 use crate::auth::AuthPolicy;
@@ -238,7 +237,7 @@ pub async fn explain(
                 .map(|t| t.expand(&ctx.route.params))
                 .collect();
         }
-        let request = caching::cache_request(&head, &ctx);
+        let request = ctx.cache_request(&head);
         let admitted = Cache::admit(rule, &request);
         let bounds = Cache::bounds(rule, &request);
         let only = match (bounds.authorized, bounds.cookie) {

@@ -346,14 +346,6 @@ pub fn upstream_response(headers: &mut HeaderMap, status: http::StatusCode) {
     strip_hop_by_hop(headers, status == http::StatusCode::SWITCHING_PROTOCOLS);
 }
 
-/// The request's host: `Host` (an HTTP/2 `:authority` was made `Host` on arrival).
-pub fn request_host(req: &Parts) -> Option<&str> {
-    req.headers
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,12 +20,13 @@
 //! - `proxy`: the upstream step (send, answer, purge, tunnel).
 //! - `purging`: the purge after a write, write-through, and the `PURGE` method.
 //! - `caching`: the cache step's glue around [`crate::cache::txn`].
+//! - `refreshing`: a stale-while-revalidate refresh, built from the request.
 //! - `access`: the authentication and rate-limit steps.
 //! - `admission`: framing, size limits, the canonical path, routing, sanitising.
 //! - `forwarding`: framing checks, header sanitising, the forwarding headers.
 //! - `respond`: the responses the gateway writes itself (problems, stored entries).
 //! - `telemetry`: the request's metrics, access-log line and span.
-//! - `context`: what a request's steps share.
+//! - `context`: what a request's steps share (and the request as the cache sees it).
 //! - `body`: the response body, and the watcher that hears it end.
 
 mod access;
@@ -37,6 +38,7 @@ pub mod explain;
 mod forwarding;
 mod proxy;
 mod purging;
+mod refreshing;
 mod respond;
 mod telemetry;
 

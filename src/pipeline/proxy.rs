@@ -209,7 +209,7 @@ pub(super) fn warn_if_redirected_to_itself(
     let Some(target) = headers
         .get(http::header::LOCATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|t| purging::same_host_path(t, forwarding::request_host(head)))
+        .and_then(|t| purging::same_host_path(t, super::context::request_host(head)))
     else {
         return;
     };

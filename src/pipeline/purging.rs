@@ -9,9 +9,8 @@ use http::{Method, Response, Uri};
 
 use super::body::Body;
 
-use super::caching::cache_request;
+use super::context::request_host;
 use super::context::RequestCtx;
-use super::forwarding::request_host;
 use super::respond;
 use crate::cache::{Cache, CacheRequest};
 use crate::problem::Problem;
@@ -127,7 +126,7 @@ fn store_written(
         headers: &headers,
         authorized: false,
         has_body: false,
-        ..cache_request(req, ctx)
+        ..ctx.cache_request(req)
     };
     if let Some(txn) = cache.write_through(policy, &request, &response.headers, stamp) {
         ctx.cache = txn;
