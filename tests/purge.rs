@@ -12,8 +12,10 @@ use bytes::Bytes;
 use common::{free_port, Client, Gateway, GatewayConfig, Redis, Response, Upstream};
 use hyper::{Method, StatusCode};
 
-/// Cached reads of products and the list, writes that purge the list too.
-const PRODUCT_ROUTES: &str = r#"
+/// The list's routes: cached reads tagged `products`, creates that purge the tag.
+macro_rules! list_routes {
+    () => {
+        r#"
 [[routes]]
 path = "/products"
 methods = ["GET", "HEAD"]
@@ -22,6 +24,14 @@ cache = { ttl = "60s", tags = ["products"] }
 path = "/products"
 methods = ["POST"]
 purge = { tags = ["products"] }
+"#
+    };
+}
+
+/// Cached reads of products and the list, writes that purge the list too.
+const PRODUCT_ROUTES: &str = concat!(
+    list_routes!(),
+    r#"
 [[routes]]
 path = "/products/{id}"
 methods = ["GET", "HEAD"]
@@ -30,7 +40,8 @@ cache = { ttl = "60s", statuses = [200, 404] }
 path = "/products/{id}"
 methods = ["PUT", "PATCH", "DELETE"]
 purge = ["/products"]
-"#;
+"#
+);
 
 /// A gateway with two worker threads and an admin listener (on a free port unless `extra` has
 /// its own `[admin]`).
@@ -664,15 +675,9 @@ async fn every_request_matches_its_route_once() {
     let gw = gateway(
         &upstream,
         "",
-        r#"
-[[routes]]
-path = "/products"
-methods = ["GET", "HEAD"]
-cache = { ttl = "60s", tags = ["products"] }
-[[routes]]
-path = "/products"
-methods = ["POST"]
-purge = { tags = ["products"] }
+        concat!(
+            list_routes!(),
+            r#"
 [[routes]]
 path = "/products/{id:int}"
 methods = ["GET", "HEAD"]
@@ -681,12 +686,13 @@ cache = { ttl = "60s", tags = ["product:{id}"] }
 path = "/products/{id:int}"
 methods = ["PUT", "PATCH", "DELETE"]
 purge = { paths = ["/products"], tags = ["product:{id}"], write_through = true }
-"#,
+"#
+        ),
     );
     gw.wait_ready().await;
     let before = route_matches(&gw).await;
-    // A miss, a hit, a write that purges by path and tag and writes through, a read of what it
-    // wrote, and a write the route refuses: one match each.
+    // A miss, a hit (through a typed parameter's other spelling), a write that purges by path
+    // and tag and writes through, a read of what it wrote, and the list: one match each.
     get(&gw, "/products/1").await;
     assert_eq!(x_cache(&get(&gw, "/products/01").await), "HIT");
     let patched = send(&gw, Method::PATCH, "/products/1", r#"{"stock": 3}"#).await;
