@@ -1,8 +1,8 @@
-//! The cache step's glue: the cache's
-//! [`Transaction`](crate::cache::txn) driven at the pipeline's moments — lookup after rate
-//! limiting, the origin's failure or response head, the write-through of a write. Everything the
-//! cache decides stays in [`crate::cache`]; this file turns its answers into responses and
-//! metrics (background refreshes are built in `refreshing`).
+//! The cache step's glue: the cache's [`Transaction`](crate::cache::txn) driven at the
+//! pipeline's moments — lookup after rate limiting, then the origin's failure or response head
+//! (its body and end reach the transaction through the body's watcher). Everything the cache
+//! decides stays in [`crate::cache`]; this file turns its answers into responses and metrics.
+//! Background refreshes are built in `refreshing`, write-through in `purging`.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
